@@ -1,0 +1,64 @@
+"""The protocol every driver satisfies, so that a service supervisor does not care
+whether it keeps a process or a container alive.
+
+A :class:`Driver` starts (or adopts) one instance of a service and returns a
+:class:`Handle`; the handle waits for that instance to end and stops it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from anyio.abc import TaskGroup
+
+from supervisor.spec import ServiceSpec, StopSpec
+from supervisor.states import ExitStatus
+
+__all__ = ["Driver", "Handle"]
+
+
+@runtime_checkable
+class Handle(Protocol):
+    """One running instance of a service."""
+
+    @property
+    def pid(self) -> int | None:
+        """The main process id (a container's init pid on the host, if known)."""
+        ...
+
+    @property
+    def container_id(self) -> str | None:
+        """The container id, or ``None`` for a process."""
+        ...
+
+    async def wait(self) -> ExitStatus:
+        """Return how the instance ended, once it has; may be called many times.
+
+        A process has ended only when no process of its group remains.
+        """
+        ...
+
+    async def stop(self, stop: StopSpec) -> ExitStatus:
+        """Send ``stop.signal``, wait ``stop.timeout`` seconds, then kill; return the exit.
+
+        Idempotent: stopping an ended instance returns its exit status at once.
+        """
+        ...
+
+
+class Driver(Protocol):
+    """Starts instances of one kind of service."""
+
+    async def start(self, spec: ServiceSpec, *, task_group: TaskGroup) -> Handle:
+        """Start one instance of ``spec``; helper tasks (log drains) run in ``task_group``.
+
+        Raises:
+            SpawnError: the instance could not be started (errno and path in the message).
+            DriverError: the driver cannot work right now (e.g. Docker unreachable).
+        """
+        ...
+
+    async def adopt(self, spec: ServiceSpec, *, task_group: TaskGroup) -> Handle | None:
+        """Return a handle on an instance that already runs (a container that outlived
+        the daemon), or ``None``: processes are never adopted."""
+        ...

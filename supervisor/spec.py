@@ -1,0 +1,272 @@
+"""Frozen, keyword-only specifications built by :mod:`supervisor.config`.
+
+Specs are values: equality of two :class:`ServiceSpec` is exactly the reload
+diff (a unit whose spec changed is restarted, one whose spec is equal is left
+alone). Durations are float seconds, sizes int bytes, signals ints.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from supervisor.states import DependencyCondition, Restart
+
+__all__ = [
+    "BackoffSpec",
+    "ContainerSpec",
+    "DaemonSpec",
+    "HealthCheckSpec",
+    "LogSpec",
+    "Loaded",
+    "PortSpec",
+    "PostStartSpec",
+    "PreflightSpec",
+    "ProcessSpec",
+    "ReclaimPort",
+    "ServiceSpec",
+    "StopSpec",
+    "TelemetrySpec",
+]
+
+ReclaimPort = Literal["own", "any", "no"]
+ProbeKind = Literal["http", "tcp", "exec", "docker"]
+Protocol = Literal["grpc", "http/protobuf", ""]
+
+_frozen = dataclass(frozen=True, slots=True, kw_only=True)
+
+
+@_frozen
+class BackoffSpec:
+    """Delay before restart ``n`` (0-based): ``min(initial * multiplier**n, max)`` +/- jitter.
+
+    Attributes:
+        initial: first delay, seconds.
+        max: cap, seconds.
+        multiplier: growth factor (>= 1).
+        jitter: fraction in [0, 1): each delay is scaled by a uniform factor in
+            ``[1 - jitter, 1 + jitter]``, then capped at ``max``.
+        reset_after: seconds RUNNING (and not unhealthy) after which the
+            sequence starts again at ``initial``.
+    """
+
+    initial: float = 1.0
+    max: float = 30.0
+    multiplier: float = 2.0
+    jitter: float = 0.1
+    reset_after: float = 60.0
+
+
+@_frozen
+class HealthCheckSpec:
+    """One probe (Kubernetes terms): exactly one of ``http``, ``tcp``, ``exec``, ``docker``.
+
+    Attributes:
+        http: URL; healthy is 2xx/3xx, or a status in ``expect_status``.
+        tcp: ``host:port`` that must accept a connection.
+        exec: argv run in the unit's workdir and env; exit 0 is healthy.
+        docker: use the container's own HEALTHCHECK status.
+        interval, timeout, start_period: seconds.
+        failure_threshold: failures in a row that make the service unhealthy
+            and restart it.
+        success_threshold: successes in a row that make it healthy.
+    """
+
+    http: str | None = None
+    tcp: str | None = None
+    exec: tuple[str, ...] | None = None
+    docker: bool = False
+    expect_status: tuple[int, ...] = ()
+    interval: float = 10.0
+    timeout: float = 5.0
+    start_period: float = 0.0
+    failure_threshold: int = 3
+    success_threshold: int = 1
+
+    @property
+    def kind(self) -> ProbeKind:
+        """Which probe this is."""
+        if self.http is not None:
+            return "http"
+        if self.tcp is not None:
+            return "tcp"
+        if self.exec is not None:
+            return "exec"
+        return "docker"
+
+
+@_frozen
+class PreflightSpec:
+    """A command run before every spawn; exit 0 lets the spawn go ahead.
+
+    Attributes:
+        command: argv, run in the unit's workdir with its env.
+        timeout: seconds; its whole process group is killed then.
+    """
+
+    command: tuple[str, ...]
+    timeout: float = 30.0
+
+
+@_frozen
+class PostStartSpec:
+    """A hook run once per start, after RUNNING (healthy when there is a probe).
+
+    Exactly one of ``http`` (with ``method``) and ``command`` is set.
+    """
+
+    http: str | None = None
+    method: str = "GET"
+    command: tuple[str, ...] | None = None
+    timeout: float = 10.0
+
+
+@_frozen
+class LogSpec:
+    """Rotation of ``<state>/logs/<service>.log``: ``max_size`` bytes, ``backups`` kept."""
+
+    max_size: int = 10 * 1024 * 1024
+    backups: int = 5
+
+
+@_frozen
+class StopSpec:
+    """How to stop: ``signal`` to the process group, wait ``timeout`` seconds, then SIGKILL."""
+
+    signal: int = int(signal.SIGTERM)
+    timeout: float = 10.0
+
+
+@_frozen
+class PortSpec:
+    """The TCP port a service listens on, and what to do with a stale holder before spawn."""
+
+    number: int
+    reclaim: ReclaimPort = "own"
+
+
+@_frozen
+class ProcessSpec:
+    """A local process: ``command`` is the argv, never run by a shell."""
+
+    command: tuple[str, ...]
+
+
+@_frozen
+class ContainerSpec:
+    """An existing Docker container, by name or id.
+
+    Attributes:
+        name: the container's name or id.
+        recreate_command: argv run (in the unit's workdir) when the container
+            does not exist, e.g. ``docker compose -p qdrant up -d``.
+    """
+
+    name: str
+    recreate_command: tuple[str, ...] | None = None
+
+
+@_frozen
+class ServiceSpec:
+    """Everything about one service, as loaded from ``units/<name>.toml`` over ``[defaults]``.
+
+    More than the usual ten fields: each is one unit key (or group) of the
+    contract, and flattening them further would only rename them.
+
+    Attributes:
+        name: the unit file's stem.
+        target: a :class:`ProcessSpec` or a :class:`ContainerSpec`.
+        workdir: absolute folder for the process, preflight, probes and hooks.
+        env: ``env_files`` then ``env`` merged (later wins); never logged.
+        depends_on: dependency name -> condition.
+        restart: the restart policy.
+        start_seconds: without a probe, seconds up that count as RUNNING.
+        give_up_after: failed starts in a row before FATAL; 0 = never.
+    """
+
+    name: str
+    description: str = ""
+    source: Path | None = None
+    target: ProcessSpec | ContainerSpec
+    workdir: Path
+    env: Mapping[str, str] = field(default_factory=dict)
+    env_files: tuple[str, ...] = ()
+    autostart: bool = True
+    restart: Restart = Restart.ALWAYS
+    depends_on: Mapping[str, DependencyCondition] = field(default_factory=dict)
+    port: PortSpec | None = None
+    stop: StopSpec = StopSpec()
+    start_seconds: float = 1.0
+    give_up_after: int = 0
+    preflight: PreflightSpec | None = None
+    health: HealthCheckSpec | None = None
+    backoff: BackoffSpec = BackoffSpec()
+    post_start: PostStartSpec | None = None
+    logs: LogSpec = LogSpec()
+
+    @property
+    def kind(self) -> Literal["process", "container"]:
+        """``"process"`` or ``"container"`` (the ``kind`` status field)."""
+        return "container" if isinstance(self.target, ContainerSpec) else "process"
+
+    def secret_values(self) -> frozenset[str]:
+        """Values from ``env`` and ``env_files`` that must never appear in output.
+
+        Values shorter than 4 characters are left out: redacting ``1`` or
+        ``on`` everywhere would make every message unreadable.
+        """
+        return frozenset(v for v in self.env.values() if len(v) >= 4)
+
+
+@_frozen
+class TelemetrySpec:
+    """The ``[telemetry]`` table: OTLP export of events and metrics.
+
+    Attributes:
+        enabled: export at all.
+        endpoint: collector URL; ``""`` = ``OTEL_EXPORTER_OTLP_ENDPOINT`` or
+            the protocol's default on localhost.
+        protocol: ``"grpc"``, ``"http/protobuf"``, or ``""`` =
+            ``OTEL_EXPORTER_OTLP_PROTOCOL``, else ``"http/protobuf"``.
+        export_timeout: seconds any one export may take.
+    """
+
+    enabled: bool = False
+    endpoint: str = ""
+    protocol: Protocol = ""
+    export_timeout: float = 5.0
+
+
+@_frozen
+class DaemonSpec:
+    """The ``[daemon]`` table, with paths made absolute.
+
+    Attributes:
+        config_path: the absolute path of config.toml.
+        units_dir: absolute folder of the unit files.
+        socket: the configured control socket, or ``None`` for the default.
+        state_dir: the configured state folder, or ``None`` for the default.
+        shutdown_timeout: seconds for all services to stop, then SIGKILL.
+        log_level: ``debug``, ``info``, ``warning`` or ``error``.
+        allow_uids: uids besides the daemon's and root's allowed on the socket.
+    """
+
+    config_path: Path
+    units_dir: Path
+    socket: Path | None = None
+    state_dir: Path | None = None
+    shutdown_timeout: float = 30.0
+    log_level: str = "info"
+    allow_uids: tuple[int, ...] = ()
+    telemetry: TelemetrySpec = TelemetrySpec()
+
+
+@_frozen
+class Loaded:
+    """A whole, valid configuration: the daemon spec and the services by name."""
+
+    daemon: DaemonSpec
+    services: Mapping[str, ServiceSpec]
