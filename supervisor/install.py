@@ -338,8 +338,8 @@ def install(
         config_path: validated with :func:`supervisor.config.load` before anything is
             written; made absolute.
         print_only: write the rendered file to ``out`` and do nothing else.
-        start: ``False`` (``--no-start``) writes the file and tells the manager to
-            re-read its files (systemd) but enables and starts nothing.
+        start: ``False`` (``--no-start``): written and enabled (systemd) or left to
+            load at the next login (launchd), but not started now.
         out, err: progress lines; ``warning:``/``error:`` lines and config issues.
         environ: defaults to ``os.environ``: ``HOME``, ``XDG_CONFIG_HOME``, ``PATH``
             (copied into the service, and where ``systemctl``/``launchctl`` are found).
@@ -391,7 +391,8 @@ def _systemd_start(
     status: WriteStatus, *, start: bool, env: Mapping[str, str], report: _Report
 ) -> int:
     systemctl = _Tool("systemctl", env)
-    todo = f"{_RELOAD} && {_ENABLE}" if start else _RELOAD
+    enable = _ENABLE if start else f"systemctl --user enable {UNIT_NAME}"
+    todo = f"{_RELOAD} && {enable}"
     if systemctl.path is None:
         report.warn(f"systemctl not found on PATH: the unit is written but not loaded; run: {todo}")
         return 0
@@ -403,11 +404,10 @@ def _systemd_start(
         )
         return 0
     report.info(f"ran: {_RELOAD}")
-    if not start:
-        report.info(f"not started (--no-start); to enable and start it: {_ENABLE}")
-        return 0
-    steps: list[tuple[str, ...]] = [("enable", "--now", UNIT_NAME)]
-    if status == "updated":  # a running daemon keeps its old command line until restarted
+    steps: list[tuple[str, ...]] = [
+        ("enable", "--now", UNIT_NAME) if start else ("enable", UNIT_NAME)
+    ]
+    if start and status == "updated":  # a running daemon keeps its old command until restarted
         steps.append(("restart", UNIT_NAME))
     for step in steps:
         ran = systemctl.run("--user", *step)
@@ -416,7 +416,13 @@ def _systemd_start(
             report.error("see: journalctl --user -u hostvisor -e")
             return 1
         report.info(f"ran: systemctl --user {' '.join(step)}")
-    report.info("hostvisor is enabled and running; logs: journalctl --user -u hostvisor -f")
+    if start:
+        report.info("hostvisor is enabled and running; logs: journalctl --user -u hostvisor -f")
+    else:
+        report.info(
+            "enabled, not started (--no-start): it starts at your next login, or now "
+            f"with: systemctl --user start {UNIT_NAME}"
+        )
     return 0
 
 

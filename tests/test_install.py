@@ -362,6 +362,16 @@ class TestInstallWithSystemd:
         assert "linger is off for tester" in box.err.getvalue()
         assert "loginctl enable-linger tester" in box.err.getvalue()
 
+    def test_no_start_enables_for_the_next_login_without_starting(self, box: Box) -> None:
+        """--no-start: daemon-reload and enable, never --now, start or restart."""
+        box.fake("systemctl")
+        assert box.install(start=False) == 0
+        assert box.calls() == [
+            "systemctl --user daemon-reload",
+            "systemctl --user enable hostvisor.service",
+        ]
+        assert "systemctl --user start hostvisor.service" in box.out.getvalue()
+
     def test_installing_twice_changes_nothing_but_still_reloads(self, box: Box) -> None:
         """Same content: the file is untouched (same inode); daemon-reload again; no restart."""
         box.fake("systemctl", "loginctl")
