@@ -1,0 +1,548 @@
+"""config.toml and units/*.toml to frozen specs (contract sections 2-4).
+
+:func:`load` is pure and sync: it reads the files, validates every key by hand
+(no pydantic, so that ``hostvisor check`` and a reload stay light) and either
+returns a :class:`~supervisor.spec.Loaded` or raises
+:class:`~supervisor.errors.ConfigError` listing *every* problem found, each as
+``file: key: message`` with a dotted key (``health.interval``).
+
+Choices where the contract is silent:
+
+- ``[defaults]`` is merged under each unit; tables one level deep, key by key
+  (``defaults.backoff.max`` applies when a unit's ``[backoff]`` sets only
+  ``initial``). Mutually exclusive keys are not mixed: a unit that sets
+  ``command`` or ``container`` takes none of ``command``/``container``/
+  ``recreate_command`` from defaults, a unit's health probe replaces the
+  defaults' probe, a unit's post_start ``http``/``command`` replaces the
+  defaults' one. ``[defaults.health]``, ``[defaults.preflight]`` and
+  ``[defaults.post_start]`` without a probe/command only tune units that have
+  that table. A bad value that came from ``[defaults]`` is reported once,
+  against config.toml as ``defaults.<key>``.
+- Files whose name starts with ``.`` in the units folder are ignored (editor
+  lock files such as ``.#web.toml``).
+- Config, unit and env files must not be group/world-writable and must be
+  owned by the daemon's user or root (``os.stat``, links followed).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, cast
+
+from supervisor import durations as values
+from supervisor.durations import (
+    IssueSink,
+    Key,
+    TableReader,
+    parse_duration,
+    parse_signal,
+    parse_size,
+    read_env_file,
+)
+from supervisor.errors import ConfigError, ConfigIssue, SocketPathError
+from supervisor.paths import check_socket_path
+from supervisor.spec import (
+    BackoffSpec,
+    ContainerSpec,
+    DaemonSpec,
+    HealthCheckSpec,
+    Loaded,
+    LogSpec,
+    PortSpec,
+    PostStartSpec,
+    PreflightSpec,
+    ProcessSpec,
+    ReclaimPort,
+    ServiceSpec,
+    StopSpec,
+    TelemetrySpec,
+)
+from supervisor.states import DependencyCondition, Restart
+
+__all__ = [
+    "SERVICE_NAME",
+    "check",
+    "load",
+    "parse_duration",
+    "parse_size",
+    "read_env_file",
+]
+
+#: A service name, i.e. a unit file's stem (contract section 4).
+SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+#: Reserved: ``<state>/logs/hostvisor.log`` is the daemon's own log.
+_RESERVED_NAMES = frozenset({"hostvisor"})
+
+Table = dict[str, Any]
+
+_CONFIG_KEYS = ("daemon", "telemetry", "defaults")
+_DAEMON_KEYS = ("units_dir", "socket", "state_dir", "shutdown_timeout", "log_level", "allow_uids")
+_TELEMETRY_KEYS = ("enabled", "endpoint", "protocol", "export_timeout")
+_UNIT_KEYS = (
+    "description", "command", "container", "recreate_command", "workdir", "env", "env_files",
+    "autostart", "restart", "depends_on", "port", "reclaim_port", "stop_signal", "stop_timeout",
+    "start_seconds", "give_up_after", "preflight", "health", "backoff", "post_start", "logs",
+)  # fmt: skip
+_PREFLIGHT_KEYS = ("command", "timeout")
+_PROBES = ("http", "tcp", "exec", "docker")
+_HEALTH_KEYS = (*_PROBES, "expect_status", "interval", "timeout", "start_period",
+                "failure_threshold", "success_threshold")  # fmt: skip
+_BACKOFF_KEYS = ("initial", "max", "multiplier", "jitter", "reset_after")
+_POST_START_KEYS = ("http", "method", "command", "timeout")
+_LOGS_KEYS = ("max_size", "backups")
+
+#: Keys of one group exclude each other: a unit setting one takes none from defaults.
+_EXCLUSIVE: dict[Key, frozenset[str]] = {
+    (): frozenset({"command", "container", "recreate_command"}),
+    ("health",): frozenset(_PROBES),
+    ("post_start",): frozenset({"http", "command"}),
+}
+#: Optional tables taken whole from defaults only when they hold one of these keys.
+_ACTIVATING: dict[str, frozenset[str]] = {
+    "health": frozenset(_PROBES),
+    "preflight": frozenset({"command"}),
+    "post_start": frozenset({"http", "command"}),
+}
+_VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+def load(path: Path, *, environ: Mapping[str, str] | None = None) -> Loaded:
+    """Load ``config.toml`` and every unit of its units folder.
+
+    Args:
+        path: the config file; a relative path is taken from the working folder.
+        environ: variables for ``$VAR`` and ``~`` expansion (default ``os.environ``).
+
+    Returns:
+        The daemon spec and the services, in a dict sorted by name.
+
+    Raises:
+        ConfigError: with every problem found, grouped by file (config.toml
+            first, then the units by name, then dependency problems).
+    """
+    loaded, issues = _load(path, environ)
+    if issues or loaded is None:
+        raise ConfigError(issues)
+    return loaded
+
+
+def check(path: Path, *, environ: Mapping[str, str] | None = None) -> list[ConfigIssue]:
+    """Validate like :func:`load`; return every problem found (``[]`` when valid)."""
+    return _load(path, environ)[1]
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+@dataclass
+class _Context:
+    config: Path
+    environ: Mapping[str, str]
+    issues: list[ConfigIssue] = field(default_factory=list)
+
+    @property
+    def folder(self) -> Path:
+        return self.config.parent
+
+    def path(self, raw: str) -> Path:
+        """``~`` and ``$VARS`` expanded, relative to the config folder, made absolute."""
+        text = raw
+        if text == "~" or text.startswith("~/"):
+            text = (self.environ.get("HOME") or os.path.expanduser("~")) + text[1:]
+        elif text.startswith("~"):
+            text = os.path.expanduser(text)
+
+        def variable(match: re.Match[str]) -> str:
+            return self.environ.get(match.group(1).strip("{}"), match.group(0))
+
+        text = _VARIABLE.sub(variable, text)
+        return Path(os.path.abspath(self.folder / text))
+
+
+def _load(path: Path, environ: Mapping[str, str] | None) -> tuple[Loaded | None, list[ConfigIssue]]:
+    ctx = _Context(Path(os.path.abspath(path)), os.environ if environ is None else environ)
+    if not ctx.config.exists():
+        issue = ConfigIssue(str(ctx.config), "", "file not found (create it, or pass -c PATH)")
+        return None, [issue]
+    data = _read_toml(ctx.config, ctx.issues)
+    if data is None:
+        return None, ctx.issues
+    sink = IssueSink(ctx.issues, str(ctx.config))
+    top = TableReader(sink, data, (), _CONFIG_KEYS)
+    daemon, units_ok = _parse_daemon(top, ctx)
+    defaults: Table = {}
+    if (defaults_table := top.sub("defaults", _UNIT_KEYS)) is not None:
+        defaults = dict(defaults_table.data)
+        _parse_unit(defaults_table, "defaults", ctx, partial=True)
+    services = _load_units(daemon.units_dir, defaults, ctx) if units_ok else {}
+    issues = list(dict.fromkeys(ctx.issues))  # a bad default is reported once
+    if issues:
+        return None, issues
+    return Loaded(daemon=daemon, services=services), []
+
+
+def _read_toml(path: Path, issues: list[ConfigIssue]) -> Table | None:
+    """The parsed file, or ``None`` (with an issue) when missing, unsafe or not TOML."""
+    problem = _unsafe(path)
+    if problem:
+        issues.append(ConfigIssue(str(path), "", problem))
+    try:
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        issues.append(ConfigIssue(str(path), "", f"cannot read: {exc.strerror or exc}"))
+    except UnicodeDecodeError as exc:
+        issues.append(ConfigIssue(str(path), "", f"not UTF-8 text (byte {exc.start})"))
+    except tomllib.TOMLDecodeError as exc:
+        issues.append(ConfigIssue(str(path), "", f"invalid TOML: {exc}"))
+    return None
+
+
+def _unsafe(path: Path) -> str | None:
+    """Why ``path`` must not be trusted, or ``None``: writable by others, or a foreign owner."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None  # reported by whoever reads it
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o022:
+        return f"file is group/world-writable (mode {mode:04o}); run chmod go-w {path}"
+    if info.st_uid not in (os.geteuid(), 0):
+        return (
+            f"file is owned by uid {info.st_uid}, not by this user (uid {os.geteuid()}) "
+            f"or root; run chown {os.geteuid()} {path}"
+        )
+    return None
+
+
+def _parse_daemon(top: TableReader, ctx: _Context) -> tuple[DaemonSpec, bool]:
+    """The ``[daemon]`` spec, and whether its units folder can be listed."""
+    daemon = top.sub("daemon", _DAEMON_KEYS) or TableReader(top.sink, {}, ("daemon",), ())
+    raw_units = daemon.get("units_dir", values.nonempty, None)
+    units_dir = ctx.path(raw_units or "units")
+    units_ok = raw_units is not None or "units_dir" not in daemon.data
+    if units_ok and not units_dir.is_dir():
+        daemon.fail("units_dir", f"folder {units_dir} does not exist")
+        units_ok = False
+    optional: dict[str, Path | None] = {}
+    for key in ("socket", "state_dir"):
+        raw = daemon.get(key, values.string, "")
+        optional[key] = ctx.path(raw) if raw else None
+    if optional["socket"] is not None:
+        try:
+            check_socket_path(optional["socket"])
+        except SocketPathError as exc:
+            daemon.fail("socket", str(exc))
+    spec = DaemonSpec(
+        config_path=ctx.config,
+        units_dir=units_dir,
+        socket=optional["socket"],
+        state_dir=optional["state_dir"],
+        shutdown_timeout=daemon.get("shutdown_timeout", parse_duration, 30.0),
+        log_level=daemon.get(
+            "log_level", values.choice("debug", "info", "warning", "error"), "info"
+        ),
+        allow_uids=daemon.get(
+            "allow_uids", values.list_of(values.integer(0), "uids (integers)"), ()
+        ),
+        telemetry=_parse_telemetry(top),
+    )
+    return spec, units_ok
+
+
+def _parse_telemetry(top: TableReader) -> TelemetrySpec:
+    table = top.sub("telemetry", _TELEMETRY_KEYS)
+    if table is None:
+        return TelemetrySpec()
+    protocol = table.get("protocol", values.choice("", "grpc", "http/protobuf"), "")
+    return TelemetrySpec(
+        enabled=table.get("enabled", values.boolean, False),
+        endpoint=table.get("endpoint", values.string, ""),
+        protocol=cast(Any, protocol),
+        export_timeout=table.get("export_timeout", values.positive_duration, 5.0),
+    )
+
+
+# ---------------------------------------------------------------------------- units
+
+
+def _load_units(folder: Path, defaults: Table, ctx: _Context) -> dict[str, ServiceSpec]:
+    """Every ``*.toml`` directly in ``folder`` (sorted), then dependencies across them."""
+    try:
+        files = sorted(
+            p for p in folder.glob("*.toml") if not p.name.startswith(".") and p != ctx.config
+        )
+    except OSError as exc:
+        ctx.issues.append(ConfigIssue(str(folder), "", f"cannot list: {exc.strerror or exc}"))
+        return {}
+    services: dict[str, ServiceSpec] = {}
+    graph: dict[str, tuple[IssueSink, dict[str, DependencyCondition]]] = {}
+    for path in files:
+        name = path.stem
+        if not SERVICE_NAME.fullmatch(name) or name in _RESERVED_NAMES:
+            why = "is reserved for the daemon's own log" if name in _RESERVED_NAMES else (
+                f"must match {SERVICE_NAME.pattern}")  # fmt: skip
+            ctx.issues.append(ConfigIssue(str(path), "", f'service name "{name}" {why}'))
+            continue
+        data = _read_toml(path, ctx.issues)
+        graph[name] = (IssueSink(ctx.issues, str(path)), {})
+        if data is None:
+            continue
+        merged, inherited = _merge(defaults, data)
+        sink = IssueSink(ctx.issues, str(path), inherited=inherited, defaults_file=str(ctx.config))
+        spec, deps = _parse_unit(
+            TableReader(sink, merged, (), _UNIT_KEYS), name, ctx, partial=False
+        )
+        graph[name] = (sink, deps)
+        if spec is not None:
+            services[name] = replace(spec, source=path)
+    _check_dependencies(graph)
+    return dict(sorted(services.items()))
+
+
+def _merge(defaults: Table, unit: Table) -> tuple[Table, set[Key]]:
+    """``unit`` over ``defaults`` (module docstring); also the keys taken from defaults."""
+    merged, inherited = dict(unit), set[Key]()
+    for key, value in defaults.items():
+        if key in unit:
+            own = unit[key]
+            if isinstance(value, dict) and isinstance(own, dict):
+                group = _EXCLUSIVE.get((key,), frozenset())
+                skip = group if own.keys() & group else frozenset()
+                taken = {k: v for k, v in value.items() if k not in own and k not in skip}
+                merged[key] = {**own, **taken}
+                inherited.update((key, k) for k in taken)
+            continue
+        if key in _EXCLUSIVE[()] and unit.keys() & _EXCLUSIVE[()]:
+            continue
+        if key in _ACTIVATING and isinstance(value, dict) and not value.keys() & _ACTIVATING[key]:
+            continue
+        merged[key] = value
+        inherited.add((key,))
+    return merged, inherited
+
+
+def _parse_unit(
+    unit: TableReader, name: str, ctx: _Context, *, partial: bool
+) -> tuple[ServiceSpec | None, dict[str, DependencyCondition]]:
+    """One unit's spec (``None`` if invalid) and its dependencies.
+
+    With ``partial`` (the ``[defaults]`` table) only keys and values are
+    checked, not the rules that need a whole unit.
+    """
+    before = unit.sink.count
+    command = unit.get("command", values.argv, None)
+    container = unit.get("container", values.nonempty, None)
+    recreate = unit.get("recreate_command", values.argv, None)
+    if not partial and ("command" in unit.data) == ("container" in unit.data):
+        unit.fail("", "needs exactly one of command (a process) or container (a Docker container)")
+    if not partial and "recreate_command" in unit.data and "container" not in unit.data:
+        unit.fail("recreate_command", "only for container units (set container)")
+    env_files = unit.get("env_files", values.list_of(values.nonempty, "paths"), ())
+    env = _read_env_files(env_files, unit, ctx)
+    env.update(unit.get("env", values.env_table, {}))
+    deps = unit.get("depends_on", values.depends_on, {})
+    port = unit.get("port", values.integer(1, 65535), None)
+    reclaim = unit.get("reclaim_port", values.choice("own", "any", "no"), "own")
+    fields: dict[str, Any] = {
+        "description": unit.get("description", values.string, ""),
+        "workdir": ctx.path(unit.get("workdir", values.nonempty, ".")),
+        "env": env,
+        "env_files": env_files,
+        "autostart": unit.get("autostart", values.boolean, True),
+        "restart": Restart(
+            unit.get("restart", values.choice("always", "on-failure", "no"), "always")
+        ),
+        "depends_on": deps,
+        "port": PortSpec(number=port, reclaim=cast(ReclaimPort, reclaim)) if port else None,
+        "stop": StopSpec(
+            signal=unit.get("stop_signal", parse_signal, StopSpec().signal),
+            timeout=unit.get("stop_timeout", parse_duration, StopSpec().timeout),
+        ),
+        "start_seconds": unit.get("start_seconds", parse_duration, 1.0),
+        "give_up_after": unit.get("give_up_after", values.integer(0), 0),
+        "preflight": _parse_preflight(unit, partial=partial),
+        "health": _parse_health(unit, container is not None, partial=partial),
+        "backoff": _parse_backoff(unit),
+        "post_start": _parse_post_start(unit, partial=partial),
+        "logs": _parse_logs(unit),
+    }
+    if partial or unit.sink.count > before or (command is None) == (container is None):
+        return None, deps
+    target = ProcessSpec(command=command) if command is not None else ContainerSpec(
+        name=cast(str, container), recreate_command=recreate)  # fmt: skip
+    return ServiceSpec(name=name, target=target, **fields), deps
+
+
+def _read_env_files(files: Iterable[str], unit: TableReader, ctx: _Context) -> dict[str, str]:
+    """``env_files`` merged in order; a leading ``-`` marks a file that may be missing.
+
+    Files are read again for each unit (they are small); a problem in a file is
+    reported against the file and deduplicated by :func:`_load`.
+    """
+    env: dict[str, str] = {}
+    for raw in files:
+        optional = raw.startswith("-")
+        path = ctx.path(raw[1:] if optional else raw)
+        if optional and not path.exists():
+            continue
+        if problem := _unsafe(path):
+            ctx.issues.append(ConfigIssue(str(path), "", problem))
+            continue
+        try:
+            env.update(read_env_file(path))
+        except FileNotFoundError:
+            unit.fail("env_files", f"env file {path} not found (prefix it with - if optional)")
+        except OSError as exc:
+            unit.fail("env_files", f"cannot read env file {path}: {exc.strerror or exc}")
+        except ConfigError as exc:
+            ctx.issues.extend(exc.issues)
+    return env
+
+
+def _parse_preflight(unit: TableReader, *, partial: bool) -> PreflightSpec | None:
+    table = unit.sub("preflight", _PREFLIGHT_KEYS)
+    if table is None:
+        return None
+    command = table.get("command", values.argv, None)
+    timeout = table.get("timeout", values.positive_duration, 30.0)
+    if command is None:
+        if not partial and "command" not in table.data:
+            table.fail("", "needs a command")
+        return None
+    return PreflightSpec(command=command, timeout=timeout)
+
+
+def _parse_health(unit: TableReader, container: bool, *, partial: bool) -> HealthCheckSpec | None:
+    table = unit.sub("health", _HEALTH_KEYS)
+    if table is None:
+        return None
+    probes = [p for p in _PROBES if p in table.data and table.data[p] is not False]
+    if not partial and len(probes) != 1:
+        found = f"has {len(probes)} ({', '.join(probes)})" if probes else "has none"
+        table.fail("", f"needs exactly one probe of http, tcp, exec or docker; {found}")
+    docker = table.get("docker", values.boolean, False)
+    if docker and not container and not partial:
+        table.fail("docker", "docker = true is only for container units")
+    spec = HealthCheckSpec(
+        http=table.get("http", values.http_url, None),
+        tcp=table.get("tcp", values.host_port, None),
+        exec=table.get("exec", values.argv, None),
+        docker=docker,
+        expect_status=table.get(
+            "expect_status", values.list_of(values.integer(100, 599), "HTTP statuses"), ()
+        ),
+        interval=table.get("interval", values.positive_duration, 10.0),
+        timeout=table.get("timeout", values.positive_duration, 5.0),
+        start_period=table.get("start_period", parse_duration, 0.0),
+        failure_threshold=table.get("failure_threshold", values.integer(1), 3),
+        success_threshold=table.get("success_threshold", values.integer(1), 1),
+    )
+    return spec if len(probes) == 1 else None
+
+
+def _parse_backoff(unit: TableReader) -> BackoffSpec:
+    table = unit.sub("backoff", _BACKOFF_KEYS)
+    if table is None:
+        return BackoffSpec()
+    default = BackoffSpec()
+    spec = BackoffSpec(
+        initial=table.get("initial", parse_duration, default.initial),
+        max=table.get("max", parse_duration, default.max),
+        multiplier=table.get("multiplier", values.number, default.multiplier),
+        jitter=table.get("jitter", values.number, default.jitter),
+        reset_after=table.get("reset_after", parse_duration, default.reset_after),
+    )
+    if spec.multiplier < 1:
+        table.fail("multiplier", f"must be at least 1, got {spec.multiplier}")
+    if not 0 <= spec.jitter < 1:
+        table.fail("jitter", f"must be in [0, 1) (a fraction of the delay), got {spec.jitter}")
+    if spec.max < spec.initial:
+        table.fail("max", f"must be at least initial ({spec.initial:g}s), got {spec.max:g}s")
+    return spec
+
+
+def _parse_post_start(unit: TableReader, *, partial: bool) -> PostStartSpec | None:
+    table = unit.sub("post_start", _POST_START_KEYS)
+    if table is None:
+        return None
+    http = table.get("http", values.http_url, None)
+    command = table.get("command", values.argv, None)
+    if not partial and ("http" in table.data) == ("command" in table.data):
+        table.fail("", "needs exactly one of http or command")
+    spec = PostStartSpec(
+        http=http,
+        method=table.get("method", values.http_method, "GET"),
+        command=command,
+        timeout=table.get("timeout", values.positive_duration, 10.0),
+    )
+    return spec if (http is None) != (command is None) else None
+
+
+def _parse_logs(unit: TableReader) -> LogSpec:
+    table = unit.sub("logs", _LOGS_KEYS)
+    if table is None:
+        return LogSpec()
+    max_size = table.get("max_size", parse_size, LogSpec().max_size)
+    if max_size == 0:
+        table.fail("max_size", "must be more than 0 bytes")
+    return LogSpec(
+        max_size=max_size, backups=table.get("backups", values.integer(0), LogSpec().backups)
+    )
+
+
+# ---------------------------------------------------------------------------- dependencies
+
+
+def _check_dependencies(graph: Mapping[str, tuple[IssueSink, Mapping[str, object]]]) -> None:
+    """Unknown names and cycles, each reported once against the unit that declares it."""
+    for sink, deps in graph.values():
+        for dep in deps:
+            if dep not in graph:
+                close = difflib.get_close_matches(dep, list(graph), n=1)
+                hint = f' (did you mean "{close[0]}"?)' if close else ""
+                sink.add(("depends_on",), f'unknown service "{dep}"{hint}')
+    seen: set[frozenset[str]] = set()
+    for cycle in _cycles({n: [d for d in deps if d in graph] for n, (_, deps) in graph.items()}):
+        if frozenset(cycle) in seen:
+            continue
+        seen.add(frozenset(cycle))
+        start = cycle.index(min(cycle))
+        ordered = cycle[start:] + cycle[:start]
+        graph[ordered[0]][0].add(
+            ("depends_on",), "dependency cycle: " + " -> ".join([*ordered, ordered[0]])
+        )
+
+
+def _cycles(edges: Mapping[str, Iterable[str]]) -> list[list[str]]:
+    """One cycle per back edge of a depth-first search, in sorted order (iterative DFS)."""
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    found: list[list[str]] = []
+    for root in sorted(edges):
+        if root in state:
+            continue
+        stack: list[tuple[str, Iterator[str]]] = [(root, iter(sorted(edges[root])))]
+        path, state[root] = [root], 1
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                path.pop()
+                state[node] = 2
+            elif state.get(child) == 1:
+                found.append(path[path.index(child) :])
+            elif child not in state:
+                state[child] = 1
+                path.append(child)
+                stack.append((child, iter(sorted(edges[child]))))
+    return found

@@ -1,0 +1,507 @@
+"""Values of the config files: durations, sizes, signals, argv, the other typed keys, tables.
+
+Each converter takes a value as :mod:`tomllib` produced it and returns what
+the specs hold (float seconds, int bytes, int signal number, argv tuple), or
+raises :class:`ValueError` whose message says what is expected; the loader in
+:mod:`supervisor.config` turns that message into a ``file: key: message`` issue.
+:class:`TableReader` applies converters to the keys of one table and records
+every problem in an :class:`IssueSink`; :func:`read_env_file` parses env files.
+
+Conventions:
+
+- Durations follow Go's ``time.ParseDuration`` and systemd's time spans:
+  ``"250ms"``, ``"30s"``, ``"5m"``, ``"1h"``, ``"1d"``, ``"1.5s"`` and sums
+  like ``"1m30s"``; a bare number is seconds.
+- Sizes use IEC binary prefixes for ``KiB``/``MiB``/``GiB``/``TiB`` (1024) and
+  SI decimal prefixes for ``KB``/``MB``/``GB``/``TB`` (1000), as systemd and
+  Docker do; a bare integer is bytes.
+- Signals are named as ``kill -l`` does, with or without ``SIG``, or by number.
+- Env files follow docker's ``--env-file`` and python-dotenv: ``KEY=VALUE``,
+  ``#`` comments, optional ``export``, ``"..."`` with escapes, ``'...'`` literal.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+import shlex
+import signal
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
+
+from supervisor.errors import ConfigError, ConfigIssue
+from supervisor.states import DependencyCondition
+
+__all__ = [
+    "IssueSink",
+    "Key",
+    "TableReader",
+    "argv",
+    "boolean",
+    "choice",
+    "depends_on",
+    "describe_value",
+    "env_table",
+    "host_port",
+    "http_method",
+    "http_url",
+    "integer",
+    "list_of",
+    "nonempty",
+    "number",
+    "parse_duration",
+    "parse_signal",
+    "parse_size",
+    "positive_duration",
+    "read_env_file",
+    "string",
+]
+
+T = TypeVar("T")
+D = TypeVar("D")
+#: A dotted key as a tuple: ``("health", "interval")``.
+Key = tuple[str, ...]
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h|d)\s*")
+_DURATION_HINT = 'expected a duration like "30s", "250ms", "5m", "1h" or a number of seconds'
+
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*([a-zA-Z]+)\s*")
+_SIGNAL_HINT = 'expected a signal name like "SIGTERM" or a number'
+_SIZE_HINT = 'expected a size like "10MiB", "500KB", "512B" or a number of bytes'
+
+
+def parse_duration(value: object) -> float:
+    """Parse a duration into seconds.
+
+    Args:
+        value: a string with units (``"250ms"``, ``"30s"``, ``"5m"``, ``"1h"``,
+            ``"1d"``, ``"1m30s"``) or an int/float number of seconds.
+
+    Returns:
+        Seconds, a finite float >= 0.
+
+    Raises:
+        ValueError: not a duration, negative, or not finite; the message says
+            what is expected.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{_DURATION_HINT}, got {describe_value(value)}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        seconds = _duration_from_text(value)
+    else:
+        raise ValueError(f"{_DURATION_HINT}, got {describe_value(value)}")
+    if not math.isfinite(seconds):
+        raise ValueError(f"{_DURATION_HINT}, got {describe_value(value)}")
+    if seconds < 0:
+        raise ValueError(f"must not be negative, got {describe_value(value)}")
+    return seconds
+
+
+def _duration_from_text(text: str) -> float:
+    stripped = text.strip()
+    if stripped.startswith("-") and _DURATION_PART.fullmatch(stripped[1:]):
+        raise ValueError(f"must not be negative, got {describe_value(text)}")
+    position, total = 0, 0.0
+    while position < len(stripped):
+        match = _DURATION_PART.match(stripped, position)
+        if match is None or match.end() == position:
+            raise ValueError(f"{_DURATION_HINT}, got {describe_value(text)}")
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        position = match.end()
+    if not stripped:
+        raise ValueError(f"{_DURATION_HINT}, got {describe_value(text)}")
+    return total
+
+
+def parse_size(value: object) -> int:
+    """Parse a size into bytes.
+
+    Args:
+        value: a string with a unit (``"512B"``, ``"500KB"`` = 500,000,
+            ``"10MiB"`` = 10 * 1024**2, ``"1.5GiB"``; units are
+            case-insensitive) or an int number of bytes.
+
+    Returns:
+        Bytes, an int >= 0 (fractions are rounded to the nearest byte).
+
+    Raises:
+        ValueError: not a size, or negative.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{_SIZE_HINT}, got {describe_value(value)}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"must not be negative, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"{_SIZE_HINT}, got {describe_value(value)}")
+    if value.strip().startswith("-"):
+        raise ValueError(f"must not be negative, got {describe_value(value)}")
+    match = _SIZE.fullmatch(value)
+    if match is None or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"{_SIZE_HINT}, got {describe_value(value)}")
+    return round(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def parse_signal(value: object) -> int:
+    """Parse a signal name or number.
+
+    Args:
+        value: ``"SIGTERM"``, ``"TERM"``, ``"sigint"``, or a number such as 15.
+
+    Returns:
+        The signal number, valid on this platform.
+
+    Raises:
+        ValueError: not a signal this platform knows.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{_SIGNAL_HINT}, got {describe_value(value)}")
+    if isinstance(value, int):
+        try:
+            return int(signal.Signals(value))
+        except ValueError:
+            raise ValueError(f"unknown signal number {value}") from None
+    if not isinstance(value, str):
+        raise ValueError(f"{_SIGNAL_HINT}, got {describe_value(value)}")
+    name = value.strip().upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise ValueError(f"unknown signal {describe_value(value)} ({_SIGNAL_HINT})") from None
+
+
+def describe_value(value: object) -> str:
+    """A value as TOML would show it, for messages: ``"30 sec"``, ``1``, ``true``, ``a list``."""
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value}"
+
+
+# ---------------------------------------------------------------------------- typed keys
+
+
+def string(value: object) -> str:
+    """A TOML string."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {describe_value(value)}")
+    return value
+
+
+def nonempty(value: object) -> str:
+    """A string with more than whitespace in it."""
+    if not string(value).strip():
+        raise ValueError("must not be empty")
+    return cast(str, value)
+
+
+def boolean(value: object) -> bool:
+    """``true`` or ``false``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {describe_value(value)}")
+    return value
+
+
+def integer(low: int, high: int | None = None) -> Callable[[object], int]:
+    """A converter for an integer in ``[low, high]`` (no upper bound when ``high`` is None)."""
+
+    def convert(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {describe_value(value)}")
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise ValueError(f"must be {bound}, got {value}")
+        return value
+
+    return convert
+
+
+def number(value: object) -> float:
+    """An integer or a float, as a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number, got {describe_value(value)}")
+    return float(value)
+
+
+def positive_duration(value: object) -> float:
+    """A duration (:func:`parse_duration`) of more than 0 seconds."""
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"must be more than 0, got {describe_value(value)}")
+    return seconds
+
+
+def choice(*options: str) -> Callable[[object], str]:
+    """A converter for a string that must be one of ``options``."""
+
+    def convert(value: object) -> str:
+        if string(value) not in options:
+            expected = " | ".join(f'"{o}"' for o in options)
+            raise ValueError(f"expected {expected}, got {describe_value(value)}")
+        return cast(str, value)
+
+    return convert
+
+
+def list_of(item: Callable[[object], T], what: str) -> Callable[[object], tuple[T, ...]]:
+    """A converter for a list whose items ``item`` converts; ``what`` names them in messages."""
+
+    def convert(value: object) -> tuple[T, ...]:
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list of {what}, got {describe_value(value)}")
+        try:
+            return tuple(item(v) for v in value)
+        except ValueError as exc:
+            raise ValueError(f"expected a list of {what}: {exc}") from None
+
+    return convert
+
+
+def argv(value: object) -> tuple[str, ...]:
+    """An argv: a string split with :func:`shlex.split` (never run by a shell), or a list.
+
+    The list must hold strings and name a program; later arguments may be empty.
+    """
+    if isinstance(value, str):
+        try:
+            argv = tuple(shlex.split(value))
+        except ValueError as exc:
+            raise ValueError(f"cannot split the command like a shell would: {exc}") from None
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        argv = tuple(value)
+    else:
+        raise ValueError(f"expected a string or a list of strings, got {describe_value(value)}")
+    if not argv or not argv[0]:
+        raise ValueError("must name a program (an empty command)")
+    return argv
+
+
+def http_url(value: object) -> str:
+    """An ``http://`` or ``https://`` URL with a host."""
+    parts = urlsplit(string(value))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL, got {describe_value(value)}")
+    return cast(str, value)
+
+
+def host_port(value: object) -> str:
+    """``host:port`` (``[::1]:6379`` for IPv6) with a port in 1-65535."""
+    host, sep, port = string(value).rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f'expected "host:port" with a port 1-65535, got {describe_value(value)}')
+    return cast(str, value)
+
+
+def http_method(value: object) -> str:
+    """An HTTP method, uppercased (``"put"`` -> ``"PUT"``)."""
+    method = string(value).upper()
+    if not re.fullmatch(r"[A-Z]+", method):
+        hint = 'expected an HTTP method like "GET" or "PUT"'
+        raise ValueError(f"{hint}, got {describe_value(value)}")
+    return method
+
+
+def env_table(value: object) -> dict[str, str]:
+    """The ``env`` table: names to strings; numbers are accepted and written as strings."""
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a table of NAME = value, got {describe_value(value)}")
+    result: dict[str, str] = {}
+    for name, item in value.items():
+        if not name or "=" in name or "\0" in name or "\0" in str(item):
+            raise ValueError(f'invalid variable "{name}" (no "=" in names, no NUL anywhere)')
+        if isinstance(item, bool) or not isinstance(item, str | int | float):
+            raise ValueError(f"{name}: expected a string or a number, got {describe_value(item)}")
+        result[name] = str(item)
+    return result
+
+
+def depends_on(value: object) -> dict[str, DependencyCondition]:
+    """A list of names (condition ``started``) or a table of name -> ``started``/``healthy``."""
+    if isinstance(value, list):
+        names = list_of(nonempty, "service names")(value)
+        return dict.fromkeys(names, DependencyCondition.STARTED)
+    if isinstance(value, dict):
+        condition = choice("started", "healthy")
+        result: dict[str, DependencyCondition] = {}
+        for name, item in value.items():
+            try:
+                result[nonempty(name)] = DependencyCondition(condition(item))
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return result
+    raise ValueError(
+        'expected a list of names or a table like { db = "healthy" }, '
+        f"got {describe_value(value)}"
+    )
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Read ``KEY=VALUE`` lines (the docker/systemd/dotenv env-file convention).
+
+    Blank lines and lines starting with ``#`` are skipped; ``export KEY=VALUE``
+    is accepted. A value in ``"..."`` understands ``\\\\ \\" \\n \\t \\$``; one
+    in ``'...'`` is literal; an unquoted value is stripped and loses a trailing
+    `` # comment``. Nothing is expanded.
+
+    Returns:
+        The variables, in file order (a later line wins).
+
+    Raises:
+        OSError: the file cannot be read.
+        ConfigError: not UTF-8, or some lines are malformed (one issue per line,
+            keyed ``line N``).
+    """
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [ConfigIssue(str(path), "", f"not UTF-8 text (byte {exc.start})")]
+        ) from None
+    result: dict[str, str] = {}
+    issues: list[ConfigIssue] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        try:
+            parsed = _parse_env_line(line)
+        except ValueError as exc:
+            issues.append(ConfigIssue(str(path), f"line {lineno}", str(exc)))
+            continue
+        if parsed is not None:
+            result[parsed[0]] = parsed[1]
+    if issues:
+        raise ConfigError(issues)
+    return result
+
+
+def _parse_env_line(line: str) -> tuple[str, str] | None:
+    stripped = line.strip()
+    if not stripped or stripped.startswith("#"):
+        return None
+    if stripped.startswith("export ") or stripped.startswith("export\t"):
+        stripped = stripped[7:].lstrip()
+    key, sep, raw = stripped.partition("=")
+    key = key.strip()
+    if not sep or not _ENV_NAME.fullmatch(key):
+        raise ValueError("expected KEY=VALUE with KEY made of letters, digits and _")
+    raw = raw.strip()
+    if raw[:1] not in ("'", '"'):
+        return key, re.split(r"\s+#", raw, maxsplit=1)[0].rstrip()
+    quote, value, index, escapes = raw[0], [], 1, {"n": "\n", "t": "\t"}
+    while index < len(raw) and raw[index] != quote:
+        char = raw[index]
+        if quote == '"' and char == "\\" and index + 1 < len(raw):
+            index += 1
+            char = escapes.get(raw[index], raw[index])
+        value.append(char)
+        index += 1
+    if index >= len(raw):
+        raise ValueError(f"unterminated {quote} quote")
+    rest = raw[index + 1 :].strip()
+    if rest and not rest.startswith("#"):
+        raise ValueError("unexpected text after the closing quote")  # never echo a secret
+    return key, "".join(value)
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+@dataclass
+class IssueSink:
+    """Collects the issues of one file into a shared list.
+
+    Attributes:
+        issues: the list shared by every file of one load.
+        file: the path printed before each issue.
+        inherited: keys (as tuples, ``("health", "interval")``) that came from
+            config.toml's ``[defaults]``: an issue under one of them is reported
+            against ``defaults_file`` as ``defaults.<key>``.
+        count: issues added through this sink.
+    """
+
+    issues: list[ConfigIssue]
+    file: str
+    inherited: set[Key] = field(default_factory=set)
+    defaults_file: str = ""
+    count: int = 0
+
+    def add(self, key: Key, message: str) -> None:
+        """Record ``message`` about ``key`` (``()`` for the whole file)."""
+        if any(key[:i] in self.inherited for i in range(1, len(key) + 1)):
+            issue = ConfigIssue(self.defaults_file, ".".join(("defaults", *key)), message)
+        else:
+            issue = ConfigIssue(self.file, ".".join(key), message)
+        self.count += 1
+        self.issues.append(issue)
+
+
+class TableReader:
+    """Typed reads from one TOML table at ``path``; each bad key becomes an issue.
+
+    Unknown keys (not in ``known``) are reported on construction, with a
+    did-you-mean from :func:`difflib.get_close_matches`.
+    """
+
+    def __init__(self, sink: IssueSink, data: Mapping[str, Any], path: Key, known: Collection[str]):
+        self.sink, self.data, self.path = sink, data, path
+        for key in data:
+            if key not in known:
+                sink.add((*path, key), _unknown_key(key, known))
+
+    def get(self, key: str, convert: Callable[[Any], T], default: D) -> T | D:
+        """The converted value, or ``default`` when absent or invalid (an issue is added)."""
+        if key not in self.data:
+            return default
+        try:
+            return convert(self.data[key])
+        except ValueError as exc:
+            self.sink.add((*self.path, key), str(exc))
+            return default
+
+    def sub(self, key: str, known: Collection[str]) -> TableReader | None:
+        """The nested table ``key``, or ``None`` when absent or not a table."""
+        if key not in self.data:
+            return None
+        value = self.data[key]
+        if not isinstance(value, dict):
+            self.sink.add((*self.path, key), f"expected a table, got {describe_value(value)}")
+            return None
+        return TableReader(self.sink, value, (*self.path, key), known)
+
+    def fail(self, key: str, message: str) -> None:
+        """Record a problem with ``key`` of this table (``""``: the table itself)."""
+        self.sink.add((*self.path, key) if key else self.path, message)
+
+
+def _unknown_key(key: str, known: Collection[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    if close:
+        return f'unknown key (did you mean "{close[0]}"?)'
+    return f"unknown key (expected one of: {', '.join(sorted(known))})"
