@@ -36,10 +36,9 @@ ReclaimPort = Literal["own", "any", "no"]
 ProbeKind = Literal["http", "tcp", "exec", "docker"]
 Protocol = Literal["grpc", "http/protobuf", ""]
 
-_frozen = dataclass(frozen=True, slots=True, kw_only=True)
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BackoffSpec:
     """Delay before restart ``n`` (0-based): ``min(initial * multiplier**n, max)`` +/- jitter.
 
@@ -60,7 +59,7 @@ class BackoffSpec:
     reset_after: float = 60.0
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HealthCheckSpec:
     """One probe (Kubernetes terms): exactly one of ``http``, ``tcp``, ``exec``, ``docker``.
 
@@ -98,7 +97,7 @@ class HealthCheckSpec:
         return "docker"
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PreflightSpec:
     """A command run before every spawn; exit 0 lets the spawn go ahead.
 
@@ -111,7 +110,7 @@ class PreflightSpec:
     timeout: float = 30.0
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PostStartSpec:
     """A hook run once per start, after RUNNING (healthy when there is a probe).
 
@@ -124,7 +123,7 @@ class PostStartSpec:
     timeout: float = 10.0
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LogSpec:
     """Rotation of ``<state>/logs/<service>.log``: ``max_size`` bytes, ``backups`` kept."""
 
@@ -132,7 +131,7 @@ class LogSpec:
     backups: int = 5
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StopSpec:
     """How to stop: ``signal`` to the process group, wait ``timeout`` seconds, then SIGKILL."""
 
@@ -140,7 +139,7 @@ class StopSpec:
     timeout: float = 10.0
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PortSpec:
     """The TCP port a service listens on, and what to do with a stale holder before spawn."""
 
@@ -148,14 +147,14 @@ class PortSpec:
     reclaim: ReclaimPort = "own"
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ProcessSpec:
     """A local process: ``command`` is the argv, never run by a shell."""
 
     command: tuple[str, ...]
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ContainerSpec:
     """An existing Docker container, by name or id.
 
@@ -169,7 +168,7 @@ class ContainerSpec:
     recreate_command: tuple[str, ...] | None = None
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ServiceSpec:
     """Everything about one service, as loaded from ``units/<name>.toml`` over ``[defaults]``.
 
@@ -221,7 +220,7 @@ class ServiceSpec:
         return frozenset(v for v in self.env.values() if len(v) >= 4)
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TelemetrySpec:
     """The ``[telemetry]`` table: OTLP export of events and metrics.
 
@@ -240,7 +239,7 @@ class TelemetrySpec:
     export_timeout: float = 5.0
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DaemonSpec:
     """The ``[daemon]`` table, with paths made absolute.
 
@@ -264,7 +263,7 @@ class DaemonSpec:
     telemetry: TelemetrySpec = TelemetrySpec()
 
 
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Loaded:
     """A whole, valid configuration: the daemon spec and the services by name."""
 
