@@ -1,0 +1,10 @@
+"""The control plane: JSON-RPC 2.0 over the control socket (contract section 8).
+
+- :mod:`supervisor.control.protocol`: framing, error codes and the method table.
+- :mod:`supervisor.control.server`: :func:`~supervisor.control.server.serve`, used
+  by the daemon (imports anyio).
+- :mod:`supervisor.control.client`: :class:`~supervisor.control.client.ControlClient`,
+  blocking and light, used by the CLI.
+
+Nothing is imported here, so that importing the client stays cheap.
+"""

@@ -1,0 +1,577 @@
+"""The control socket's server: JSON-RPC 2.0 over a Unix socket (contract section 8).
+
+:func:`serve` binds the socket safely (folder 0700, socket 0600 from the first
+instant, a stale socket replaced, a live one or a regular file never touched),
+checks every peer's uid with ``SO_PEERCRED`` (Linux) or ``LOCAL_PEERCRED``
+(macOS) before reading a byte, and serves each connection in its own task.
+
+Defences, each bounded so that one client never stalls another: lines over
+1 MiB close the connection; malformed input gets a JSON-RPC error; a connection
+that sends no complete request for ``idle_timeout`` seconds is closed; a write
+that does not complete in ``send_timeout`` seconds closes the connection; at
+most ``max_connections`` are open (by default ``min(512, RLIMIT_NOFILE - 64)``),
+and when the cap is reached the connection idle the longest is closed to make
+room, else the new one is accepted and closed at once.
+
+The daemon implements :class:`ControlTarget`; the server only translates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import anyio
+from anyio.abc import ObjectReceiveStream, SocketStream, TaskStatus
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from supervisor.control.protocol import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    MAX_LINE,
+    PEER_NOT_ALLOWED,
+    ProtocolError,
+    Request,
+    decode,
+    encode,
+    error_response,
+    notification,
+    parse_request,
+    response,
+)
+from supervisor.errors import ControlError, SocketPathError
+from supervisor.events import Event, EventBus
+from supervisor.paths import check_socket_path
+
+__all__ = ["ControlTarget", "LogFeed", "peer_uid", "serve"]
+
+log = logging.getLogger(__name__)
+
+#: Lines above this size are parsed in a worker thread, so the event loop keeps serving.
+_THREAD_PARSE = 64 * 1024
+#: A log line is cut to this many characters, so that any one fits in a message.
+_MAX_LOG_CHARS = 64 * 1024
+#: What a send raises when the client went away or stopped reading (send_timeout).
+_GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+
+
+class LogFeed(Protocol):
+    """What the server needs of :class:`supervisor.logfiles.LogHub`."""
+
+    def subscribe(self, key: str | None) -> AbstractAsyncContextManager[ObjectReceiveStream[str]]:
+        """Receive the lines of service ``key`` (``None``: the daemon log) from now on."""
+        ...
+
+
+class ControlTarget(Protocol):
+    """What the daemon offers the control socket. Each method may raise UnknownService."""
+
+    def status(self, names: Sequence[str] | None) -> dict[str, Any]:
+        """Contract section 5 document. Raises UnknownService for an unknown name."""
+        ...
+
+    async def start(
+        self, names: Sequence[str] | Literal["all"], *, wait: bool, timeout: float
+    ) -> dict[str, Any]:
+        """``{"services": [status entries]}`` once started (or timed out, with ``wait``)."""
+        ...
+
+    async def stop(
+        self, names: Sequence[str] | Literal["all"], *, wait: bool, timeout: float
+    ) -> dict[str, Any]:
+        """``{"services": [status entries]}`` once stopped (or timed out, with ``wait``)."""
+        ...
+
+    async def restart(
+        self, names: Sequence[str] | Literal["all"], *, wait: bool, timeout: float
+    ) -> dict[str, Any]:
+        """``{"services": [status entries]}`` once restarted (or timed out, with ``wait``)."""
+        ...
+
+    async def reload(self) -> dict[str, Any]:
+        """``{"added","removed","changed","unchanged"}``; raises ConfigRejected(data=[str])."""
+        ...
+
+    def log_path(self, service: str | None) -> Path:
+        """The log file of ``service``; ``None`` is the daemon log."""
+        ...
+
+    @property
+    def loghub(self) -> LogFeed:
+        """Live log lines by service."""
+        ...
+
+    @property
+    def bus(self) -> EventBus:
+        """The event bus: ``recent(since=)`` and ``subscribe()``."""
+        ...
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a connected Unix socket.
+
+    Linux: ``SO_PEERCRED`` (``unix(7)``); macOS/BSD: ``LOCAL_PEERCRED``, a
+    ``struct xucred`` (``getpeereid(3)`` reads the same).
+
+    Raises:
+        OSError: the platform offers neither.
+    """
+    if hasattr(socket, "SO_PEERCRED"):
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return int(struct.unpack("3i", raw)[1])
+    if sys.platform == "darwin" or "bsd" in sys.platform:
+        local_peercred, sol_local = 0x001, 0
+        raw = sock.getsockopt(sol_local, local_peercred, struct.calcsize("IIh16I") + 8)
+        return int(struct.unpack_from("=II", raw)[1])  # cr_version, cr_uid
+    raise OSError("no way to read peer credentials on this platform")
+
+
+def default_max_connections() -> int:
+    """``min(512, RLIMIT_NOFILE - 64)``, at least 8: keeps descriptors for services and logs."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 512
+    return max(8, min(512, soft - 64))
+
+
+# --------------------------------------------------------------------------- binding
+
+
+def _prepare_folder(folder: Path) -> None:
+    """Create the socket's folder 0700, or tighten it to 0700 if it exists and is ours."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = folder.lstat()
+    except OSError as exc:
+        raise SocketPathError(f"cannot create socket folder {folder}: {exc.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise SocketPathError(f"socket folder {folder} is not a folder")
+    if info.st_uid == os.geteuid():
+        if stat.S_IMODE(info.st_mode) != 0o700:
+            folder.chmod(0o700)
+    elif info.st_uid != 0:
+        raise SocketPathError(
+            f"socket folder {folder} belongs to uid {info.st_uid}, not to us: "
+            "choose a folder of our own with --socket or [daemon] socket"
+        )
+
+
+def _clear_stale(path: Path) -> None:
+    """Remove a socket file nobody listens on; refuse anything else at ``path``."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise SocketPathError(
+            f"{path} exists and is not a socket: remove it or choose another path"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(os.fspath(path))
+    except OSError:
+        pass  # nobody listens (ECONNREFUSED): stale
+    else:
+        raise SocketPathError(f"another process is listening on {path}; not replacing it")
+    finally:
+        probe.close()
+    path.unlink(missing_ok=True)
+
+
+def bind_socket(path: Path, *, backlog: int = 128) -> socket.socket:
+    """A listening Unix socket at ``path``, mode 0600 from its creation.
+
+    The caller holds the daemon's single-instance lock, so a socket file nobody
+    listens on is stale and is replaced.
+
+    Raises:
+        SocketPathError: the path is too long, its folder is not ours, a
+            regular file (or anything but a socket) is there, or a live
+            process listens on it.
+    """
+    check_socket_path(path)
+    _prepare_folder(path.parent)
+    _clear_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # the socket is created 0600: no window where others could connect
+    try:
+        sock.bind(os.fspath(path))
+    except OSError as exc:
+        sock.close()
+        raise SocketPathError(f"cannot bind {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+# --------------------------------------------------------------------------- serving
+
+
+class _Connection:
+    """One accepted connection: its stream, and whether it waits for a request."""
+
+    def __init__(self, stream: SocketStream) -> None:
+        self.stream = stream
+        self.scope = anyio.CancelScope()
+        self.idle_since: float | None = anyio.current_time()
+
+    def __repr__(self) -> str:
+        state = "busy" if self.idle_since is None else f"idle since {self.idle_since:.1f}"
+        return f"<_Connection {state}>"
+
+
+class _Server:
+    def __init__(
+        self,
+        target: ControlTarget,
+        *,
+        allowed: frozenset[int],
+        idle_timeout: float,
+        send_timeout: float,
+        max_connections: int,
+    ) -> None:
+        self.target = target
+        self.allowed = allowed
+        self.idle_timeout = idle_timeout
+        self.send_timeout = send_timeout
+        self.max_connections = max_connections
+        self.open: set[_Connection] = set()
+
+    def make_room(self) -> bool:
+        """Close the connection idle the longest if the cap is reached; False if none can go."""
+        if len(self.open) < self.max_connections:
+            return True
+        idle = [c for c in self.open if c.idle_since is not None]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.idle_since or 0.0)
+        self.open.discard(victim)
+        victim.scope.cancel()
+        return True
+
+    async def accept_loop(
+        self, listener: anyio.abc.SocketListener, tg: anyio.abc.TaskGroup
+    ) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # EMFILE/ENFILE: wait for descriptors to come back
+                log.warning("control socket: accept failed: %s", exc)
+                await anyio.sleep(0.1)
+                continue
+            if not self.make_room():
+                await stream.aclose()
+                continue
+            conn = _Connection(stream)
+            self.open.add(conn)
+            tg.start_soon(self.handle, conn)
+
+    async def handle(self, conn: _Connection) -> None:
+        try:
+            with conn.scope:
+                await self.converse(conn)
+        except _GONE:
+            pass  # the client went away or stopped reading
+        except Exception:  # a bug in one connection must not end the server
+            log.exception("control socket: connection failed")
+        finally:
+            self.open.discard(conn)
+            with anyio.CancelScope(shield=True):
+                await conn.stream.aclose()
+
+    async def send(self, conn: _Connection, message: dict[str, Any]) -> None:
+        with anyio.fail_after(self.send_timeout):
+            await conn.stream.send(encode(message))
+
+    async def converse(self, conn: _Connection) -> None:
+        try:
+            uid = peer_uid(conn.stream.extra(anyio.abc.SocketAttribute.raw_socket))
+        except OSError as exc:
+            log.warning("control socket: cannot read peer credentials: %s", exc)
+            uid = -1
+        if uid not in self.allowed:
+            msg = f"uid {uid} is not allowed on this socket (see [daemon] allow_uids)"
+            await _last_word(conn.stream, error_response(None, PEER_NOT_ALLOWED, msg))
+            return
+        reader = BufferedByteReceiveStream(conn.stream)
+        while True:
+            conn.idle_since = anyio.current_time()
+            line = await self.read_line(conn, reader)
+            if line is None:
+                return
+            conn.idle_since = None
+            if not await self.answer(conn, reader, line):
+                return
+
+    async def read_line(self, conn: _Connection, reader: BufferedByteReceiveStream) -> bytes | None:
+        """The next line; None after EOF, idle timeout, or an over-long line (answered)."""
+        with anyio.move_on_after(self.idle_timeout):
+            try:
+                line = await reader.receive_until(b"\n", MAX_LINE + 1)
+            except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError):
+                return None
+            except anyio.DelimiterNotFound:
+                line = b"x" * (MAX_LINE + 1)
+            if len(line) > MAX_LINE:
+                msg = f"line longer than {MAX_LINE} bytes"
+                await _last_word(conn.stream, error_response(None, INVALID_REQUEST, msg))
+                return None
+            return line
+        return None
+
+    async def answer(
+        self, conn: _Connection, reader: BufferedByteReceiveStream, line: bytes
+    ) -> bool:
+        """Serve one line; False when the connection is to be closed."""
+        if not line.strip():
+            return True
+        try:
+            if len(line) > _THREAD_PARSE:
+                value = await anyio.to_thread.run_sync(decode, line)
+            else:
+                value = decode(line)
+            req = parse_request(value)
+        except ProtocolError as exc:
+            await self.send(conn, error_response(exc.id, exc.code, str(exc)))
+            return not exc.fatal
+        if req.method.streams and req.params.get("follow"):
+            if not req.has_id:
+                return True  # a follow nobody could receive
+            return await self.follow(conn, reader, req)
+        reply = await self.dispatch(req)
+        if req.has_id:
+            await self.send(conn, reply)
+        return True
+
+    async def dispatch(self, req: Request) -> dict[str, Any]:
+        """The response to a request that is not followed."""
+        try:
+            result = await _METHODS[req.method.name](self.target, req.params)
+        except ControlError as exc:
+            return error_response(req.id, exc.code, str(exc), exc.data)
+        except Exception as exc:
+            log.exception("control socket: %s failed", req.method.name)
+            return error_response(req.id, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+        return response(req.id, result)
+
+    async def follow(
+        self, conn: _Connection, reader: BufferedByteReceiveStream, req: Request
+    ) -> bool:
+        """Send the result, then notifications until the client closes or the source ends.
+
+        Returns True (keep serving) only when the request was answered with an error.
+        """
+        if req.method.name == "events":
+            async with self.target.bus.subscribe() as events:
+                since = req.params["since"]
+                recent = self.target.bus.recent(since=since)
+                after = recent[-1].seq if recent else (since or 0)
+                first = response(req.id, {"events": _fit([e.as_json() for e in recent])})
+                await self.pump(conn, reader, first, _event_notifications(events, after))
+            return False
+        service = req.params["service"]
+        try:
+            path = self.target.log_path(service)
+        except ControlError as exc:
+            await self.send(conn, error_response(req.id, exc.code, str(exc), exc.data))
+            return True
+        async with self.target.loghub.subscribe(service) as lines:
+            first = response(req.id, {"lines": await _tail(path, req.params["lines"])})
+            await self.pump(conn, reader, first, _log_notifications(lines, service))
+        return False
+
+    async def pump(
+        self,
+        conn: _Connection,
+        reader: BufferedByteReceiveStream,
+        first: dict[str, Any],
+        messages: AsyncIterator[dict[str, Any]],
+    ) -> None:
+        """Send ``first``, then ``messages``, until either side ends."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_until_closed, reader, tg.cancel_scope)
+            try:
+                await self.send(conn, first)
+                async for message in messages:
+                    await self.send(conn, message)
+            except _GONE:
+                pass
+            tg.cancel_scope.cancel("the stream ended")
+
+
+async def _last_word(stream: SocketStream, message: dict[str, Any]) -> None:
+    """Send ``message``, then drain (up to 1 s, 1 MiB) before the caller closes.
+
+    Closing a Unix socket with unread input makes the peer's read fail with
+    ECONNRESET before it sees our answer; draining until its EOF avoids that.
+    """
+    with anyio.move_on_after(1.0):
+        try:
+            await stream.send(encode(message))
+            await stream.send_eof()
+            drained = 0
+            while drained <= MAX_LINE:
+                drained += len(await stream.receive())
+        except (anyio.EndOfStream, *_GONE):
+            pass
+
+
+async def _until_closed(reader: BufferedByteReceiveStream, scope: anyio.CancelScope) -> None:
+    """Read (and drop) whatever a following client sends; cancel ``scope`` at EOF."""
+    try:
+        while True:
+            await reader.receive()
+    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+        scope.cancel("the client closed the connection")
+
+
+async def _log_notifications(
+    lines: ObjectReceiveStream[str], service: str | None
+) -> AsyncIterator[dict[str, Any]]:
+    async for line in lines:
+        yield notification("log", {"service": service, "line": line[:_MAX_LOG_CHARS]})
+
+
+async def _event_notifications(
+    events: ObjectReceiveStream[Event], after: int
+) -> AsyncIterator[dict[str, Any]]:
+    async for event in events:
+        if event.seq > after:
+            yield notification("event", event.as_json())
+
+
+def _fit(items: list[Any]) -> list[Any]:
+    """The newest ``items`` whose JSON fits in one response line (oldest dropped first)."""
+    budget = MAX_LINE - 4096
+    kept: list[Any] = []
+    for item in reversed(items):
+        budget -= len(json.dumps(item, ensure_ascii=False).encode("utf-8", "replace")) + 1
+        if budget < 0:
+            break
+        kept.append(item)
+    kept.reverse()
+    return kept
+
+
+async def _tail(path: Path, count: int) -> list[str]:
+    """The last ``count`` lines of ``path`` (``[]`` if it does not exist), fitted to a line."""
+
+    def read() -> list[str]:
+        from supervisor.logfiles import tail
+
+        try:
+            lines = tail(path, count) if count else []
+        except FileNotFoundError:
+            return []
+        return _fit([line[:_MAX_LOG_CHARS] for line in lines])
+
+    return await anyio.to_thread.run_sync(read)
+
+
+async def _status(target: ControlTarget, params: dict[str, Any]) -> Any:
+    return target.status(params["services"])
+
+
+async def _start(target: ControlTarget, params: dict[str, Any]) -> Any:
+    return await target.start(params["services"], wait=params["wait"], timeout=params["timeout"])
+
+
+async def _stop(target: ControlTarget, params: dict[str, Any]) -> Any:
+    return await target.stop(params["services"], wait=params["wait"], timeout=params["timeout"])
+
+
+async def _restart(target: ControlTarget, params: dict[str, Any]) -> Any:
+    return await target.restart(params["services"], wait=params["wait"], timeout=params["timeout"])
+
+
+async def _reload(target: ControlTarget, params: dict[str, Any]) -> Any:
+    return await target.reload()
+
+
+async def _logs(target: ControlTarget, params: dict[str, Any]) -> Any:
+    return {"lines": await _tail(target.log_path(params["service"]), params["lines"])}
+
+
+async def _events(target: ControlTarget, params: dict[str, Any]) -> Any:
+    return {"events": _fit([e.as_json() for e in target.bus.recent(since=params["since"])])}
+
+
+#: The server side of :data:`supervisor.control.protocol.METHODS`.
+_METHODS: dict[str, Callable[[ControlTarget, dict[str, Any]], Awaitable[Any]]] = {
+    "status": _status,
+    "start": _start,
+    "stop": _stop,
+    "restart": _restart,
+    "reload": _reload,
+    "logs": _logs,
+    "events": _events,
+}
+
+
+@asynccontextmanager
+async def _listening(path: Path) -> AsyncIterator[anyio.abc.SocketListener]:
+    sock = bind_socket(path)
+    identity = os.stat(path)
+    listener = await anyio.abc.SocketListener.from_socket(sock)
+    try:
+        yield listener
+    finally:
+        with anyio.CancelScope(shield=True):
+            await listener.aclose()
+        try:  # remove our socket file, not one a successor has bound since
+            now = os.stat(path)
+            if (now.st_dev, now.st_ino) == (identity.st_dev, identity.st_ino):
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+async def serve(
+    target: ControlTarget,
+    path: Path,
+    *,
+    allow_uids: Iterable[int],
+    idle_timeout: float = 60.0,
+    send_timeout: float = 30.0,
+    max_connections: int | None = None,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the control protocol on ``path`` until cancelled; removes the socket file then.
+
+    Args:
+        target: the daemon (see :class:`ControlTarget`).
+        path: the socket's path; its folder is created 0700.
+        allow_uids: uids allowed besides the daemon's own and root (``[daemon] allow_uids``).
+        idle_timeout: seconds a connection may wait without sending a complete request.
+        send_timeout: seconds one write to a client may take before it is dropped.
+        max_connections: open connections at most; default :func:`default_max_connections`.
+        task_status: ``started()`` once the socket accepts connections.
+
+    Raises:
+        SocketPathError: the socket cannot be bound (see :func:`bind_socket`).
+    """
+    server = _Server(
+        target,
+        allowed=frozenset({os.geteuid(), 0, *allow_uids}),
+        idle_timeout=idle_timeout,
+        send_timeout=send_timeout,
+        max_connections=max_connections or default_max_connections(),
+    )
+    async with _listening(path) as listener, anyio.create_task_group() as tg:
+        task_status.started()
+        await server.accept_loop(listener, tg)
