@@ -124,12 +124,16 @@ class Rig:
 
 @asynccontextmanager
 async def open_driver(
-    engine: DockerEngine | None, *, hook: Callable[[bool], None] | None = None, **kwargs: Any
+    engine: DockerEngine | None,
+    *,
+    hook: Callable[[bool], None] | None = None,
+    call_timeout: float = CALL_TIMEOUT,
+    **kwargs: Any,
 ) -> AsyncIterator[Rig]:
     bus = EventBus()
     base_url = engine.host if engine else "unix:///tmp/hvd-nonexistent/d.sock"
     driver = DockerDriver(
-        bus=bus, base_url=base_url, run_command=run_command, call_timeout=CALL_TIMEOUT, **kwargs
+        bus=bus, base_url=base_url, run_command=run_command, call_timeout=call_timeout, **kwargs
     )
     driver.on_connection_change = hook
     async with anyio.create_task_group() as tg:
@@ -421,3 +425,33 @@ class TestEngineRestart:
                 await next_event(events, ev.DOCKER_RECONNECTED)
                 status = await handle.wait()
             assert status.code == 137
+
+    async def test_hung_engine_is_noticed_and_calls_stay_bounded(
+        self, engine: DockerEngine, names: Any
+    ) -> None:
+        """A frozen dockerd (SIGSTOP: the socket stays open, nothing answers) fails the liveness
+        ping: disconnected, calls return within their deadline, the handle keeps waiting; once
+        it thaws: reconnected and the same run is still tracked."""
+        name = names()
+        run_container(engine, name)
+        fast = open_driver(engine, call_timeout=1.0, ping_interval=0.3)
+        async with fast as rig, rig.bus.subscribe() as events:
+            handle = await rig.start(unit(engine, name))
+            assert engine.pid is not None
+            os.kill(engine.pid, signal.SIGSTOP)
+            try:
+                with anyio.fail_after(3):
+                    await handle.health_status()  # an inspect that times out: last seen
+                with anyio.fail_after(5):
+                    await next_event(events, ev.DOCKER_DISCONNECTED)
+                with anyio.move_on_after(0.5):
+                    await handle.wait()
+                assert not handle.ended
+            finally:
+                os.kill(engine.pid, signal.SIGCONT)
+            with anyio.fail_after(15):
+                await next_event(events, ev.DOCKER_RECONNECTED)
+            assert not handle.ended and handle.state == "running"
+            await cli(engine, "kill", name)
+            with anyio.fail_after(10):
+                assert (await handle.wait()).code == 137

@@ -1,23 +1,20 @@
 """The Docker driver: keeps existing containers up, across engine restarts.
 
-The only module that imports ``docker`` (the SDK). Every blocking SDK call runs
-in a worker thread under a deadline (``call_timeout`` seconds), so a hung
-engine never stalls the event loop. One thread reads the engine's event stream
-(``GET /events``, filtered to containers) for every container unit; the event
-loop applies each event to the containers it tracks.
+The only module that imports ``docker``. Every blocking SDK call runs in a
+worker thread under a deadline (``call_timeout`` seconds), so a hung engine
+never stalls the event loop. One thread reads the engine's event stream
+(``GET /events``, containers only) for every unit; the event loop applies it.
 
-When the engine goes away the driver publishes ``hostvisor.docker.disconnected``
-and reconnects with a capped backoff. Handles keep their last state meanwhile:
-:meth:`ContainerHandle.wait` does not return for an outage, so nothing is
-started or removed in a storm. Once the engine answers again the event stream
-resumes from the last event seen (``since``), ``hostvisor.docker.reconnected``
-is published, and every tracked container is inspected: one that the restart
-left exited (``Exited (137)`` after ``kill -9 dockerd``, the seed incident)
-ends its handle, and the service layer starts it again.
+When the engine goes away: ``hostvisor.docker.disconnected``, reconnection with
+a capped backoff, and handles keep their last state (``wait()`` does not return,
+so nothing is started or removed in a storm). When it answers again: the event
+stream resumes ``since`` the last event seen, ``hostvisor.docker.reconnected``,
+and every tracked container is inspected. One the restart left exited (the seed
+incident: ``kill -9 dockerd`` leaves ``Exited (137)``) ends its handle, and the
+service layer starts it again.
 
 Container states are Docker's (``created``, ``running``, ``paused``,
-``restarting``, ``removing``, ``exited``, ``dead``) plus ``removed`` once the
-container is gone.
+``restarting``, ``removing``, ``exited``, ``dead``), and ``removed`` once gone.
 """
 
 from __future__ import annotations
@@ -25,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -105,9 +103,15 @@ class _Record:
         self.exit_code = int(state.get("ExitCode", 0)) if self.state != "running" else None
         self.health = (state.get("Health") or {}).get("Status")
         for handle in tuple(self.handles):
-            same_run = state.get("StartedAt") == handle.started_at
-            if not (same_run and state.get("Running")):
-                handle._end(self.exit_code if self.exit_code is not None else REMOVED_EXIT_CODE)
+            if not (state.get("StartedAt") == handle.started_at and state.get("Running")):
+                handle._end(self.code_after(handle.started_ns))
+
+    def code_after(self, started_ns: int) -> int:
+        """The exit code of the run started at ``started_ns``: its ``die``, else the last seen."""
+        for time_ns, code in self.dies:
+            if time_ns >= started_ns:
+                return code
+        return self.exit_code if self.exit_code is not None else REMOVED_EXIT_CODE
 
     def died(self, time_ns: int, code: int) -> None:
         self.state, self.exit_code = "exited", code
@@ -118,9 +122,8 @@ class _Record:
 
     def removed(self) -> None:
         self.state = "removed"
-        code = self.exit_code if self.exit_code is not None else REMOVED_EXIT_CODE
         for handle in tuple(self.handles):
-            handle._end(code)
+            handle._end(self.code_after(handle.started_ns))
 
 
 class ContainerHandle:
@@ -284,7 +287,6 @@ class DockerDriver:
         self._floor_ns = 0  # local time of the first connection: ``since`` before any event
         self._last_keys: set[tuple[str, str]] = set()  # events applied at exactly _last_ns
         self._stream_limiter = anyio.CapacityLimiter(1)
-        self._refresh_send, self._refresh_receive = anyio.create_memory_object_stream[_Record](1000)
 
     def __repr__(self) -> str:
         where = self.base_url or "DOCKER_HOST/context"
@@ -368,7 +370,7 @@ class DockerDriver:
         target = _target(spec)
         info = await self._inspect(target.name)
         if info is None and target.recreate_command:
-            await self._recreate(spec, target)
+            await self._recreate(spec, target.name, target.recreate_command)
             info = await self._inspect(target.name)
             if info is None:
                 raise SpawnError(
@@ -402,32 +404,25 @@ class DockerDriver:
         except docker.errors.APIError as exc:
             raise SpawnError(f"container {name!r} did not start: {exc.explanation or exc}") from exc
 
-    async def _recreate(self, spec: ServiceSpec, target: ContainerSpec) -> None:
-        assert target.recreate_command is not None
+    async def _recreate(self, spec: ServiceSpec, name: str, argv: tuple[str, ...]) -> None:
         if self.run_command is None:
-            raise SpawnError(
-                f"container {target.name!r} does not exist and no command runner is set"
-            )
+            raise SpawnError(f"container {name!r} does not exist and no command runner is set")
         result = await self.run_command(
-            list(target.recreate_command),
-            cwd=spec.workdir,
-            env=spec.env,
-            service=spec.name,
-            timeout=RECREATE_TIMEOUT,
+            list(argv), cwd=spec.workdir, env=spec.env, service=spec.name, timeout=RECREATE_TIMEOUT
         )
-        if result.timed_out or result.code != 0 or result.signal is not None:
-            how = (
-                f"timed out after {RECREATE_TIMEOUT:g}s"
-                if result.timed_out
-                else f"signal {result.signal}"
-                if result.signal is not None
-                else f"exit code {result.code}"
-            )
-            tail = result.stderr.strip().splitlines()[-3:]
-            detail = f": {' / '.join(tail)}" if tail else ""
-            raise SpawnError(
-                f"container {target.name!r} does not exist; recreate_command failed ({how}){detail}"
-            )
+        if result.timed_out:
+            how = f"timed out after {RECREATE_TIMEOUT:g}s"
+        elif result.signal is not None:
+            how = f"signal {result.signal}"
+        elif result.code != 0:
+            how = f"exit code {result.code}"
+        else:
+            return
+        tail = result.stderr.strip().splitlines()[-3:]
+        detail = f": {' / '.join(tail)}" if tail else ""
+        raise SpawnError(
+            f"container {name!r} does not exist; recreate_command failed ({how}){detail}"
+        )
 
     # ------------------------------------------------------------- connection
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -436,61 +431,69 @@ class DockerDriver:
         Reports readiness (``task_group.start``) after the first connection
         attempt, successful or not, so a daemon does not wait for an absent engine.
         """
-        ready = False
-        attempt = 0
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._refresher)
-            while True:
-                try:
-                    client, stream = await self._open()
-                except DockerUnavailable as exc:
-                    self._set_connected(False, str(exc))
-                    if not ready:
-                        ready = True
-                        task_status.started()
-                    await anyio.sleep(min(self.reconnect_max, self.reconnect_initial * 2**attempt))
-                    attempt += 1
-                    continue
-                attempt = 0
-                reconnecting = self._announced is not None
-                old, self._client = self._client, client
-                if old is not None:
-                    old.close()
+        started, attempt = False, 0
+        while True:
+            try:
+                client, stream = await self._open()
+            except DockerUnavailable as exc:
+                self._set_connected(False, str(exc))
+                client = stream = None
+            if client is not None:
+                attempt, reconnecting = 0, self._announced is not None
+                if self._client is not None:
+                    self._client.close()
+                self._client = client
                 self._set_connected(True, "")
                 if reconnecting:
                     await self._reconcile()
-                if not ready:
-                    ready = True
-                    task_status.started()
+            if not started:
+                started = True
+                task_status.started()
+            if stream is None:
+                await anyio.sleep(min(self.reconnect_max, self.reconnect_initial * 2**attempt))
+                attempt += 1
+            else:
                 await self._stream(stream)
-                # The stream ended: try again at once; if the engine does not answer,
-                # the next round reports the disconnection.
-                self.connected = False
+                self.connected = False  # retry at once; the next round reports an outage
 
     async def _open(self) -> tuple[Any, Any]:
+        """A new client and its event stream, ``since`` the last event seen."""
+        gate, abandoned = threading.Lock(), threading.Event()
+        opened: list[tuple[Any, Any]] = []
+
         def connect() -> tuple[Any, Any]:
             timeout = math.ceil(self.call_timeout)
             if self.base_url is None:
                 client = docker.from_env(timeout=timeout)
             else:
                 client = docker.DockerClient(base_url=self.base_url, timeout=timeout)
-            since = None
-            if ns := self._last_ns or self._floor_ns:
-                since = f"{ns // 10**9}.{ns % 10**9:09d}"
+            ns = self._last_ns or self._floor_ns
+            since = f"{ns // 10**9}.{ns % 10**9:09d}" if ns else None
             try:
                 stream = client.api.events(since=since, filters={"type": "container"}, decode=True)
             except BaseException:
                 client.close()
                 raise
+            with gate:  # a late answer after the caller gave up: nobody else would close it
+                opened.append((client, stream))
+                if abandoned.is_set():
+                    _close(opened)
             return client, stream
 
         floor = time.time_ns()
         try:
-            opened = await self._call(connect)
-        except docker.errors.APIError as exc:
-            raise DockerUnavailable(f"the Docker engine refused the event stream: {exc}") from exc
+            result = await self._call(connect)
+        except BaseException as exc:
+            with gate:
+                abandoned.set()
+                _close(opened)
+            if isinstance(exc, docker.errors.APIError):
+                raise DockerUnavailable(
+                    f"the Docker engine refused the event stream: {exc}"
+                ) from exc
+            raise
         self._floor_ns = self._floor_ns or floor
-        return opened
+        return result
 
     async def _stream(self, stream: Any) -> None:
         """Apply events until the stream ends or a liveness ping fails."""
@@ -543,18 +546,14 @@ class DockerDriver:
 
     async def _reconcile(self) -> None:
         """Inspect every container with a live handle after a reconnect."""
-        records = [r for r in self._records.values() if r.handles]
+
+        async def refresh(record: _Record) -> None:
+            with contextlib.suppress(DriverError):  # gone again: the next reconnect reconciles
+                await self.refresh(record)
+
         async with anyio.create_task_group() as tg:
-            for record in records:
-                tg.start_soon(self._refresh_quietly, record)
-
-    async def _refresh_quietly(self, record: _Record) -> None:
-        with contextlib.suppress(DriverError):  # gone again: the next reconnect reconciles
-            await self.refresh(record)
-
-    async def _refresher(self) -> None:
-        async for record in self._refresh_receive:
-            await self._refresh_quietly(record)
+            for record in [r for r in self._records.values() if r.handles]:
+                tg.start_soon(refresh, record)
 
     def _apply_event(self, item: Mapping[str, Any]) -> None:
         """Apply one engine event (on the event loop); replays after ``since`` are skipped."""
@@ -585,9 +584,13 @@ class DockerDriver:
             record.health = action.partition(":")[2].strip()
         elif action in ("pause", "unpause"):
             record.state = "paused" if action == "pause" else "running"
-        elif action == "stop" and record.handles:
-            with contextlib.suppress(anyio.WouldBlock):  # a full queue will refresh it anyway
-                self._refresh_send.send_nowait(record)
+
+
+def _close(opened: list[tuple[Any, Any]]) -> None:
+    while opened:
+        client, stream = opened.pop()
+        stream.close()
+        client.close()
 
 
 def _target(spec: ServiceSpec) -> ContainerSpec:
