@@ -62,6 +62,8 @@ class _Connection:
     def send(self, message: Mapping[str, Any]) -> None:
         try:
             self.sock.sendall(encode(message))
+        except ConnectionError:
+            pass  # closed by the daemon: its last word (if any) is read by receive()
         except OSError as exc:
             raise DaemonUnreachable(f"lost the daemon at {self.path}: {exc.strerror}") from None
 

@@ -24,6 +24,7 @@ from typing import Any, Final
 from supervisor.errors import (
     ConfigRejected,
     ControlError,
+    DaemonUnreachable,
     PeerNotAllowed,
     UnknownService,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "METHOD_NOT_FOUND",
     "PARSE_ERROR",
     "PEER_NOT_ALLOWED",
+    "SERVER_BUSY",
     "SERVICE_NAME",
     "UNKNOWN_SERVICE",
     "Method",
@@ -67,6 +69,8 @@ MAX_TIMEOUT: Final = 86_400.0
 #: The wait used when a request does not name one, seconds.
 DEFAULT_TIMEOUT: Final = 60.0
 
+#: Implementation-defined server error: too many connections (a client sees DaemonUnreachable).
+SERVER_BUSY: Final = -32000
 PARSE_ERROR: Final = -32700
 INVALID_REQUEST: Final = -32600
 METHOD_NOT_FOUND: Final = -32601
@@ -199,6 +203,8 @@ def error_from_object(error: Any) -> ControlError:
     cls = classes.get(code)
     if cls is not None:
         return cls(message, data=data)
+    if code == SERVER_BUSY:
+        return DaemonUnreachable(message)
     return ControlError(message, code=code if isinstance(code, int) else INTERNAL_ERROR, data=data)
 
 

@@ -18,6 +18,7 @@ The daemon implements :class:`ControlTarget`; the server only translates.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from supervisor.control.protocol import (
     INVALID_REQUEST,
     MAX_LINE,
     PEER_NOT_ALLOWED,
+    SERVER_BUSY,
     ProtocolError,
     Request,
     decode,
@@ -275,6 +277,7 @@ class _Server:
                 await anyio.sleep(0.1)
                 continue
             if not self.make_room():
+                _refuse(stream, "too many connections to the control socket; try again")
                 await stream.aclose()
                 continue
             conn = _Connection(stream)
@@ -412,6 +415,13 @@ class _Server:
             except _GONE:
                 pass
             tg.cancel_scope.cancel("the stream ended")
+
+
+def _refuse(stream: SocketStream, message: str) -> None:
+    """Best effort, never blocking: one error line before an accepted connection is closed."""
+    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+    with contextlib.suppress(OSError):
+        raw.send(encode(error_response(None, SERVER_BUSY, message)))
 
 
 async def _last_word(stream: SocketStream, message: dict[str, Any]) -> None:

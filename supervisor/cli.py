@@ -1,0 +1,483 @@
+"""The ``hostvisor`` command line (contract section 7).
+
+Exit codes: 0 success; 1 failure (bad config, a service that did not reach its
+target state, a rejected reload); 2 a usage mistake; 3 ``status``: some
+service not running (LSB ``status`` convention); 4 no daemon answers, or an
+unknown service name.
+
+Start-up time matters (``hostvisor status`` is run by scripts and prompts), so
+this module imports only the standard library, :mod:`supervisor.paths` and the
+light control client at module level. The daemon, the config loader, ``rich``
+and the installer are imported by the verbs that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from supervisor import __version__
+from supervisor.control.client import ControlClient
+from supervisor.errors import (
+    ConfigError,
+    ConfigRejected,
+    ControlError,
+    DaemonError,
+    DaemonUnreachable,
+    HostvisorError,
+    PeerNotAllowed,
+    SocketPathError,
+    UnknownService,
+)
+from supervisor.paths import resolve_config_path, resolve_socket_path
+
+__all__ = ["execute", "main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+EXIT_UNREACHABLE = 4
+
+#: The state each action waits for; any other state after a wait is a failure.
+_TARGETS: dict[str, frozenset[str]] = {
+    "start": frozenset({"running"}),
+    "restart": frozenset({"running"}),
+    "stop": frozenset({"stopped", "exited"}),
+}
+#: Seconds the client waits beyond the daemon's own wait for an answer.
+_SLACK = 15.0
+
+
+def _fail(message: str) -> None:
+    print(f"hostvisor: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _configured_socket(config: Path) -> Path | None:
+    """``[daemon] socket`` of ``config``, expanded like config.py does; None if unset or unreadable.
+
+    Cheap on purpose (``tomllib`` only): a client tolerates a missing or invalid
+    config and falls back to the default path.
+    """
+    import tomllib
+
+    try:
+        with open(config, "rb") as file:
+            raw = tomllib.load(file).get("daemon", {}).get("socket", "")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(raw, str) or not raw:
+        return None
+    text = os.path.expandvars(os.path.expanduser(raw))
+    return Path(os.path.abspath(config.parent / text))
+
+
+def _socket_path(args: argparse.Namespace) -> Path:
+    """The control socket per contract section 2. Raises SocketPathError if too long."""
+    configured = None
+    if not args.socket and not os.environ.get("HOSTVISOR_SOCKET"):
+        configured = _configured_socket(resolve_config_path(args.config))
+    return resolve_socket_path(args.socket, configured)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _duration(seconds: float | None) -> str:
+    """``42s``, ``3m12s``, ``2h03m``, ``3d04h``; ``-`` for none."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _last_exit(last: Any) -> str:
+    if not isinstance(last, dict):
+        return "-"
+    if last.get("signal") is not None:
+        import signal
+
+        try:
+            return signal.Signals(last["signal"]).name
+        except ValueError:
+            return f"signal {last['signal']}"
+    return "-" if last.get("code") is None else f"code {last['code']}"
+
+
+_COLUMNS = ("NAME", "KIND", "STATE", "HEALTH", "PID", "UPTIME", "RESTARTS", "LAST-EXIT")
+_COLOURS = {
+    "running": "green",
+    "healthy": "green",
+    "starting": "yellow",
+    "stopping": "yellow",
+    "backoff": "yellow",
+    "unknown": "yellow",
+    "fatal": "bold red",
+    "unhealthy": "bold red",
+    "stopped": "dim",
+    "exited": "dim",
+}
+
+
+def _row(entry: dict[str, Any]) -> list[str]:
+    pid = entry.get("pid")
+    container = entry.get("container_id")
+    health = entry.get("health") or "none"
+    return [
+        str(entry.get("name", "?")),
+        str(entry.get("kind", "?")),
+        str(entry.get("state", "?")),
+        "-" if health == "none" else str(health),
+        str(pid) if pid is not None else (str(container)[:12] if container else "-"),
+        _duration(entry.get("uptime_seconds")),
+        str(entry.get("restarts", 0)),
+        _last_exit(entry.get("last_exit")),
+    ]
+
+
+def _no_colour() -> bool:
+    return os.environ.get("NO_COLOR", "") != ""
+
+
+def _print_table(rows: list[list[str]], out: TextIO) -> None:
+    """A rich table on a terminal (colour unless NO_COLOR), aligned plain text otherwise."""
+    if out.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for column in _COLUMNS:
+            table.add_column(column, justify="right" if column in {"PID", "RESTARTS"} else "left")
+        for row in rows:
+            styled = [row[0], row[1], f"[{_COLOURS.get(row[2], '')}]{row[2]}", row[3], *row[4:]]
+            if row[3] in _COLOURS:
+                styled[3] = f"[{_COLOURS[row[3]]}]{row[3]}"
+            table.add_row(*styled)
+        Console(file=out, no_color=_no_colour(), highlight=False).print(table)
+        return
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(_COLUMNS)]
+    for row in [list(_COLUMNS), *rows]:
+        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        out.write("\n")
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    """``2026-11-21 10:00:00 hostvisor.service.exited  api  exit code 1`` (local time)."""
+    from datetime import datetime
+
+    stamp = str(event.get("time", ""))
+    with contextlib.suppress(ValueError):
+        stamp = datetime.fromisoformat(stamp).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    service = event.get("service") or "-"
+    line = f"{stamp} {event.get('event', '?'):<30} {service:<16} {event.get('message', '')}"
+    return line.rstrip()
+
+
+# --------------------------------------------------------------------------- client verbs
+
+
+def _status(args: argparse.Namespace, client: ControlClient) -> int:
+    params = {"services": args.names} if args.names else {}
+    doc = client.call("status", params)
+    services = doc.get("services", [])
+    if args.json:
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        _print_table([_row(e) for e in services], sys.stdout)
+    every_running = all(e.get("state") == "running" for e in services)
+    return EXIT_OK if every_running else EXIT_NOT_RUNNING
+
+
+def _action(args: argparse.Namespace, client: ControlClient) -> int:
+    wait = not args.no_wait
+    params = {"services": "all" if args.all else args.names, "wait": wait}
+    params["timeout"] = args.timeout
+    result = client.call(args.verb, params, timeout=args.timeout + _SLACK)
+    failed = 0
+    for entry in result.get("services", []):
+        name, state = entry.get("name"), entry.get("state")
+        if wait and state not in _TARGETS[args.verb]:
+            failed += 1
+            want = " or ".join(sorted(_TARGETS[args.verb]))
+            why = f": {entry['message']}" if entry.get("message") else ""
+            _fail(f"{name} did not reach {want} within {args.timeout:g}s: it is {state}{why}")
+        else:
+            print(f"{name}: {state}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _reload(args: argparse.Namespace, client: ControlClient) -> int:
+    try:
+        result = client.call("reload", {}, timeout=120.0)
+    except ConfigRejected as exc:
+        _fail(f"reload rejected, nothing changed: {exc}")
+        for issue in exc.data if isinstance(exc.data, list) else []:
+            print(issue, file=sys.stderr)
+        return EXIT_FAILED
+    for key in ("added", "removed", "changed"):
+        print(f"{key}: {', '.join(result.get(key) or []) or '-'}")
+    print(f"unchanged: {len(result.get('unchanged') or [])}")
+    return EXIT_OK
+
+
+def _follow(sub: Any, write: Callable[[Any], None]) -> int:
+    """Print notifications until Ctrl-C (exit 0) or the daemon goes away (exit 4)."""
+    try:
+        with sub:
+            for params in sub:
+                write(params)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_UNREACHABLE  # not reached: the subscription ends by raising
+
+
+def _logs(args: argparse.Namespace, client: ControlClient) -> int:
+    params = {"service": args.name, "lines": args.lines}
+    if not args.follow:
+        result = client.call("logs", params, timeout=30.0)
+        sys.stdout.writelines(f"{line}\n" for line in result.get("lines", []))
+        return EXIT_OK
+    sub = client.stream("logs", params)
+    sys.stdout.writelines(f"{line}\n" for line in sub.result.get("lines", []))
+    sys.stdout.flush()
+
+    def show(params: Any) -> None:
+        sys.stdout.write(f"{params.get('line', '')}\n")
+
+    return _follow(sub, show)
+
+
+def _events(args: argparse.Namespace, client: ControlClient) -> int:
+    def show(event: Any) -> None:
+        line = json.dumps(event) if args.json else _event_line(event)
+        sys.stdout.write(line + "\n")
+
+    if not args.follow:
+        for event in client.call("events", {}).get("events", []):
+            show(event)
+        return EXIT_OK
+    sub = client.stream("events", {})
+    for event in sub.result.get("events", []):
+        show(event)
+    sys.stdout.flush()
+    return _follow(sub, show)
+
+
+def _with_client(verb: Callable[[argparse.Namespace, ControlClient], int]) -> Callable[..., int]:
+    """Run a client verb; map the daemon's answers to exit codes and one line on stderr."""
+
+    def run(args: argparse.Namespace) -> int:
+        from supervisor.control.protocol import SERVICE_NAME
+
+        names = getattr(args, "names", None) or [getattr(args, "name", None) or "x"]
+        for name in names:
+            if SERVICE_NAME.fullmatch(name) is None:
+                _fail(f"unknown service: {name} (names match [a-z0-9][a-z0-9_.-]{{0,62}})")
+                return EXIT_UNREACHABLE
+        try:
+            socket = _socket_path(args)
+        except SocketPathError as exc:
+            _fail(str(exc))
+            return EXIT_UNREACHABLE
+        try:
+            return verb(args, ControlClient(socket))
+        except DaemonUnreachable as exc:
+            hint = ""
+            if str(exc).startswith("no daemon at"):
+                hint = f" (start one with: hostvisor run -c {resolve_config_path(args.config)})"
+            _fail(f"{exc}{hint}")
+        except (UnknownService, PeerNotAllowed) as exc:
+            _fail(str(exc))
+        except ControlError as exc:
+            _fail(f"the daemon answered: {exc} (error {exc.code})")
+            return EXIT_FAILED
+        return EXIT_UNREACHABLE
+
+    return run
+
+
+# --------------------------------------------------------------------------- local verbs
+
+
+def _run(args: argparse.Namespace) -> int:
+    from supervisor.daemon import run_daemon
+
+    try:
+        return run_daemon(config_path=resolve_config_path(args.config), socket_option=args.socket)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        return EXIT_FAILED
+    except DaemonError as exc:
+        _fail(str(exc))
+        return EXIT_FAILED
+
+
+def _check(args: argparse.Namespace) -> int:
+    from supervisor import config
+
+    path = resolve_config_path(args.config)
+    issues = config.check(path)
+    for issue in issues:
+        print(issue, file=sys.stderr)
+    if issues:
+        return EXIT_FAILED
+    units = len(config.load(path).services)
+    print(f"ok: {units} unit{'' if units == 1 else 's'} ({path})")
+    return EXIT_OK
+
+
+def _manager(args: argparse.Namespace) -> Any:
+    return "systemd" if args.systemd else "launchd" if args.launchd else None
+
+
+def _install(args: argparse.Namespace) -> int:
+    from supervisor.install import install
+
+    return install(
+        manager=_manager(args),
+        config_path=resolve_config_path(args.config),
+        print_only=args.print_only,
+        start=not args.no_start,
+        out=sys.stdout,
+        err=sys.stderr,
+    )
+
+
+def _uninstall(args: argparse.Namespace) -> int:
+    from supervisor.install import uninstall
+
+    return uninstall(manager=_manager(args), out=sys.stdout, err=sys.stderr)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line on stderr (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        where = self.prog.removeprefix("hostvisor").strip()
+        _fail(f"{where + ': ' if where else ''}{message} (see: {self.prog} --help)")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _seconds(text: str) -> float:
+    """``--timeout``: seconds, or a duration like ``90s``, ``2m``."""
+    try:
+        value = float(text)
+    except ValueError:
+        from supervisor.durations import parse_duration
+
+        try:
+            value = parse_duration(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"expected more than 0 and at most 1 day, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of lines, got {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "-c", "--config", metavar="PATH", default=argparse.SUPPRESS, help="config.toml to use"
+    )
+    common.add_argument(
+        "--socket", metavar="PATH", default=argparse.SUPPRESS, help="control socket to use"
+    )
+    parser = _Parser(prog="hostvisor", description="Supervise processes and containers.")
+    parser.add_argument("--version", action="version", version=f"hostvisor {__version__}")
+    parser.add_argument("-c", "--config", metavar="PATH", help="config.toml to use")
+    parser.add_argument("--socket", metavar="PATH", help="control socket to use")
+    verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=_Parser)
+
+    def verb(name: str, run: Callable[[argparse.Namespace], int], text: str) -> Any:
+        sub = verbs.add_parser(name, parents=[common], help=text, description=text)
+        sub.set_defaults(run=run)
+        return sub
+
+    verb("run", _run, "run the daemon in the foreground")
+    verb("check", _check, "validate config and units")
+    status = verb("status", _with_client(_status), "show services (exit 3 if any is not running)")
+    status.add_argument("names", nargs="*", metavar="NAME")
+    status.add_argument("--json", action="store_true", help="print the JSON document")
+    for name in ("start", "stop", "restart"):
+        action = verb(name, _with_client(_action), f"{name} services and wait for them")
+        action.add_argument("names", nargs="*", metavar="NAME")
+        action.add_argument("--all", action="store_true", help="every service")
+        action.add_argument("--no-wait", action="store_true", help="return at once")
+        action.add_argument(
+            "--timeout", type=_seconds, default=60.0, metavar="S", help="seconds (default 60)"
+        )
+    verb("reload", _with_client(_reload), "re-read config and units; restart changed units")
+    logs = verb("logs", _with_client(_logs), "print a service's log (the daemon's without NAME)")
+    logs.add_argument("name", nargs="?", metavar="NAME")
+    logs.add_argument("-f", "--follow", action="store_true", help="follow new lines")
+    logs.add_argument("-n", "--lines", type=_count, default=50, metavar="N", help="default 50")
+    events = verb("events", _with_client(_events), "print recent events")
+    events.add_argument("-f", "--follow", action="store_true", help="follow new events")
+    events.add_argument("--json", action="store_true", help="one JSON object per line")
+    for name, run in (("install", _install), ("uninstall", _uninstall)):
+        sub = verb(name, run, f"{name} a systemd user unit or launchd agent")
+        managers = sub.add_mutually_exclusive_group()
+        managers.add_argument("--systemd", action="store_true")
+        managers.add_argument("--launchd", action="store_true")
+    install = verbs.choices["install"]
+    install.add_argument("--print", dest="print_only", action="store_true", help="print only")
+    install.add_argument("--no-start", action="store_true", help="write and enable, do not start")
+    return parser
+
+
+def execute(argv: Sequence[str]) -> int:
+    """Run one command line (without the program name); returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if args.verb in _TARGETS and bool(args.names) == bool(args.all):
+        parser.error(f"{args.verb}: name services or give --all (one of them)")
+    try:
+        code: int = args.run(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `hostvisor logs | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except HostvisorError as exc:
+        _fail(str(exc))
+        return EXIT_FAILED
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """The ``hostvisor`` console script."""
+    sys.exit(execute(sys.argv[1:] if argv is None else argv))
