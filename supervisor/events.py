@@ -23,7 +23,8 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.abc import ObjectReceiveStream
+from anyio.streams.memory import MemoryObjectSendStream
 
 __all__ = [
     "EVENT_NAMES",
@@ -155,7 +156,7 @@ class EventBus:
     def __init__(self, *, history: int = 1000, redactor: Redactor | None = None) -> None:
         self._seq = 0
         self._history: deque[Event] = deque(maxlen=history)
-        self._subscribers: set[ObjectSendStream[Event]] = set()
+        self._subscribers: set[MemoryObjectSendStream[Event]] = set()
         self.redactor = redactor or Redactor()
         self.dropped = 0
 

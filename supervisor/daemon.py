@@ -1,0 +1,424 @@
+"""The daemon: builds the supervisors, handles signals, reloads, shuts down in order.
+
+Data flow: ``config.load() -> specs -> Daemon -> one ServiceSupervisor task per
+service -> events on the bus -> daemon log, telemetry, sd_notify, control
+subscribers``. The daemon implements :class:`supervisor.control.server.ControlTarget`
+so that the control socket can query and command it.
+
+Signals (as supervisord and systemd users expect): SIGTERM and SIGINT start an
+ordered shutdown (dependents first, all within ``shutdown_timeout``, then
+SIGKILL; exit 0); a second SIGINT forces it at once; SIGHUP reloads.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+from anyio.abc import TaskGroup
+
+from supervisor import __version__, config
+from supervisor import events as ev
+from supervisor.daemonlog import DaemonLog
+from supervisor.drivers.base import Driver
+from supervisor.drivers.process import ProcessDriver
+from supervisor.errors import AlreadyRunning, ConfigError, ConfigRejected, UnknownService
+from supervisor.events import EventBus, Redactor
+from supervisor.logfiles import LogHub, RotatingLog
+from supervisor.paths import log_dir, resolve_socket_path, resolve_state_dir, service_log_path
+from supervisor.reaper import Reaper
+from supervisor.service import RESTING, Broadcast, ServiceSupervisor
+from supervisor.spec import Loaded, ServiceSpec, StopSpec
+from supervisor.states import Health, ServiceState
+
+__all__ = ["Daemon", "acquire_lock", "run_daemon"]
+
+S = ServiceState
+Names = Sequence[str] | Literal["all"]
+
+
+def acquire_lock(state_dir: Path) -> int:
+    """Take ``<state>/hostvisor.lock`` (flock) and write our pid in it; return the fd.
+
+    Raises:
+        AlreadyRunning: another daemon holds it (its pid in the message).
+    """
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state_dir / "hostvisor.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise AlreadyRunning(int(text) if text.isdigit() else None, str(path)) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _dependents_order(services: Mapping[str, ServiceSpec]) -> dict[str, set[str]]:
+    """name -> the services that depend on it."""
+    dependents: dict[str, set[str]] = {name: set() for name in services}
+    for name, spec in services.items():
+        for dep in spec.depends_on:
+            if dep in dependents:
+                dependents[dep].add(name)
+    return dependents
+
+
+class Daemon:
+    """All supervisors of one config, and what they report to.
+
+    Args:
+        loaded: the validated configuration.
+        state_dir: where logs and the lock live.
+        socket_path: the control socket.
+        stream: where human log lines go (stderr).
+    """
+
+    def __init__(self, loaded: Loaded, *, state_dir: Path, socket_path: Path) -> None:
+        self.loaded = loaded
+        self.state_dir = state_dir
+        self.socket_path = socket_path
+        self.started_at = time.monotonic()
+        self.redactor = Redactor(self._secrets(loaded))
+        self.bus = EventBus(redactor=self.redactor)
+        self.loghub = LogHub()
+        self.changed = Broadcast()
+        self.reaper = Reaper()
+        self.process_driver = ProcessDriver(
+            state_dir=state_dir, reaper=self.reaper, loghub=self.loghub
+        )
+        self.docker_driver: Any = None
+        self.supervisors: dict[str, ServiceSupervisor] = {}
+        self._scopes: dict[str, anyio.CancelScope] = {}
+        self._tg: TaskGroup | None = None
+        self._reload_lock = anyio.Lock()
+        self._rng = random.Random()
+        self.log: DaemonLog | None = None
+        self.telemetry: Any = None
+        self.shutting_down = False
+
+    def __repr__(self) -> str:
+        return f"<Daemon {len(self.supervisors)} services, socket {self.socket_path}>"
+
+    @staticmethod
+    def _secrets(loaded: Loaded) -> set[str]:
+        return {v for spec in loaded.services.values() for v in spec.secret_values()}
+
+    # ------------------------------------------------------------ ControlTarget
+
+    def status(self, names: Sequence[str] | None = None) -> dict[str, Any]:
+        """The status document of contract section 5; raises UnknownService."""
+        chosen = self._resolve(names if names else "all")
+        return {
+            "daemon": {
+                "pid": os.getpid(),
+                "version": __version__,
+                "uptime_seconds": round(time.monotonic() - self.started_at, 3),
+                "config": str(self.loaded.daemon.config_path),
+            },
+            "services": [self.supervisors[name].status_entry() for name in chosen],
+        }
+
+    def _resolve(self, names: Names) -> list[str]:
+        if names == "all":
+            return sorted(self.supervisors)
+        unknown = [n for n in names if n not in self.supervisors]
+        if unknown:
+            raise UnknownService(
+                f"unknown service: {', '.join(unknown)} (known: {', '.join(sorted(self.supervisors))})",
+                data={"unknown": unknown},
+            )
+        return list(dict.fromkeys(names))
+
+    async def start(self, names: Names, *, wait: bool = True, timeout: float = 60.0) -> dict[str, Any]:
+        """Want the services up; wait for RUNNING (or a resting state) unless ``wait`` is False."""
+        return await self._command(names, "start", frozenset({S.RUNNING}), wait, timeout)
+
+    async def stop(self, names: Names, *, wait: bool = True, timeout: float = 60.0) -> dict[str, Any]:
+        """Want the services down; wait until STOPPED."""
+        return await self._command(names, "stop", frozenset({S.STOPPED}), wait, timeout)
+
+    async def restart(self, names: Names, *, wait: bool = True, timeout: float = 60.0) -> dict[str, Any]:
+        """Stop (if up) and start the services afresh; wait for RUNNING."""
+        return await self._command(names, "restart", frozenset({S.RUNNING}), wait, timeout)
+
+    async def _command(
+        self, names: Names, verb: str, targets: frozenset[ServiceState], wait: bool, timeout: float
+    ) -> dict[str, Any]:
+        chosen = self._resolve(names)
+        gens = {name: getattr(self.supervisors[name], f"command_{verb}")() for name in chosen}
+        if wait:
+            with anyio.move_on_after(timeout):
+                async with anyio.create_task_group() as tg:
+                    for name, gen in gens.items():
+                        tg.start_soon(self.supervisors[name].wait_settled, gen, targets)
+        return {"services": [self.supervisors[n].status_entry() for n in chosen if n in self.supervisors]}
+
+    def log_path(self, service: str | None) -> Path:
+        """``<state>/logs/<service>.log``, or the daemon's log for None; raises UnknownService."""
+        if service is None:
+            return service_log_path(self.state_dir, "hostvisor")
+        self._resolve([service])
+        return service_log_path(self.state_dir, service)
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read config and units; restart only what changed.
+
+        Raises:
+            ConfigRejected: the new config is invalid; nothing was changed.
+        """
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> dict[str, Any]:
+        path = self.loaded.daemon.config_path
+        try:
+            new = await anyio.to_thread.run_sync(config.load, path)
+        except ConfigError as exc:
+            errors = [str(issue) for issue in exc.issues]
+            self.bus.publish(
+                ev.CONFIG_REJECTED,
+                message=f"reload rejected, {len(errors)} error(s): " + "; ".join(errors),
+                attributes={"hostvisor.config.errors": errors},
+            )
+            raise ConfigRejected("config rejected: " + "; ".join(errors), data=errors) from None
+        old = self.loaded.services
+        added = sorted(set(new.services) - set(old))
+        removed = sorted(set(old) - set(new.services))
+        changed = sorted(n for n in set(old) & set(new.services) if old[n] != new.services[n])
+        unchanged = sorted(n for n in set(old) & set(new.services) if old[n] == new.services[n])
+        self.redactor.update(self._secrets(new))
+        self.loaded = new
+        async with anyio.create_task_group() as tg:
+            for name in removed + changed:
+                tg.start_soon(self._retire, name)
+        for name in changed + added:
+            await self._launch(new.services[name])
+        result = {"added": added, "removed": removed, "changed": changed, "unchanged": unchanged}
+        self.bus.publish(
+            ev.DAEMON_RELOADED,
+            message=f"reloaded: {len(added)} added, {len(removed)} removed, {len(changed)} changed",
+            attributes={"hostvisor.reload." + k: v for k, v in result.items()},
+        )
+        return result
+
+    # ------------------------------------------------------------ supervisors
+
+    def _driver_for(self, spec: ServiceSpec) -> Driver:
+        if spec.kind == "process":
+            return self.process_driver
+        assert self.docker_driver is not None
+        driver: Driver = self.docker_driver
+        return driver
+
+    async def _ensure_docker(self) -> None:
+        if self.docker_driver is not None or self._tg is None:
+            return
+        from supervisor.drivers.docker import DockerDriver
+
+        self.docker_driver = DockerDriver(bus=self.bus, run_command=self.process_driver.run_command)
+        self.docker_driver.on_connection_change = self._docker_connection_changed
+        await self._tg.start(self.docker_driver.run)
+
+    def _docker_connection_changed(self, connected: bool) -> None:
+        for sup in self.supervisors.values():
+            if sup.spec.kind == "container" and not connected:
+                sup.health = Health.UNKNOWN if sup.spec.health else Health.NONE
+                sup.message = "docker engine unreachable; keeping last known state"
+        self.changed.fire()
+
+    async def _launch(self, spec: ServiceSpec) -> None:
+        assert self._tg is not None
+        if spec.kind == "container":
+            await self._ensure_docker()
+        sup = ServiceSupervisor(
+            spec,
+            driver=self._driver_for(spec),
+            bus=self.bus,
+            peers=self.supervisors.get,
+            changed=self.changed,
+            run_command=self.process_driver.run_command,
+            rng=self._rng,
+            on_probe=self._on_probe,
+        )
+        self.supervisors[spec.name] = sup
+        await self._tg.start(self._run_supervisor, sup)
+
+    async def _run_supervisor(
+        self, sup: ServiceSupervisor, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        with anyio.CancelScope() as scope:
+            self._scopes[sup.name] = scope
+            await sup.run(task_status=task_status)
+
+    async def _retire(self, name: str) -> None:
+        """Stop a service gracefully and forget its supervisor (reload: removed or changed)."""
+        sup = self.supervisors[name]
+        gen = sup.command_stop()
+        await sup.wait_settled(gen, frozenset({S.STOPPED}))
+        self._scopes.pop(name).cancel()
+        del self.supervisors[name]
+
+    def _on_probe(self, service: str, seconds: float, ok: bool) -> None:
+        if self.telemetry is not None:
+            self.telemetry.record_probe(service, seconds, ok)
+
+    def snapshot(self) -> dict[str, tuple[ServiceState, Health]]:
+        """name -> (state, health), for metrics and the sd_notify STATUS line."""
+        return {name: (sup.state, sup.health) for name, sup in self.supervisors.items()}
+
+    # ------------------------------------------------------------ shutdown
+
+    async def shutdown(self) -> None:
+        """Stop every service, dependents first, within ``shutdown_timeout``; then SIGKILL."""
+        self.shutting_down = True
+        dependents = _dependents_order(self.loaded.services)
+        stopped = {name: anyio.Event() for name in self.supervisors}
+
+        async def stop_one(name: str) -> None:
+            for other in dependents.get(name, ()):
+                if other in stopped:
+                    await stopped[other].wait()
+            sup = self.supervisors[name]
+            gen = sup.command_stop()
+            await sup.wait_settled(gen, frozenset({S.STOPPED}))
+            stopped[name].set()
+
+        with anyio.move_on_after(self.loaded.daemon.shutdown_timeout):
+            async with anyio.create_task_group() as tg:
+                for name in list(stopped):
+                    tg.start_soon(stop_one, name)
+        await self._force_kill()
+
+    async def _force_kill(self) -> None:
+        """SIGKILL whatever is still alive (the deadline passed, or a second SIGINT)."""
+        kill = StopSpec(signal=int(signal.SIGKILL), timeout=2.0)
+        with anyio.move_on_after(5, shield=True):
+            async with anyio.create_task_group() as tg:
+                for sup in self.supervisors.values():
+                    if sup.handle is not None and sup.spec.kind == "process":
+                        tg.start_soon(sup.handle.stop, kill)
+
+    # ------------------------------------------------------------ main
+
+    async def main(self) -> None:
+        """Run until SIGTERM/SIGINT; returns after an ordered shutdown."""
+        from supervisor.control.server import serve
+        from supervisor.notify import Notifier
+        from supervisor.telemetry import open_telemetry
+
+        spec = self.loaded.daemon
+        logs = log_dir(self.state_dir)
+        logs.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.log = DaemonLog(
+            RotatingLog(service_log_path(self.state_dir, "hostvisor"), max_size=10 << 20, backups=5),
+            level=spec.log_level,
+            hub=self.loghub,
+        )
+        notifier = Notifier.from_environ()
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await tg.start(self._pump_log)
+            if self.reaper.enable_subreaper():
+                await tg.start(self.reaper.run)
+            async with open_telemetry(
+                spec.telemetry, bus=self.bus, snapshot=self.snapshot, version=__version__
+            ) as telemetry:
+                self.telemetry = telemetry
+                await tg.start(
+                    lambda task_status: serve(
+                        self, self.socket_path, allow_uids=spec.allow_uids, task_status=task_status
+                    )
+                )
+                self.log.write("info", f"listening on {self.socket_path}")
+                for service in self.loaded.services.values():
+                    await self._launch(service)
+                self.bus.publish(
+                    ev.DAEMON_STARTED,
+                    message=f"hostvisor {__version__} started with {len(self.supervisors)} services",
+                    attributes={"process.pid": os.getpid(), "hostvisor.config": str(spec.config_path)},
+                )
+                notifier.ready()
+                if notifier.watchdog_interval() is not None:
+                    tg.start_soon(notifier.run_watchdog)
+                tg.start_soon(self._notify_status, notifier)
+                await self._signals(notifier)
+                self.telemetry = None
+            tg.cancel_scope.cancel()
+        if self.log is not None:
+            self.log.close()
+
+    async def _signals(self, notifier: Any) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    notifier.reloading()
+                    try:
+                        await self.reload()
+                    except ConfigRejected:
+                        pass
+                    notifier.ready()
+                    continue
+                break
+            self.bus.publish(ev.DAEMON_STOPPING, message=f"stopping on {signal.Signals(signum).name}")
+            notifier.stopping()
+            async with anyio.create_task_group() as tg:
+
+                async def forced() -> None:
+                    async for again in signals:
+                        if again == signal.SIGINT:
+                            self.bus.publish(ev.DAEMON_STOPPING, message="second SIGINT: killing now")
+                            await self._force_kill()
+                            tg.cancel_scope.cancel()
+
+                tg.start_soon(forced)
+                await self.shutdown()
+                tg.cancel_scope.cancel()
+
+    async def _pump_log(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        async with self.bus.subscribe(buffer=10_000) as events:
+            task_status.started()
+            async for event in events:
+                if self.log is not None:
+                    self.log.event(event)
+
+    async def _notify_status(self, notifier: Any) -> None:
+        from supervisor.notify import summary
+
+        while True:
+            notifier.status(summary(sup.state for sup in self.supervisors.values()))
+            await self.changed.wait()
+            await anyio.sleep(0.05)  # coalesce bursts of changes into one STATUS datagram
+
+
+def run_daemon(*, config_path: Path, socket_option: str | None = None) -> int:
+    """Load the config, take the state folder's lock, and run until stopped.
+
+    Returns:
+        The exit code: 0 after a clean stop.
+
+    Raises:
+        ConfigError: the config is invalid.
+        AlreadyRunning: another daemon uses the same state folder.
+        SocketPathError: the socket path is unusable.
+    """
+    loaded = config.load(config_path)
+    state_dir = resolve_state_dir(loaded.daemon.state_dir)
+    socket_path = resolve_socket_path(socket_option, loaded.daemon.socket)
+    lock_fd = acquire_lock(state_dir)
+    try:
+        daemon = Daemon(loaded, state_dir=state_dir, socket_path=socket_path)
+        anyio.run(daemon.main)
+    finally:
+        os.close(lock_fd)
+    return 0

@@ -1,0 +1,619 @@
+"""One supervisor per service: a task that reconciles desired and actual state.
+
+Commands (``start``, ``stop``, ``restart``) only change the desired state and
+wake the task; the task alone moves the state machine of
+:mod:`supervisor.states`, so commands for one service are serialised by
+construction. A start attempt is: wait for dependencies, preflight, reclaim the
+port, spawn; then supervise the instance (readiness by ``start_seconds`` or the
+first passing probe, health checks, post_start hook, backoff reset) until it
+exits, fails its health checks, or a command interrupts it. A crash and a
+health-check restart go through the same backoff path.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from supervisor import events as ev
+from supervisor.backoff import Backoff
+from supervisor.drivers.base import Driver, Handle
+from supervisor.errors import DriverError, SpawnError
+from supervisor.events import EventBus
+from supervisor.health import CommandRunner, HealthCounter, create_probe
+from supervisor.spec import ServiceSpec
+from supervisor.states import (
+    Decision,
+    DependencyCondition,
+    ExitStatus,
+    Health,
+    ServiceState,
+    after_exit,
+    check_transition,
+)
+
+__all__ = ["Broadcast", "ServiceSupervisor"]
+
+S = ServiceState
+#: States in which a supervisor waits for a command rather than acting.
+RESTING = frozenset({S.STOPPED, S.EXITED, S.FATAL})
+
+
+class Broadcast:
+    """A level-triggered "something changed" signal many tasks can wait on."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def fire(self) -> None:
+        """Wake every current waiter."""
+        self._event.set()
+        self._event = anyio.Event()
+
+    async def wait(self) -> None:
+        """Return at the next :meth:`fire`."""
+        await self._event.wait()
+
+
+class ServiceSupervisor:
+    """Keeps one service in its desired state.
+
+    Args:
+        spec: the service.
+        driver: starts instances (processes or containers).
+        bus: where events go.
+        peers: name -> supervisor, for ``depends_on``.
+        changed: fired on every state or health change of any service.
+        run_command: runs preflight, exec probes and command hooks.
+        rng: randomness for backoff jitter.
+        on_probe: called with (service, seconds, ok) after each health probe.
+    """
+
+    def __init__(
+        self,
+        spec: ServiceSpec,
+        *,
+        driver: Driver,
+        bus: EventBus,
+        peers: Callable[[str], ServiceSupervisor | None],
+        changed: Broadcast,
+        run_command: CommandRunner | None = None,
+        rng: random.Random | None = None,
+        on_probe: Callable[[str, float, bool], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.driver = driver
+        self.bus = bus
+        self._peers = peers
+        self.changed = changed
+        self._run_command = run_command
+        self._on_probe = on_probe
+        self.backoff = Backoff(spec.backoff, rng=rng)
+        self.state = S.STOPPED
+        self.health = Health.NONE if spec.health is None else Health.UNKNOWN
+        self.message = ""
+        self.handle: Handle | None = None
+        self.restarts = 0
+        self.last_exit: ExitStatus | None = None
+        self.instance_started_at: float | None = None
+        self.retry_at: float | None = None
+        self.failed_starts = 0
+        self._want_up = spec.autostart
+        self._kick = False
+        self._restart_requested = False
+        self._health_restart = False
+        self._attempts = 0
+        self._gen = 0
+        self._seen_gen = 0
+        self._scope: anyio.CancelScope | None = None
+        self._interrupted = False
+        self._reached_running = False
+        self._pending_delay = 0.0
+        self._task_group: TaskGroup | None = None
+        self._wake = anyio.Event()
+        self._known: list[tuple[int, float]] = []
+
+    def __repr__(self) -> str:
+        extra = ""
+        if self.state is S.BACKOFF and self.retry_at is not None:
+            left = max(0.0, self.retry_at - anyio.current_time())
+            extra = f" (attempt {self.backoff.attempt}, retry in {left:.1f}s)"
+        return f"<ServiceSupervisor {self.spec.name}: {self.state}{extra}>"
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    # ---------------------------------------------------------------- commands
+
+    def command_start(self) -> int:
+        """Want it up; from EXITED, FATAL or BACKOFF start now. Returns the command number."""
+        self._gen += 1
+        self._want_up = True
+        if self.state in (S.EXITED, S.FATAL, S.STOPPED, S.BACKOFF):
+            self._kick = True
+            self._interrupt()
+        else:
+            self._seen_gen = self._gen
+        return self._gen
+
+    def command_stop(self) -> int:
+        """Want it down: stop the instance (gracefully) or cancel a pending start."""
+        self._gen += 1
+        self._want_up = False
+        self._restart_requested = False
+        if self.state in RESTING:
+            self._seen_gen = self._gen
+        else:
+            self._interrupt()
+        return self._gen
+
+    def command_restart(self) -> int:
+        """Stop the instance if any, then start a fresh one at once (backoff reset)."""
+        self._gen += 1
+        self._want_up = True
+        self._kick = True
+        self._restart_requested = True
+        self._interrupt()
+        return self._gen
+
+    def _interrupt(self) -> None:
+        self._interrupted = True
+        self._wake.set()
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def wait_settled(self, gen: int, targets: frozenset[ServiceState]) -> None:
+        """Return once command ``gen`` was acted on and the state is one of ``targets``
+        or a resting state (EXITED, FATAL, STOPPED) that the command did not ask for."""
+        while not (self._seen_gen >= gen and (self.state in targets or self.state in RESTING)):
+            await self.changed.wait()
+
+    # ---------------------------------------------------------------- status
+
+    def status_entry(self) -> dict[str, Any]:
+        """This service's entry of the status document (contract section 5)."""
+        handle = self.handle
+        uptime = None
+        if handle is not None and self.instance_started_at is not None:
+            uptime = round(anyio.current_time() - self.instance_started_at, 3)
+        return {
+            "name": self.spec.name,
+            "kind": self.spec.kind,
+            "state": str(self.state),
+            "health": str(self.health),
+            "pid": handle.pid if handle is not None else None,
+            "container_id": handle.container_id if handle is not None else None,
+            "restarts": self.restarts,
+            "uptime_seconds": uptime,
+            "last_exit": self.last_exit.as_json() if self.last_exit else None,
+            "message": self.bus.redactor(self.message),
+            "port": self.spec.port.number if self.spec.port else None,
+        }
+
+    def _set_state(self, target: ServiceState, message: str | None = None) -> None:
+        if target is not self.state:
+            check_transition(self.spec.name, self.state, target)
+            self.state = target
+        if message is not None:
+            self.message = message
+        self.changed.fire()
+
+    def _set_message(self, message: str) -> None:
+        if message != self.message:
+            self.message = message
+            self.changed.fire()
+
+    def _publish(self, name: str, message: str = "", **attributes: Any) -> None:
+        self.bus.publish(name, service=self.spec.name, message=message, attributes=attributes)
+
+    # ---------------------------------------------------------------- main loop
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Reconcile until cancelled; call :meth:`command_stop` first for a graceful end.
+
+        The task group opened here owns the instances' helper tasks (log drains).
+        """
+        async with anyio.create_task_group() as tg:
+            self._task_group = tg
+            task_status.started()
+            while True:
+                self._wake = anyio.Event()
+                self._interrupted = False
+                if not self._want_up:
+                    if self.state in (S.BACKOFF, S.STARTING):
+                        self._enter_stopped("stopped by request")
+                    self._settle()
+                    await self._wake.wait()
+                    continue
+                if self.state in (S.EXITED, S.FATAL) and not self._kick:
+                    self._settle()
+                    await self._wake.wait()
+                    continue
+                if self._kick:
+                    self._kick = False
+                    self.failed_starts = 0
+                    if self._restart_requested or self.state in (S.EXITED, S.FATAL, S.BACKOFF):
+                        self.backoff.reset()
+                    self._restart_requested = False
+                await self._attempt()
+                if self.state is S.BACKOFF:
+                    with anyio.move_on_after(self._pending_delay):
+                        await self._wake.wait()
+
+    def _settle(self) -> None:
+        """Mark every command so far as acted on, and tell the waiters."""
+        self._seen_gen = self._gen
+        self.changed.fire()
+
+    def _enter_stopped(self, message: str) -> None:
+        self._set_state(S.STOPPED, message)
+        self.retry_at = None
+        self._publish(ev.SERVICE_STOPPED, message)
+
+    def _open_scope(self) -> anyio.CancelScope:
+        scope = anyio.CancelScope()
+        self._scope = scope
+        if self._interrupted:
+            scope.cancel()
+        return scope
+
+    async def _attempt(self) -> None:
+        """One start attempt and the life of the instance it starts."""
+        if self._attempts:
+            self.restarts += 1
+        self._attempts += 1
+        self.health = Health.NONE if self.spec.health is None else Health.UNKNOWN
+        self._seen_gen = self._gen
+        self._set_state(S.STARTING, "")
+        self._publish(
+            ev.SERVICE_STARTING, "starting", **{"hostvisor.restart.count": self.restarts}
+        )
+        handle: Handle | None = None
+        failure: str | None = None
+        with self._open_scope():
+            failure = await self._prepare()
+            if failure is None:
+                handle, failure = await self._spawn()
+        self._scope = None
+        if handle is not None:
+            await self._live(handle)
+        elif self._interrupted:
+            self._after_interrupt()
+        else:
+            self._after_failure(None, failed_start=True, message=failure or "start failed")
+
+    async def _prepare(self) -> str | None:
+        """Dependencies, preflight, port. Returns why the start cannot go ahead, or None."""
+        await self._wait_dependencies()
+        if self.spec.preflight is not None:
+            failure = await self._preflight()
+            if failure:
+                return failure
+        if self.spec.port is not None and self.spec.kind == "process":
+            return await self._reclaim_port()
+        return None
+
+    async def _spawn(self) -> tuple[Handle | None, str | None]:
+        self._set_message("")
+        assert self._task_group is not None
+        try:
+            # Shielded: a command arriving mid-spawn must not lose track of a child;
+            # the interrupt is seen by the next scope (``_interrupted``).
+            with anyio.CancelScope(shield=True):
+                handle = await self.driver.start(self.spec, task_group=self._task_group)
+        except (SpawnError, DriverError, OSError) as exc:
+            return None, str(exc)
+        return handle, None
+
+    # ---------------------------------------------------------------- instance life
+
+    async def _live(self, handle: Handle) -> None:
+        """Supervise one instance until it exits, fails its checks, or a command stops it."""
+        self.handle = handle
+        self.instance_started_at = anyio.current_time()
+        if handle.pid:
+            self._remember(handle.pid)
+        self._health_restart = False
+        self._reached_running = False
+        status: ExitStatus | None = None
+
+        async def watch_exit(tg: TaskGroup) -> None:
+            nonlocal status
+            status = await handle.wait()
+            tg.cancel_scope.cancel()
+
+        with self._open_scope():
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch_exit, tg)
+                tg.start_soon(self._readiness, handle, tg)
+        self._scope = None
+        if status is None:
+            # Interrupted by a command or by failing health checks: stop it ourselves,
+            # shielded and bounded.
+            self._set_state(S.STOPPING)
+            status = await self._stop_handle(handle)
+        self._record_exit(handle, status)
+        self.handle = None
+        self.instance_started_at = None
+        if self._health_restart:
+            self._after_failure(status, failed_start=False, message="restarted: health checks failed")
+        elif self._interrupted:
+            self._after_interrupt()
+        else:
+            self._after_failure(
+                status, failed_start=not self._reached_running, message=self._exit_message(status)
+            )
+
+    async def _stop_handle(self, handle: Handle) -> ExitStatus | None:
+        """Stop an instance, shielded and bounded by ``stop_timeout`` + 5 s."""
+        with anyio.move_on_after(self.spec.stop.timeout + 5, shield=True):
+            try:
+                return await handle.stop(self.spec.stop)
+            except DriverError as exc:  # e.g. Docker unreachable: keep the supervisor alive
+                self._set_message(f"stop failed: {exc}")
+        return None
+
+    def _exit_message(self, status: ExitStatus | None) -> str:
+        return f"exited: {status.describe()}" if status else "exited"
+
+    def _record_exit(self, handle: Handle, status: ExitStatus | None) -> None:
+        if status is None:
+            return
+        self.last_exit = status
+        attrs: dict[str, Any] = {"process.pid": handle.pid}
+        if status.code is not None:
+            attrs["process.exit.code"] = status.code
+        if status.signal is not None:
+            attrs["hostvisor.exit.signal"] = status.signal
+        if handle.container_id:
+            attrs["container.id"] = handle.container_id
+        self._publish(ev.SERVICE_EXITED, status.describe(), **attrs)
+
+    async def _readiness(self, handle: Handle, tg: TaskGroup) -> None:
+        """Promote to RUNNING (after start_seconds, or the first healthy probe), then keep
+        checking health, run post_start once and reset the backoff after reset_after."""
+        if self.spec.health is None:
+            await anyio.sleep(self.spec.start_seconds)
+            self._promote(handle, tg)
+            await anyio.sleep_forever()
+        else:
+            await self._health_loop(handle, tg)
+
+    def _promote(self, handle: Handle, tg: TaskGroup) -> None:
+        if self.state is not S.STARTING:
+            return
+        self.failed_starts = 0
+        self._reached_running = True
+        self._set_state(S.RUNNING, "")
+        self._publish(ev.SERVICE_RUNNING, f"running (pid {handle.pid})", **{"process.pid": handle.pid})
+        if self.spec.post_start is not None:
+            tg.start_soon(self._post_start)
+        tg.start_soon(self._reset_backoff_later)
+
+    async def _reset_backoff_later(self) -> None:
+        await anyio.sleep(self.spec.backoff.reset_after)
+        if self.state is S.RUNNING and self.health is not Health.UNHEALTHY:
+            self.backoff.reset()
+
+    async def _health_loop(self, handle: Handle, tg: TaskGroup) -> None:
+        spec = self.spec.health
+        assert spec is not None
+        docker_status = getattr(handle, "health_status", None)
+        probe = create_probe(
+            spec,
+            service=self.spec.name,
+            workdir=self.spec.workdir,
+            env=self.spec.env,
+            run_command=self._run_command,
+            docker_status=docker_status,
+        )
+        started = anyio.current_time()
+        counter = HealthCounter(spec, started_at=started)
+        last_counted = started
+        fast = min(spec.interval, 0.25)
+        while True:
+            result = await probe()
+            now = anyio.current_time()
+            if self._on_probe is not None and result.ok is not None:
+                self._on_probe(self.spec.name, result.duration, bool(result.ok))
+            ever_healthy = counter.health is Health.HEALTHY or counter.successes > 0
+            # Until the first success, probe fast but count at most one failure per interval,
+            # so a slow starter gets failure_threshold * interval seconds, as with Kubernetes.
+            if result.ok is False and not ever_healthy and now - last_counted < spec.interval:
+                pass
+            else:
+                if result.ok is False:
+                    last_counted = now
+                previous = counter.health
+                health = counter.record(result, now=now)
+                if health is not previous or health is not self.health:
+                    self._health_changed(health, result.detail)
+            if counter.health is Health.HEALTHY:
+                self._promote(handle, tg)
+            elif counter.health is Health.UNHEALTHY:
+                self._publish(
+                    ev.HEALTH_CHECK_RESTART,
+                    f"{counter.failures} health checks failed in a row: {result.detail}",
+                    **{"hostvisor.health.failures": counter.failures},
+                )
+                self._health_restart = True
+                tg.cancel_scope.cancel()
+                return
+            elif result.ok is False:
+                self._set_message(f"health: {result.detail}")
+            await anyio.sleep(spec.interval if ever_healthy else fast)
+
+    def _health_changed(self, health: Health, detail: str) -> None:
+        previous = self.health
+        self.health = health
+        if health is Health.HEALTHY:
+            self.message = ""
+        elif health is Health.UNHEALTHY:
+            self.message = f"unhealthy: {detail}"
+        self.changed.fire()
+        if health in (Health.HEALTHY, Health.UNHEALTHY):
+            self._publish(
+                ev.HEALTH_CHANGED,
+                f"{previous} -> {health}: {detail}",
+                **{"hostvisor.health.previous": str(previous), "hostvisor.health.state": str(health)},
+            )
+
+    # ---------------------------------------------------------------- after an instance
+
+    def _after_interrupt(self) -> None:
+        """A command interrupted the start or the instance."""
+        if self._want_up:
+            self._kick = True  # restart: straight to a new attempt, no backoff
+            return
+        self._enter_stopped("stopped by request")
+
+    def _after_failure(self, status: ExitStatus | None, *, failed_start: bool, message: str) -> None:
+        if failed_start:
+            self.failed_starts += 1
+        decision = after_exit(
+            policy=self.spec.restart,
+            status=status,
+            failed_start=failed_start,
+            failed_starts_in_a_row=self.failed_starts,
+            give_up_after=self.spec.give_up_after,
+        )
+        if self._health_restart:
+            decision = Decision.RESTART
+        if decision is Decision.EXITED:
+            self._set_state(S.EXITED, message)
+            return
+        if decision is Decision.FATAL:
+            text = f"gave up after {self.failed_starts} failed starts: {message}"
+            self._set_state(S.FATAL, text)
+            self._publish(ev.SERVICE_FATAL, text, **{"hostvisor.restart.count": self.restarts})
+            return
+        delay = self.backoff.next_delay()
+        self.retry_at = anyio.current_time() + delay
+        self._set_state(S.BACKOFF, f"{message}; retry in {delay:.1f}s")
+        self._publish(
+            ev.SERVICE_BACKOFF,
+            f"{message}; retry in {delay:.3f}s (attempt {self.backoff.attempt})",
+            **{"hostvisor.backoff.delay_s": round(delay, 6), "hostvisor.backoff.attempt": self.backoff.attempt},
+        )
+        self._pending_delay = delay
+
+    # ---------------------------------------------------------------- steps before spawn
+
+    async def _wait_dependencies(self) -> None:
+        deps: Mapping[str, DependencyCondition] = self.spec.depends_on
+        while True:
+            waiting = [f"{name} ({cond})" for name, cond in deps.items() if not self._dep_ok(name, cond)]
+            if not waiting:
+                return
+            self._set_message(f"waiting for {', '.join(waiting)}")
+            await self.changed.wait()
+
+    def _dep_ok(self, name: str, condition: DependencyCondition) -> bool:
+        peer = self._peers(name)
+        if peer is None:
+            return True
+        if condition is DependencyCondition.HEALTHY:
+            return peer.state is S.RUNNING and peer.health in (Health.HEALTHY, Health.NONE)
+        return peer.state is S.RUNNING or (peer.state is S.STARTING and peer.handle is not None)
+
+    async def _preflight(self) -> str | None:
+        spec = self.spec.preflight
+        assert spec is not None and self._run_command is not None
+        self._set_message("preflight")
+        try:
+            result = await self._run_command(
+                spec.command, cwd=self.spec.workdir, env=self.spec.env, service=self.spec.name,
+                timeout=spec.timeout,
+            )
+        except SpawnError as exc:
+            self._publish(ev.PREFLIGHT_FAILED, f"preflight: {exc}", **{"error.type": "SpawnError"})
+            return f"preflight: {exc}"
+        if result.timed_out:
+            why = f"preflight timed out after {spec.timeout:g}s"
+        elif result.code != 0:
+            why = f"preflight failed: exit code {result.code}" if result.code is not None else (
+                f"preflight killed by signal {result.signal}"
+            )
+        else:
+            return None
+        tail = result.tail(5)
+        self._publish(
+            ev.PREFLIGHT_FAILED,
+            f"{why}" + (f": {tail}" if tail else ""),
+            **{"process.exit.code": result.code, "hostvisor.preflight.stderr": tail},
+        )
+        return why
+
+    async def _reclaim_port(self) -> str | None:
+        from supervisor import ports
+
+        port = self.spec.port
+        assert port is not None
+        result = await ports.reclaim(
+            port.number, policy=port.reclaim, service=self.spec.name, known=self._known,
+            stop=self.spec.stop,
+        )
+        for holder in result.killed:
+            self._publish(
+                ev.PORT_RECLAIMED,
+                f"port {port.number}: killed stale holder pid {holder.pid} ({holder.cmdline})",
+                **{"process.pid": holder.pid, "hostvisor.port": port.number,
+                   "process.command_line": holder.cmdline},
+            )
+        if result.free:
+            return None
+        blockers = ", ".join(f"pid {h.pid} ({h.cmdline})" for h in result.blocked) or "unknown"
+        why = f"port {port.number} is held by {blockers}"
+        self._publish(
+            ev.PORT_BLOCKED, why,
+            **{"hostvisor.port": port.number,
+               "process.pid": result.blocked[0].pid if result.blocked else None,
+               "process.command_line": result.blocked[0].cmdline if result.blocked else None},
+        )
+        return why
+
+    def _remember(self, pid: int) -> None:
+        if self.spec.port is None:
+            return
+        try:
+            import psutil
+
+            self._known = [*self._known[-7:], (pid, psutil.Process(pid).create_time())]
+        except Exception:  # the process may be gone already; nothing to remember then
+            pass
+
+    # ---------------------------------------------------------------- post_start
+
+    async def _post_start(self) -> None:
+        spec = self.spec.post_start
+        assert spec is not None
+        error: str | None = None
+        try:
+            with anyio.fail_after(spec.timeout):
+                if spec.http is not None:
+                    import httpx
+
+                    async with httpx.AsyncClient(timeout=spec.timeout, trust_env=False) as client:
+                        response = await client.request(spec.method, spec.http)
+                    if response.status_code >= 400:
+                        error = f"{spec.method} {spec.http}: HTTP {response.status_code}"
+                elif spec.command is not None and self._run_command is not None:
+                    result = await self._run_command(
+                        spec.command, cwd=self.spec.workdir, env=self.spec.env,
+                        service=self.spec.name, timeout=spec.timeout,
+                    )
+                    if result.timed_out or result.code != 0:
+                        error = f"post_start command failed: exit {result.code}: {result.tail(3)}"
+        except TimeoutError:
+            error = f"post_start timed out after {spec.timeout:g}s"
+        except Exception as exc:  # a hook failure is an event, never a crash
+            error = f"post_start: {type(exc).__name__}: {exc}"
+        if error:
+            self._publish(ev.POST_START_FAILED, error, **{"error.type": "post_start"})
