@@ -226,8 +226,9 @@ def _reload(args: argparse.Namespace, client: ControlClient) -> int:
     try:
         result = client.call("reload", {}, timeout=120.0)
     except ConfigRejected as exc:
-        _fail(f"reload rejected, nothing changed: {exc}")
-        for issue in exc.data if isinstance(exc.data, list) else []:
+        issues = exc.data if isinstance(exc.data, list) and exc.data else None
+        _fail(f"reload rejected; the running config is unchanged{'' if issues else f': {exc}'}")
+        for issue in issues or []:
             print(issue, file=sys.stderr)
         return EXIT_FAILED
     for key in ("added", "removed", "changed"):
