@@ -7,6 +7,8 @@ alone). Durations are float seconds, sizes int bytes, signals ints.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -214,10 +216,30 @@ class ServiceSpec:
     def secret_values(self) -> frozenset[str]:
         """Values from ``env`` and ``env_files`` that must never appear in output.
 
-        Values shorter than 4 characters are left out: redacting ``1`` or
-        ``on`` everywhere would make every message unreadable.
+        Every value of a key that names a secret (``*TOKEN*``, ``*PASSWORD*``,
+        ``*SECRET*``, ``*KEY*`` ...) of 3 characters or more, and every other value of
+        8 characters or more that is not a plain number or IP address. Redacting
+        ``host`` or ``1`` everywhere would make every message unreadable.
         """
-        return frozenset(v for v in self.env.values() if len(v) >= 4)
+        return frozenset(v for k, v in self.env.items() if _is_secret(k, v))
+
+
+_SECRET_KEY = re.compile(
+    r"TOKEN|SECRET|PASS|KEY|AUTH|CRED|PRIVATE|SESSION|COOKIE|DSN|SIGNATURE|CERT|SALT",
+    re.IGNORECASE,
+)
+
+
+def _is_secret(key: str, value: str) -> bool:
+    if _SECRET_KEY.search(key):
+        return len(value) >= 3
+    if len(value) < 8 or value.replace(".", "").replace(":", "").isdigit():
+        return False
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return True
+    return False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
