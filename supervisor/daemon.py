@@ -12,6 +12,7 @@ SIGKILL; exit 0); a second SIGINT forces it at once; SIGHUP reloads.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import random
@@ -34,7 +35,7 @@ from supervisor.events import EventBus, Redactor
 from supervisor.logfiles import LogHub, RotatingLog
 from supervisor.paths import log_dir, resolve_socket_path, resolve_state_dir, service_log_path
 from supervisor.reaper import Reaper
-from supervisor.service import RESTING, Broadcast, ServiceSupervisor
+from supervisor.service import Broadcast, ServiceSupervisor
 from supervisor.spec import Loaded, ServiceSpec, StopSpec
 from supervisor.states import Health, ServiceState
 
@@ -134,21 +135,28 @@ class Daemon:
             return sorted(self.supervisors)
         unknown = [n for n in names if n not in self.supervisors]
         if unknown:
+            known = ", ".join(sorted(self.supervisors))
             raise UnknownService(
-                f"unknown service: {', '.join(unknown)} (known: {', '.join(sorted(self.supervisors))})",
+                f"unknown service: {', '.join(unknown)} (known: {known})",
                 data={"unknown": unknown},
             )
         return list(dict.fromkeys(names))
 
-    async def start(self, names: Names, *, wait: bool = True, timeout: float = 60.0) -> dict[str, Any]:
+    async def start(
+        self, names: Names, *, wait: bool = True, timeout: float = 60.0
+    ) -> dict[str, Any]:
         """Want the services up; wait for RUNNING (or a resting state) unless ``wait`` is False."""
         return await self._command(names, "start", frozenset({S.RUNNING}), wait, timeout)
 
-    async def stop(self, names: Names, *, wait: bool = True, timeout: float = 60.0) -> dict[str, Any]:
+    async def stop(
+        self, names: Names, *, wait: bool = True, timeout: float = 60.0
+    ) -> dict[str, Any]:
         """Want the services down; wait until STOPPED."""
         return await self._command(names, "stop", frozenset({S.STOPPED}), wait, timeout)
 
-    async def restart(self, names: Names, *, wait: bool = True, timeout: float = 60.0) -> dict[str, Any]:
+    async def restart(
+        self, names: Names, *, wait: bool = True, timeout: float = 60.0
+    ) -> dict[str, Any]:
         """Stop (if up) and start the services afresh; wait for RUNNING."""
         return await self._command(names, "restart", frozenset({S.RUNNING}), wait, timeout)
 
@@ -162,7 +170,11 @@ class Daemon:
                 async with anyio.create_task_group() as tg:
                     for name, gen in gens.items():
                         tg.start_soon(self.supervisors[name].wait_settled, gen, targets)
-        return {"services": [self.supervisors[n].status_entry() for n in chosen if n in self.supervisors]}
+        return {
+            "services": [
+                self.supervisors[n].status_entry() for n in chosen if n in self.supervisors
+            ]
+        }
 
     def log_path(self, service: str | None) -> Path:
         """``<state>/logs/<service>.log``, or the daemon's log for None; raises UnknownService."""
@@ -321,7 +333,9 @@ class Daemon:
         logs = log_dir(self.state_dir)
         logs.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.log = DaemonLog(
-            RotatingLog(service_log_path(self.state_dir, "hostvisor"), max_size=10 << 20, backups=5),
+            RotatingLog(
+                service_log_path(self.state_dir, "hostvisor"), max_size=10 << 20, backups=5
+            ),
             level=spec.log_level,
             hub=self.loghub,
         )
@@ -345,8 +359,11 @@ class Daemon:
                     await self._launch(service)
                 self.bus.publish(
                     ev.DAEMON_STARTED,
-                    message=f"hostvisor {__version__} started with {len(self.supervisors)} services",
-                    attributes={"process.pid": os.getpid(), "hostvisor.config": str(spec.config_path)},
+                    message=f"hostvisor {__version__} started, {len(self.supervisors)} services",
+                    attributes={
+                        "process.pid": os.getpid(),
+                        "hostvisor.config": str(spec.config_path),
+                    },
                 )
                 notifier.ready()
                 if notifier.watchdog_interval() is not None:
@@ -363,21 +380,23 @@ class Daemon:
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     notifier.reloading()
-                    try:
+                    with contextlib.suppress(ConfigRejected):  # already published as an event
                         await self.reload()
-                    except ConfigRejected:
-                        pass
                     notifier.ready()
                     continue
                 break
-            self.bus.publish(ev.DAEMON_STOPPING, message=f"stopping on {signal.Signals(signum).name}")
+            self.bus.publish(
+                ev.DAEMON_STOPPING, message=f"stopping on {signal.Signals(signum).name}"
+            )
             notifier.stopping()
             async with anyio.create_task_group() as tg:
 
                 async def forced() -> None:
                     async for again in signals:
                         if again == signal.SIGINT:
-                            self.bus.publish(ev.DAEMON_STOPPING, message="second SIGINT: killing now")
+                            self.bus.publish(
+                                ev.DAEMON_STOPPING, message="second SIGINT: killing now"
+                            )
                             await self._force_kill()
                             tg.cancel_scope.cancel()
 

@@ -8,6 +8,7 @@ stderr in a human form, which journald and launchd capture.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from datetime import UTC, datetime
@@ -72,10 +73,8 @@ class DaemonLog:
         if self._hub is not None and self._hub.has_subscribers(None):
             self._hub.publish(None, [line])
         stamp = str(record.get("time", ""))[11:23]
-        try:
+        with contextlib.suppress(OSError, ValueError):  # stderr closed: keep going
             print(f"{stamp} {level.upper():<5} {human}", file=self._stream, flush=True)
-        except (OSError, ValueError):  # stderr closed (daemonised badly): keep going
-            pass
 
     def close(self) -> None:
         """Close the log file."""

@@ -84,7 +84,7 @@ def service_log_path(state_dir: Path, service: str) -> Path:
 
 
 def default_socket_path(environ: Mapping[str, str] | None = None) -> Path:
-    """``$XDG_RUNTIME_DIR/hostvisor/hostvisor.sock``, else ``/tmp/hostvisor-$UID/hostvisor.sock``."""
+    """``$XDG_RUNTIME_DIR/hostvisor/hostvisor.sock``, else ``/tmp/hostvisor-$UID/...``."""
     env = _env(environ)
     runtime = env.get("XDG_RUNTIME_DIR")
     if runtime:

@@ -272,9 +272,7 @@ class ServiceSupervisor:
         self.health = Health.NONE if self.spec.health is None else Health.UNKNOWN
         self._seen_gen = self._gen
         self._set_state(S.STARTING, "")
-        self._publish(
-            ev.SERVICE_STARTING, "starting", **{"hostvisor.restart.count": self.restarts}
-        )
+        self._publish(ev.SERVICE_STARTING, "starting", **{"hostvisor.restart.count": self.restarts})
         handle: Handle | None = None
         failure: str | None = None
         with self._open_scope():
@@ -343,7 +341,9 @@ class ServiceSupervisor:
         self.handle = None
         self.instance_started_at = None
         if self._health_restart:
-            self._after_failure(status, failed_start=False, message="restarted: health checks failed")
+            self._after_failure(
+                status, failed_start=False, message="restarted: health checks failed"
+            )
         elif self._interrupted:
             self._after_interrupt()
         else:
@@ -392,7 +392,9 @@ class ServiceSupervisor:
         self.failed_starts = 0
         self._reached_running = True
         self._set_state(S.RUNNING, "")
-        self._publish(ev.SERVICE_RUNNING, f"running (pid {handle.pid})", **{"process.pid": handle.pid})
+        self._publish(
+            ev.SERVICE_RUNNING, f"running (pid {handle.pid})", **{"process.pid": handle.pid}
+        )
         if self.spec.post_start is not None:
             tg.start_soon(self._post_start)
         tg.start_soon(self._reset_backoff_later)
@@ -462,7 +464,10 @@ class ServiceSupervisor:
             self._publish(
                 ev.HEALTH_CHANGED,
                 f"{previous} -> {health}: {detail}",
-                **{"hostvisor.health.previous": str(previous), "hostvisor.health.state": str(health)},
+                **{
+                    "hostvisor.health.previous": str(previous),
+                    "hostvisor.health.state": str(health),
+                },
             )
 
     # ---------------------------------------------------------------- after an instance
@@ -474,7 +479,9 @@ class ServiceSupervisor:
             return
         self._enter_stopped("stopped by request")
 
-    def _after_failure(self, status: ExitStatus | None, *, failed_start: bool, message: str) -> None:
+    def _after_failure(
+        self, status: ExitStatus | None, *, failed_start: bool, message: str
+    ) -> None:
         if failed_start:
             self.failed_starts += 1
         decision = after_exit(
@@ -500,7 +507,10 @@ class ServiceSupervisor:
         self._publish(
             ev.SERVICE_BACKOFF,
             f"{message}; retry in {delay:.3f}s (attempt {self.backoff.attempt})",
-            **{"hostvisor.backoff.delay_s": round(delay, 6), "hostvisor.backoff.attempt": self.backoff.attempt},
+            **{
+                "hostvisor.backoff.delay_s": round(delay, 6),
+                "hostvisor.backoff.attempt": self.backoff.attempt,
+            },
         )
         self._pending_delay = delay
 
@@ -509,7 +519,9 @@ class ServiceSupervisor:
     async def _wait_dependencies(self) -> None:
         deps: Mapping[str, DependencyCondition] = self.spec.depends_on
         while True:
-            waiting = [f"{name} ({cond})" for name, cond in deps.items() if not self._dep_ok(name, cond)]
+            waiting = [
+                f"{name} ({cond})" for name, cond in deps.items() if not self._dep_ok(name, cond)
+            ]
             if not waiting:
                 return
             self._set_message(f"waiting for {', '.join(waiting)}")
@@ -529,7 +541,10 @@ class ServiceSupervisor:
         self._set_message("preflight")
         try:
             result = await self._run_command(
-                spec.command, cwd=self.spec.workdir, env=self.spec.env, service=self.spec.name,
+                spec.command,
+                cwd=self.spec.workdir,
+                env=self.spec.env,
+                service=self.spec.name,
                 timeout=spec.timeout,
             )
         except SpawnError as exc:
@@ -538,8 +553,10 @@ class ServiceSupervisor:
         if result.timed_out:
             why = f"preflight timed out after {spec.timeout:g}s"
         elif result.code != 0:
-            why = f"preflight failed: exit code {result.code}" if result.code is not None else (
-                f"preflight killed by signal {result.signal}"
+            why = (
+                f"preflight failed: exit code {result.code}"
+                if result.code is not None
+                else (f"preflight killed by signal {result.signal}")
             )
         else:
             return None
@@ -557,25 +574,34 @@ class ServiceSupervisor:
         port = self.spec.port
         assert port is not None
         result = await ports.reclaim(
-            port.number, policy=port.reclaim, service=self.spec.name, known=self._known,
+            port.number,
+            policy=port.reclaim,
+            service=self.spec.name,
+            known=self._known,
             stop=self.spec.stop,
         )
         for holder in result.killed:
             self._publish(
                 ev.PORT_RECLAIMED,
                 f"port {port.number}: killed stale holder pid {holder.pid} ({holder.cmdline})",
-                **{"process.pid": holder.pid, "hostvisor.port": port.number,
-                   "process.command_line": holder.cmdline},
+                **{
+                    "process.pid": holder.pid,
+                    "hostvisor.port": port.number,
+                    "process.command_line": holder.cmdline,
+                },
             )
         if result.free:
             return None
         blockers = ", ".join(f"pid {h.pid} ({h.cmdline})" for h in result.blocked) or "unknown"
         why = f"port {port.number} is held by {blockers}"
         self._publish(
-            ev.PORT_BLOCKED, why,
-            **{"hostvisor.port": port.number,
-               "process.pid": result.blocked[0].pid if result.blocked else None,
-               "process.command_line": result.blocked[0].cmdline if result.blocked else None},
+            ev.PORT_BLOCKED,
+            why,
+            **{
+                "hostvisor.port": port.number,
+                "process.pid": result.blocked[0].pid if result.blocked else None,
+                "process.command_line": result.blocked[0].cmdline if result.blocked else None,
+            },
         )
         return why
 
@@ -606,8 +632,11 @@ class ServiceSupervisor:
                         error = f"{spec.method} {spec.http}: HTTP {response.status_code}"
                 elif spec.command is not None and self._run_command is not None:
                     result = await self._run_command(
-                        spec.command, cwd=self.spec.workdir, env=self.spec.env,
-                        service=self.spec.name, timeout=spec.timeout,
+                        spec.command,
+                        cwd=self.spec.workdir,
+                        env=self.spec.env,
+                        service=self.spec.name,
+                        timeout=spec.timeout,
                     )
                     if result.timed_out or result.code != 0:
                         error = f"post_start command failed: exit {result.code}: {result.tail(3)}"

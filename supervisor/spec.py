@@ -22,8 +22,8 @@ __all__ = [
     "ContainerSpec",
     "DaemonSpec",
     "HealthCheckSpec",
-    "LogSpec",
     "Loaded",
+    "LogSpec",
     "PortSpec",
     "PostStartSpec",
     "PreflightSpec",
@@ -37,7 +37,6 @@ __all__ = [
 ReclaimPort = Literal["own", "any", "no"]
 ProbeKind = Literal["http", "tcp", "exec", "docker"]
 Protocol = Literal["grpc", "http/protobuf", ""]
-
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

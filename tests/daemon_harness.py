@@ -72,14 +72,19 @@ class DaemonProcess:
     def start(self, *, wait: bool = True, timeout: float = 20.0) -> None:
         self.proc = subprocess.Popen(
             [PY, "-m", "supervisor", "run", "-c", str(self.config_path)],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=self.env(),
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env=self.env(),
             cwd=self.root,
         )
         threading.Thread(target=self._read_stderr, daemon=True).start()
         if wait:
             self.wait_stderr("hostvisor.daemon.started", timeout=timeout)
             threading.Thread(target=self._follow_events, daemon=True).start()
-            self.wait_for(lambda: any(e["event"] == "hostvisor.daemon.started" for e in self.events))
+            self.wait_for(
+                lambda: any(e["event"] == "hostvisor.daemon.started" for e in self.events)
+            )
 
     def _read_stderr(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
@@ -105,7 +110,9 @@ class DaemonProcess:
         with self._cond:
             self._cond.notify_all()
 
-    def wait_for(self, condition: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
+    def wait_for(
+        self, condition: Callable[[], bool], timeout: float = 15.0, what: str = ""
+    ) -> None:
         """Wait until ``condition()`` holds, re-checking at each event or stderr line."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -122,7 +129,12 @@ class DaemonProcess:
         self.wait_for(lambda: any(text in line for line in self.stderr), timeout, repr(text))
 
     def wait_event(
-        self, name: str, service: str | None = None, *, after: int = 0, timeout: float = 15.0,
+        self,
+        name: str,
+        service: str | None = None,
+        *,
+        after: int = 0,
+        timeout: float = 15.0,
         where: Callable[[dict[str, Any]], bool] | None = None,
     ) -> dict[str, Any]:
         """The first event ``name`` (for ``service``) with ``seq > after``."""
@@ -130,9 +142,12 @@ class DaemonProcess:
 
         def match() -> bool:
             for event in self.events:
-                if event["seq"] > after and event["event"] == name and (
-                    service is None or event["service"] == service
-                ) and (where is None or where(event)):
+                if (
+                    event["seq"] > after
+                    and event["event"] == name
+                    and (service is None or event["service"] == service)
+                    and (where is None or where(event))
+                ):
                     found.append(event)
                     return True
             return False
@@ -164,8 +179,21 @@ class DaemonProcess:
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [PY, "-m", "supervisor", *args, "-c", str(self.config_path), "--socket", str(self.socket)],
-            capture_output=True, text=True, timeout=timeout, env=self.env(), cwd=self.root,
+            [
+                PY,
+                "-m",
+                "supervisor",
+                *args,
+                "-c",
+                str(self.config_path),
+                "--socket",
+                str(self.socket),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env(),
+            cwd=self.root,
         )
 
     def signal(self, signum: int) -> None:
@@ -194,8 +222,14 @@ class DaemonProcess:
 
 
 @contextmanager
-def daemon(root: Path, *, config: str = "", env: dict[str, str] | None = None,
-           units: dict[str, str] | None = None, start: bool = True) -> Iterator[DaemonProcess]:
+def daemon(
+    root: Path,
+    *,
+    config: str = "",
+    env: dict[str, str] | None = None,
+    units: dict[str, str] | None = None,
+    start: bool = True,
+) -> Iterator[DaemonProcess]:
     """A :class:`DaemonProcess` with ``units`` written, started, and always cleaned up."""
     d = DaemonProcess(root, config=config, env=env)
     for name, text in (units or {}).items():

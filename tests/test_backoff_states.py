@@ -27,7 +27,9 @@ class TestBackoff:
 
     def test_jitter_stays_within_the_fraction_and_under_the_cap(self) -> None:
         """Each delay is within +/- jitter of its base and never above max."""
-        backoff = Backoff(BackoffSpec(initial=1, max=8, multiplier=2, jitter=0.2), rng=random.Random(7))
+        backoff = Backoff(
+            BackoffSpec(initial=1, max=8, multiplier=2, jitter=0.2), rng=random.Random(7)
+        )
         for base in [1, 2, 4, 8, 8, 8]:
             delay = backoff.next_delay()
             assert base * 0.8 <= delay <= min(base * 1.2, 8)
@@ -73,16 +75,22 @@ class TestAfterExit:
     def test_policies(self, policy: Restart, code: int, expected: Decision) -> None:
         """always restarts, on-failure treats exit 0 as done, no never restarts."""
         got = after_exit(
-            policy=policy, status=ExitStatus(code=code), failed_start=False,
-            failed_starts_in_a_row=0, give_up_after=0,
+            policy=policy,
+            status=ExitStatus(code=code),
+            failed_start=False,
+            failed_starts_in_a_row=0,
+            give_up_after=0,
         )
         assert got is expected
 
     def test_a_signal_is_a_failure_for_on_failure(self) -> None:
         """Killed by a signal is not a clean exit."""
         got = after_exit(
-            policy=Restart.ON_FAILURE, status=ExitStatus(signal=9), failed_start=False,
-            failed_starts_in_a_row=0, give_up_after=0,
+            policy=Restart.ON_FAILURE,
+            status=ExitStatus(signal=9),
+            failed_start=False,
+            failed_starts_in_a_row=0,
+            give_up_after=0,
         )
         assert got is Decision.RESTART
 
@@ -101,7 +109,9 @@ class TestTransitions:
 
     def test_illegal_move_raises(self) -> None:
         """STOPPED -> RUNNING skips STARTING and raises IllegalTransition, not an assert."""
-        with pytest.raises(IllegalTransition, match="web: illegal state transition stopped -> running"):
+        with pytest.raises(
+            IllegalTransition, match="web: illegal state transition stopped -> running"
+        ):
             check_transition("web", ServiceState.STOPPED, ServiceState.RUNNING)
 
 

@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ def marked_anywhere(name: str) -> list[psutil.Process]:
     return found
 
 
-SLEEP = f"command = {py_cmd('svc_sleep')}\nstart_seconds = \"0.2s\"\n"
+SLEEP = f'command = {py_cmd("svc_sleep")}\nstart_seconds = "0.2s"\n'
 
 
 class TestSingleInstance:
@@ -44,7 +43,10 @@ class TestSingleInstance:
             d.wait_state("a", "running")
             second = subprocess.run(
                 [PY, "-m", "supervisor", "run", "-c", str(d.config_path)],
-                capture_output=True, text=True, timeout=30, env=d.env(),
+                capture_output=True,
+                text=True,
+                timeout=30,
+                env=d.env(),
             )
             assert second.returncode == 1
             assert f"already running (pid {d.proc.pid})" in second.stderr  # type: ignore[union-attr]
@@ -70,12 +72,20 @@ class TestShutdown:
             stopped = [e["service"] for e in log if e.get("event") == "hostvisor.service.stopped"]
             assert stopped.index("web") < stopped.index("api") < stopped.index("db")
             assert any(e.get("event") == "hostvisor.daemon.stopping" for e in log)
-            assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+            assert not any(
+                psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids
+            )
 
-    def test_a_child_ignoring_sigterm_is_killed_within_shutdown_timeout(self, tmp_path: Path) -> None:
+    def test_a_child_ignoring_sigterm_is_killed_within_shutdown_timeout(
+        self, tmp_path: Path
+    ) -> None:
         """A service that ignores SIGTERM is SIGKILLed after stop_timeout; the daemon exits 0."""
-        stubborn = [PY, "-c", "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"]
-        unit = f"command = {json.dumps(stubborn)}\nstart_seconds = \"0.2s\"\nstop_timeout = \"1s\"\n"
+        stubborn = [
+            PY,
+            "-c",
+            "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)",
+        ]
+        unit = f'command = {json.dumps(stubborn)}\nstart_seconds = "0.2s"\nstop_timeout = "1s"\n'
         with daemon(tmp_path, units={"stubborn": unit}) as d:
             pid = d.wait_state("stubborn", "running")["pid"]
             begin = time.monotonic()
@@ -123,9 +133,12 @@ class TestDaemonLog:
         """Every event lands in <state>/logs/hostvisor.log as one JSON object per line."""
         with daemon(tmp_path, units={"a": SLEEP}) as d:
             d.wait_state("a", "running")
-            d.wait_for(lambda: any(e.get("event") == "hostvisor.service.running"
-                                   for e in d.daemon_log()))
-            record = next(e for e in d.daemon_log() if e.get("event") == "hostvisor.service.running")
+            d.wait_for(
+                lambda: any(e.get("event") == "hostvisor.service.running" for e in d.daemon_log())
+            )
+            record = next(
+                e for e in d.daemon_log() if e.get("event") == "hostvisor.service.running"
+            )
             assert set(record) >= {"seq", "time", "event", "service", "message", "attributes"}
             assert record["service"] == "a"
             assert record["attributes"]["process.pid"] == d.status("a")["pid"]
@@ -143,7 +156,7 @@ class TestOrphans:
             "    os._exit(0)\n"
             "print('forked', flush=True); time.sleep(600)\n"
         )
-        unit = f"command = {json.dumps([PY, '-c', script])}\nstart_seconds = \"0.2s\"\n"
+        unit = f'command = {json.dumps([PY, "-c", script])}\nstart_seconds = "0.2s"\n'
         with daemon(tmp_path, units={"forker": unit}) as d:
             d.wait_state("forker", "running")
             me = psutil.Process(d.proc.pid)  # type: ignore[union-attr]
@@ -167,7 +180,10 @@ class TestUserMistakes:
             d.config_path.chmod(0o664)
             result = subprocess.run(
                 [PY, "-m", "supervisor", "run", "-c", str(d.config_path)],
-                capture_output=True, text=True, timeout=30, env=d.env(),
+                capture_output=True,
+                text=True,
+                timeout=30,
+                env=d.env(),
             )
             assert result.returncode == 1
             assert str(d.config_path) in result.stderr and "0664" in result.stderr
@@ -180,7 +196,10 @@ class TestUserMistakes:
             d.write_unit("Bad Name", 'command = ["x"]\n')
             result = d.cli("check")
             assert result.returncode == 1
-            assert "web.toml: health.intervall: unknown key (did you mean \"interval\"?)" in result.stderr
+            assert (
+                'web.toml: health.intervall: unknown key (did you mean "interval"?)'
+                in result.stderr
+            )
             assert "Bad Name.toml" in result.stderr
 
 
@@ -197,12 +216,14 @@ class TestSeedWorker:
         # A stale worker from an earlier run still holds the port (it carries our marker).
         stale = subprocess.Popen(
             [PY, str(Path(__file__).parent / "programs" / "svc_serve.py"), "--port", str(port)],
-            cwd=worker, env={**os.environ, "HOSTVISOR_SERVICE": "system-bus-worker"},
-            stdout=subprocess.DEVNULL, start_new_session=True,
+            cwd=worker,
+            env={**os.environ, "HOSTVISOR_SERVICE": "system-bus-worker"},
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
         )
         unit = f"""
 description = "joelclaw host worker (bun run src/serve.ts in the seed)"
-command = {py_cmd('svc_serve', '--port', port)}
+command = {py_cmd("svc_serve", "--port", port)}
 workdir = "{worker}"
 env_files = ["{env_file}"]
 env = {{ WORKER_ROLE = "host" }}
@@ -248,8 +269,11 @@ multiplier = 2.0
                 # Three failed checks in a row: restart through the same backoff as a crash.
                 (worker / "unhealthy").write_text("")
                 d.wait_event("hostvisor.health_check.restart", "system-bus-worker")
-                d.wait_event("hostvisor.service.backoff", "system-bus-worker",
-                             where=lambda e: "health checks failed" in e["message"])
+                d.wait_event(
+                    "hostvisor.service.backoff",
+                    "system-bus-worker",
+                    where=lambda e: "health checks failed" in e["message"],
+                )
                 (worker / "unhealthy").unlink()
                 seq = d.last_seq()
                 d.wait_event("hostvisor.service.running", "system-bus-worker", after=seq)

@@ -56,7 +56,9 @@ class TestRestartPolicy:
     async def test_on_failure_leaves_a_clean_exit_alone(self, tmp_path: Path) -> None:
         """restart = on-failure: exit 0 ends in EXITED, with no new instance."""
         spec = make_spec(
-            tmp_path, "job", program("svc_exit", "--after", "0.3", "--code", "0"),
+            tmp_path,
+            "job",
+            program("svc_exit", "--after", "0.3", "--code", "0"),
             restart=Restart.ON_FAILURE,
         )
         async with supervising(tmp_path, spec) as h:
@@ -66,8 +68,12 @@ class TestRestartPolicy:
 
     async def test_no_never_restarts(self, tmp_path: Path) -> None:
         """restart = no: a failing exit also ends in EXITED."""
-        spec = make_spec(tmp_path, "once", program("svc_exit", "--after", "0.3", "--code", "2"),
-                         restart=Restart.NO)
+        spec = make_spec(
+            tmp_path,
+            "once",
+            program("svc_exit", "--after", "0.3", "--code", "2"),
+            restart=Restart.NO,
+        )
         async with supervising(tmp_path, spec) as h:
             await h.wait_state("once", S.EXITED)
             assert h["once"].restarts == 0
@@ -76,8 +82,12 @@ class TestRestartPolicy:
 class TestBackoffAndGiveUp:
     async def test_delays_grow_and_are_capped(self, tmp_path: Path) -> None:
         """Failed starts back off initial * 2^n up to max (no jitter here)."""
-        spec = make_spec(tmp_path, "flap", program("svc_exit", "--code", "1"),
-                         backoff=BackoffSpec(initial=0.05, max=0.2, multiplier=2, jitter=0))
+        spec = make_spec(
+            tmp_path,
+            "flap",
+            program("svc_exit", "--code", "1"),
+            backoff=BackoffSpec(initial=0.05, max=0.2, multiplier=2, jitter=0),
+        )
         async with supervising(tmp_path, spec) as h:
             delays = []
             for _ in range(4):
@@ -106,16 +116,22 @@ class TestBackoffAndGiveUp:
 
     async def test_missing_workdir_is_a_failed_start(self, tmp_path: Path) -> None:
         """A workdir that does not exist is named in the message."""
-        spec = make_spec(tmp_path, "lost", [PY, "-c", "pass"], workdir=tmp_path / "nowhere",
-                         give_up_after=1)
+        spec = make_spec(
+            tmp_path, "lost", [PY, "-c", "pass"], workdir=tmp_path / "nowhere", give_up_after=1
+        )
         async with supervising(tmp_path, spec) as h:
             await h.wait_state("lost", S.FATAL)
             assert "nowhere" in h["lost"].message
 
     async def test_an_early_exit_is_a_failed_start(self, tmp_path: Path) -> None:
         """Up less than start_seconds counts as a failed start (supervisord's startsecs)."""
-        spec = make_spec(tmp_path, "brief", program("svc_exit", "--after", "0.1", "--code", "0"),
-                         start_seconds=1.0, give_up_after=2)
+        spec = make_spec(
+            tmp_path,
+            "brief",
+            program("svc_exit", "--after", "0.1", "--code", "0"),
+            start_seconds=1.0,
+            give_up_after=2,
+        )
         async with supervising(tmp_path, spec) as h:
             await h.wait_state("brief", S.FATAL, timeout=15)
             assert not any(e.event == ev.SERVICE_RUNNING for e in h.seen)
@@ -126,9 +142,17 @@ class TestPreflight:
         """Preflight exit != 0: an event with the code and stderr tail, no spawn, backoff;
         once it passes the service runs."""
         flag = tmp_path / "ok"
-        check = [PY, "-c", f"import os,sys; os.path.exists({str(flag)!r}) or sys.exit('broken import: x')"]
-        spec = make_spec(tmp_path, "pf", program("svc_sleep"),
-                         preflight=PreflightSpec(command=tuple(check), timeout=5))
+        check = [
+            PY,
+            "-c",
+            f"import os,sys; os.path.exists({str(flag)!r}) or sys.exit('broken import: x')",
+        ]
+        spec = make_spec(
+            tmp_path,
+            "pf",
+            program("svc_sleep"),
+            preflight=PreflightSpec(command=tuple(check), timeout=5),
+        )
         async with supervising(tmp_path, spec) as h:
             failed = await h.wait_event(ev.PREFLIGHT_FAILED, "pf")
             assert failed.attributes["process.exit.code"] == 1
@@ -140,9 +164,17 @@ class TestPreflight:
 
     async def test_timeout_kills_the_preflight_group(self, tmp_path: Path) -> None:
         """A preflight that hangs is killed at its timeout, with its children."""
-        check = [PY, "-c", "import subprocess,sys,time; subprocess.Popen([sys.executable,'-c','import time; time.sleep(60)']); time.sleep(60)"]
-        spec = make_spec(tmp_path, "slowpf", program("svc_sleep"),
-                         preflight=PreflightSpec(command=tuple(check), timeout=0.5))
+        check = [
+            PY,
+            "-c",
+            "import subprocess,sys,time; subprocess.Popen([sys.executable,'-c','import time; time.sleep(60)']); time.sleep(60)",
+        ]
+        spec = make_spec(
+            tmp_path,
+            "slowpf",
+            program("svc_sleep"),
+            preflight=PreflightSpec(command=tuple(check), timeout=0.5),
+        )
         async with supervising(tmp_path, spec) as h:
             failed = await h.wait_event(ev.PREFLIGHT_FAILED, "slowpf")
             assert "timed out" in failed.message
@@ -150,22 +182,28 @@ class TestPreflight:
 
 
 class TestHealth:
-    async def test_http_probe_makes_it_running_then_restarts_after_threshold(self, tmp_path: Path) -> None:
+    async def test_http_probe_makes_it_running_then_restarts_after_threshold(
+        self, tmp_path: Path
+    ) -> None:
         """RUNNING after the first passing check; failure_threshold failures in a row give
         health.changed, health_check.restart, and a restart through backoff."""
         port = free_port()
         spec = make_spec(
-            tmp_path, "api", program("svc_serve", "--port", port),
-            health=HealthCheckSpec(http=f"http://127.0.0.1:{port}/health", interval=0.1,
-                                   timeout=1, failure_threshold=3),
+            tmp_path,
+            "api",
+            program("svc_serve", "--port", port),
+            health=HealthCheckSpec(
+                http=f"http://127.0.0.1:{port}/health", interval=0.1, timeout=1, failure_threshold=3
+            ),
         )
         async with supervising(tmp_path, spec) as h:
             await h.wait_state("api", S.RUNNING)
             assert h["api"].health is Health.HEALTHY
             first_pid = h["api"].handle.pid  # type: ignore[union-attr]
             (tmp_path / "unhealthy").write_text("")
-            changed = await h.wait_event(ev.HEALTH_CHANGED, "api",
-                                         where=lambda e: "-> unhealthy" in e.message)
+            changed = await h.wait_event(
+                ev.HEALTH_CHANGED, "api", where=lambda e: "-> unhealthy" in e.message
+            )
             assert "HTTP 503" in changed.message
             await h.wait_event(ev.HEALTH_CHECK_RESTART, "api")
             await h.wait_event(ev.SERVICE_BACKOFF, "api")
@@ -179,9 +217,15 @@ class TestHealth:
         port = free_port()
         (tmp_path / "hang").write_text("")
         spec = make_spec(
-            tmp_path, "mute", program("svc_serve", "--port", port),
-            health=HealthCheckSpec(http=f"http://127.0.0.1:{port}/health", interval=0.1,
-                                   timeout=0.3, failure_threshold=2),
+            tmp_path,
+            "mute",
+            program("svc_serve", "--port", port),
+            health=HealthCheckSpec(
+                http=f"http://127.0.0.1:{port}/health",
+                interval=0.1,
+                timeout=0.3,
+                failure_threshold=2,
+            ),
         )
         async with supervising(tmp_path, spec) as h:
             await h.wait_event(ev.HEALTH_CHECK_RESTART, "mute")
@@ -190,10 +234,18 @@ class TestHealth:
     async def test_tcp_and_exec_probes(self, tmp_path: Path) -> None:
         """A tcp probe passes when the port accepts; an exec probe by its exit code."""
         port = free_port()
-        tcp = make_spec(tmp_path, "tcp", program("svc_serve", "--port", port),
-                        health=HealthCheckSpec(tcp=f"127.0.0.1:{port}", interval=0.1))
-        exe = make_spec(tmp_path, "exe", program("svc_sleep"),
-                        health=HealthCheckSpec(exec=(PY, "-c", "raise SystemExit(0)"), interval=0.1))
+        tcp = make_spec(
+            tmp_path,
+            "tcp",
+            program("svc_serve", "--port", port),
+            health=HealthCheckSpec(tcp=f"127.0.0.1:{port}", interval=0.1),
+        )
+        exe = make_spec(
+            tmp_path,
+            "exe",
+            program("svc_sleep"),
+            health=HealthCheckSpec(exec=(PY, "-c", "raise SystemExit(0)"), interval=0.1),
+        )
         async with supervising(tmp_path, tcp, exe) as h:
             await h.wait_state("tcp", S.RUNNING)
             await h.wait_state("exe", S.RUNNING)
@@ -205,7 +257,9 @@ class TestPostStart:
         """post_start PUTs once the service is healthy (the seed's sync endpoint)."""
         port = free_port()
         spec = make_spec(
-            tmp_path, "w", program("svc_serve", "--port", port),
+            tmp_path,
+            "w",
+            program("svc_serve", "--port", port),
             health=HealthCheckSpec(http=f"http://127.0.0.1:{port}/health", interval=0.1),
             post_start=PostStartSpec(http=f"http://127.0.0.1:{port}/sync", method="PUT"),
         )
@@ -218,8 +272,12 @@ class TestPostStart:
 
     async def test_failure_is_an_event_not_a_restart(self, tmp_path: Path) -> None:
         """A failing hook gives post_start.failed and the service keeps running."""
-        spec = make_spec(tmp_path, "hooked", program("svc_sleep"),
-                         post_start=PostStartSpec(command=(PY, "-c", "raise SystemExit(4)")))
+        spec = make_spec(
+            tmp_path,
+            "hooked",
+            program("svc_sleep"),
+            post_start=PostStartSpec(command=(PY, "-c", "raise SystemExit(4)")),
+        )
         async with supervising(tmp_path, spec) as h:
             failed = await h.wait_event(ev.POST_START_FAILED, "hooked")
             assert "exit 4" in failed.message
@@ -231,11 +289,17 @@ class TestDependsOn:
         """A dependent stays STARTING with a message until its dependency is healthy."""
         port = free_port()
         (tmp_path / "unhealthy").write_text("")
-        db = make_spec(tmp_path, "db", program("svc_serve", "--port", port),
-                       health=HealthCheckSpec(http=f"http://127.0.0.1:{port}/health",
-                                              interval=0.1, failure_threshold=100))
-        app = make_spec(tmp_path, "app", program("svc_sleep"),
-                        depends_on={"db": DependencyCondition.HEALTHY})
+        db = make_spec(
+            tmp_path,
+            "db",
+            program("svc_serve", "--port", port),
+            health=HealthCheckSpec(
+                http=f"http://127.0.0.1:{port}/health", interval=0.1, failure_threshold=100
+            ),
+        )
+        app = make_spec(
+            tmp_path, "app", program("svc_sleep"), depends_on={"db": DependencyCondition.HEALTHY}
+        )
         async with supervising(tmp_path, db, app) as h:
             await h.wait_until(lambda: h["app"].message == "waiting for db (healthy)")
             assert h["app"].state is S.STARTING and h["app"].handle is None
