@@ -30,20 +30,24 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
-from pathlib import Path
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import psutil
 from anyio.abc import TaskStatus
 
 __all__ = [
     "Reaper",
+    "WaitThread",
     "child_pids",
     "find_marked",
     "open_pidfd",
     "signal_verified",
     "wait_gone",
+    "waitpid_blocking",
 ]
 
 _PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
@@ -57,6 +61,14 @@ def _has_children_file() -> bool:
 _HAVE_CHILDREN_FILE = _has_children_file()
 
 
+def _read_small(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 1 << 20)
+    finally:
+        os.close(fd)
+
+
 def _children_from_proc(pid: int) -> list[int]:
     # A child is listed under the thread that forked it (or that adopted it).
     pids: list[int] = []
@@ -66,9 +78,7 @@ def _children_from_proc(pid: int) -> list[int]:
         return pids  # gone
     for tid in tids:
         with contextlib.suppress(OSError):  # the thread ended meanwhile
-            pids.extend(
-                int(p) for p in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
-            )
+            pids.extend(map(int, _read_small(f"/proc/{pid}/task/{tid}/children").split()))
     return pids
 
 
@@ -164,22 +174,39 @@ class Reaper:
             ``(pid, wait status)`` of each child reaped.
         """
         done: list[tuple[int, int]] = []
-        # Cheap check first: without any zombie child there is nothing to scan.
-        try:
-            if os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-                return done
-        except ChildProcessError:
-            return done
-        for pid in child_pids():
-            if pid in self._tracked:
-                continue
+        while True:
+            # Peek (WNOWAIT) at one zombie child: none means nothing to do.
             try:
-                got, status = os.waitpid(pid, os.WNOHANG)
+                peek = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
-                continue
-            if got:
-                done.append((got, status))
+                peek = None
+            if peek is None or peek.si_pid == 0:  # macOS fills in a zero pid
+                break
+            if peek.si_pid in self._tracked:
+                # A tracked zombie hides the others from waitid: scan them all.
+                done.extend(self._reap_scan())
+                break
+            got = self._reap_one(peek.si_pid)
+            if got is None:
+                break
+            done.append(got)
         self.reaped_count += len(done)
+        return done
+
+    @staticmethod
+    def _reap_one(pid: int) -> tuple[int, int] | None:
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        return (got, status) if got else None
+
+    def _reap_scan(self) -> list[tuple[int, int]]:
+        done = []
+        for pid in set(child_pids()) - self._tracked:
+            got = self._reap_one(pid)
+            if got is not None:
+                done.append(got)
         return done
 
     def _notify(self) -> None:
@@ -327,3 +354,36 @@ def find_marked(
         except (ProcessLookupError, psutil.Error):
             continue
     return found
+
+
+def waitpid_blocking(pid: int) -> int | None:
+    """Reap ``pid`` (blocking); its wait status, or ``None`` if it was not ours to reap."""
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return None
+
+
+class WaitThread:
+    """A thread blocked in ``waitpid`` on one child, for systems without pidfds.
+
+    Started once per child and kept until it has reaped it, so that a
+    cancelled waiter loses nothing: :meth:`result` may be awaited again.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.status: int | None = None
+        self._done = anyio.Event()
+        token = anyio.lowlevel.current_token()
+
+        def run() -> None:
+            self.status = waitpid_blocking(pid)
+            with contextlib.suppress(Exception):  # the event loop may be gone by now
+                anyio.from_thread.run_sync(self._done.set, token=token)
+
+        threading.Thread(target=run, name=f"hostvisor-wait-{pid}", daemon=True).start()
+
+    async def result(self) -> int | None:
+        """The child's wait status once reaped (``None`` if it was not ours)."""
+        await self._done.wait()
+        return self.status

@@ -78,6 +78,22 @@ class TestDrain:
         assert seen[b"out"] == list(range(200))
         assert seen[b"err"] == list(range(200))
 
+    async def test_lines_longer_than_a_pipe_write_are_not_torn(self, tmp_path: Path) -> None:
+        """Lines of 100 KB (each written in many pieces by the kernel, so reads end
+        mid-line) on both streams still arrive whole and unmixed."""
+        async with driver_running(tmp_path) as (driver, tg):
+            spec = spec_for(tmp_path, "wide", program("proc_lines", 40, 100_000))
+            handle = await driver.start(spec, task_group=tg)
+            with anyio.fail_after(20):
+                await handle.wait()
+                await handle.drained()
+        lines = log_path(tmp_path, "wide").read_bytes().splitlines()
+        assert len(lines) == 80
+        assert all(len(line) == 99_999 and line.endswith(b"x") for line in lines)
+        for stream in (b"out", b"err"):
+            numbers = [int(line[4:10]) for line in lines if line.startswith(stream)]
+            assert numbers == list(range(40))
+
     async def test_service_log_rotates_per_unit_settings(self, tmp_path: Path) -> None:
         """A service's [logs] max_size and backups apply to its drained log."""
         spec = spec_for(

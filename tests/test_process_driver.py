@@ -261,6 +261,25 @@ class TestExit:
             assert not os.path.exists(f"/proc/{member}")  # exited AND reaped
 
 
+class TestWithoutPidfd:
+    async def test_thread_fallback_survives_a_cancelled_wait(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Where pidfds are missing, a thread waits; a cancelled wait() loses nothing."""
+        import supervisor.drivers.process as process
+
+        monkeypatch.setattr(process, "open_pidfd", lambda pid: None)
+        async with supervising(tmp_path) as sup, sup.hub.subscribe("np") as lines:
+            code = "import time; print('ready', flush=True); time.sleep(0.3); raise SystemExit(4)"
+            handle = await sup.start(spec_for(tmp_path, "np", [sys.executable, "-c", code]))
+            await line_starting(lines, "ready")
+            with anyio.move_on_after(0.05):
+                await handle.wait()
+            assert handle.status is None
+            with anyio.fail_after(10):
+                assert (await handle.wait()).code == 4
+
+
 class TestStop:
     async def test_graceful_stop(self, tmp_path: Path) -> None:
         """A process that obeys SIGTERM stops at once with that signal."""

@@ -49,11 +49,13 @@ from supervisor.logfiles import (
 from supervisor.paths import log_dir, service_log_path
 from supervisor.reaper import (
     Reaper,
+    WaitThread,
     child_pids,
     find_marked,
     open_pidfd,
     signal_verified,
     wait_gone,
+    waitpid_blocking,
 )
 from supervisor.spec import ProcessSpec, ServiceSpec, StopSpec
 from supervisor.states import ExitStatus
@@ -114,6 +116,7 @@ class ProcessHandle:
         live.add(self.pid)
         self._pidfd = open_pidfd(self.pid)  # our unreaped child: cannot be another process
         self._leader: ExitStatus | None = None
+        self._waiter: WaitThread | None = None
         self._status: ExitStatus | None = None
         self._lock = anyio.Lock()
         self._drained = anyio.Event()
@@ -171,30 +174,29 @@ class ProcessHandle:
         if self._pidfd is not None:
             # Readable once the leader has exited: no polling, no thread.
             await anyio.wait_readable(self._pidfd)
-            status = self._reap_leader(blocking=True)
-        else:  # no pidfd (macOS, old kernels): block in a worker thread
-            status = await anyio.to_thread.run_sync(self._reap_leader, True, abandon_on_cancel=True)
-        return status
+            raw = waitpid_blocking(self.pid)
+        else:
+            # No pidfd (macOS, Linux < 5.3): one thread blocks in waitpid for the
+            # leader's whole life. A cancelled wait() leaves it running and the
+            # next wait() takes its result (a second waitpid would find nothing).
+            if self._waiter is None:
+                self._waiter = WaitThread(self.pid)
+            raw = await self._waiter.result()
+        return self._reaped(raw)
 
-    def _reap_leader(self, blocking: bool) -> ExitStatus:
-        try:
-            _, status = os.waitpid(self.pid, 0 if blocking else os.WNOHANG)
-            exit_status = ExitStatus.from_wait_status(status)
-        except ChildProcessError:
-            # Only happens if something outside this driver reaped our child.
-            exit_status = ExitStatus(code=255)
+    def _reaped(self, raw: int | None) -> ExitStatus:
+        # None only if something outside this driver reaped our child.
+        status = ExitStatus(code=255) if raw is None else ExitStatus.from_wait_status(raw)
         # Keep Popen from ever polling this pid again (its __del__ and
         # subprocess._cleanup would waitpid() a number that may be reused).
-        self._popen.returncode = (
-            exit_status.code if exit_status.signal is None else -(exit_status.signal)
-        )
+        self._popen.returncode = status.code if status.signal is None else -status.signal
         if self._reaper is not None:
             self._reaper.untrack(self.pid)
         self._live.discard(self.pid)
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
-        return exit_status
+        return status
 
     def _group_exists(self) -> bool:
         try:
