@@ -343,8 +343,9 @@ class Daemon:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             await tg.start(self._pump_log)
-            if self.reaper.enable_subreaper():
-                await tg.start(self.reaper.run)
+            # Subreaper on Linux; elsewhere the reaper still reaps our own untracked children.
+            self.reaper.enable_subreaper()
+            await tg.start(self.reaper.run)
             async with open_telemetry(
                 spec.telemetry, bus=self.bus, snapshot=self.snapshot, version=__version__
             ) as telemetry:

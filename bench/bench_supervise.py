@@ -1,0 +1,310 @@
+"""Supervision benchmarks of issue 2. A plain script: prints figures, asserts nothing.
+
+    .venv/bin/python bench/bench_supervise.py restart    # SIGKILL -> replacement exec'd, 50 kills
+    .venv/bin/python bench/bench_supervise.py idle       # CPU and RSS over 60 s idle, 200 services
+    .venv/bin/python bench/bench_supervise.py startup    # `hostvisor run` -> 200 services running
+    .venv/bin/python bench/bench_supervise.py logs       # 200 MiB of 64-byte lines into the log
+    .venv/bin/python bench/bench_supervise.py all
+
+Machines here are shared and noisy: quote medians, and compare against a baseline
+measured in the same run (printed next to each figure where one exists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from supervisor import config  # noqa: E402
+from supervisor.control.client import ControlClient  # noqa: E402
+from supervisor.daemon import Daemon  # noqa: E402
+from supervisor.drivers.process import ProcessDriver  # noqa: E402
+from supervisor.spec import LogSpec, ProcessSpec, ServiceSpec  # noqa: E402
+from supervisor.states import ServiceState  # noqa: E402
+
+SLEEP = shutil.which("sleep") or "/bin/sleep"
+
+
+def write_config(root: Path, units: dict[str, str], *, extra: str = "") -> Path:
+    (root / "units").mkdir(parents=True, exist_ok=True)
+    cfg = root / "config.toml"
+    sock = Path(tempfile.mkdtemp(prefix="hvb", dir="/tmp")) / "hv.sock"
+    cfg.write_text(
+        f'[daemon]\nstate_dir = "{root / "state"}"\nsocket = "{sock}"\n'
+        f'shutdown_timeout = "10s"\nlog_level = "warning"\n{extra}\n'
+    )
+    cfg.chmod(0o644)
+    for name, text in units.items():
+        path = root / "units" / f"{name}.toml"
+        path.write_text(text)
+        path.chmod(0o644)
+    return cfg
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# ---------------------------------------------------------------- restart latency
+
+
+async def _restart(n: int) -> list[float]:
+    root = Path(tempfile.mkdtemp(prefix="hv-bench-restart-"))
+    unit = f'command = ["{SLEEP}", "3600"]\nstart_seconds = "0s"\n[backoff]\ninitial = "0s"\n'
+    cfg = write_config(root, {f"s{i:03d}": unit for i in range(n)})
+    loaded = config.load(cfg)
+    daemon = Daemon(loaded, state_dir=root / "state", socket_path=loaded.daemon.socket)  # type: ignore[arg-type]
+    spawned: dict[str, float] = {}
+    original = daemon.process_driver.start
+
+    async def timed_start(spec: ServiceSpec, *, task_group: Any) -> Any:
+        handle = await original(spec, task_group=task_group)
+        spawned[spec.name] = time.perf_counter()  # Popen returned: the child has exec'd
+        daemon.changed.fire()
+        return handle
+
+    daemon.process_driver.start = timed_start  # type: ignore[method-assign]
+    latencies: list[float] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(daemon.main)
+        with anyio.fail_after(60):
+            while len(daemon.supervisors) < n or any(
+                s.state is not ServiceState.RUNNING for s in daemon.supervisors.values()
+            ):
+                await daemon.changed.wait()
+        for name, sup in sorted(daemon.supervisors.items()):
+            assert sup.handle is not None and sup.handle.pid is not None
+            begin = time.perf_counter()
+            os.kill(sup.handle.pid, signal.SIGKILL)
+            with anyio.fail_after(10):
+                while spawned[name] < begin:
+                    await daemon.changed.wait()
+            latencies.append(spawned[name] - begin)
+            with anyio.fail_after(10):
+                while sup.state is not ServiceState.RUNNING:
+                    await daemon.changed.wait()
+        os.kill(os.getpid(), signal.SIGTERM)
+    shutil.rmtree(root, ignore_errors=True)
+    return latencies
+
+
+def bench_restart(n: int = 50) -> None:
+    latencies = anyio.run(_restart, n)
+    ms = [x * 1000 for x in latencies]
+    print(f"restart latency, SIGKILL -> replacement exec'd, {n} services, backoff.initial=0s:")
+    print(f"  median {statistics.median(ms):.2f} ms   p95 {pct(ms, 0.95):.2f} ms   "
+          f"min {min(ms):.2f} ms   max {max(ms):.2f} ms   ({len(ms)} kills)")
+
+
+# ---------------------------------------------------------------- idle CPU and RSS
+
+
+class _Listener:
+    """A TCP listener in a thread that accepts and closes (the target of 200 probes a second)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1024)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.close()
+
+
+def _start_daemon(cfg: Path) -> tuple[subprocess.Popen[bytes], ControlClient]:
+    sock = Path(config.load(cfg).daemon.socket or "")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "run", "-c", str(cfg)],
+        stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=ROOT,
+    )
+    return proc, ControlClient(sock)
+
+
+def _wait_all_running(client: ControlClient, n: int, deadline: float) -> float:
+    while time.monotonic() < deadline:
+        try:
+            doc = client.call("status", {}, timeout=5)
+        except Exception:
+            time.sleep(0.005)
+            continue
+        services = doc["services"]
+        if len(services) == n and all(s["state"] == "running" for s in services):
+            return time.monotonic()
+        time.sleep(0.005)
+    raise TimeoutError("services did not all reach running")
+
+
+def _idle(n: int, seconds: float, probe: bool) -> tuple[float, float]:
+    root = Path(tempfile.mkdtemp(prefix="hv-bench-idle-"))
+    listener = _Listener() if probe else None
+    unit = f'command = ["{SLEEP}", "3600"]\nstart_seconds = "0.5s"\n'
+    if listener is not None:
+        unit += f'[health]\ntcp = "127.0.0.1:{listener.port}"\ninterval = "1s"\ntimeout = "1s"\n'
+    cfg = write_config(root, {f"s{i:03d}": unit for i in range(n)})
+    proc, client = _start_daemon(cfg)
+    try:
+        _wait_all_running(client, n, time.monotonic() + 60)
+        time.sleep(3)  # let start-up settle before the idle window
+        me = psutil.Process(proc.pid)
+        before = me.cpu_times()
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        after = me.cpu_times()
+        elapsed = time.monotonic() - t0
+        rss = me.memory_info().rss / 2**20
+        cpu = (after.user + after.system - before.user - before.system) / elapsed * 100
+        return cpu, rss
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def bench_idle(n: int = 200, seconds: float = 60) -> None:
+    print(f"daemon idle over {seconds:g} s with {n} services (telemetry off, no container units):")
+    for probe in (False, True):
+        cpu, rss = _idle(n, seconds, probe)
+        what = "a 1 s TCP probe each" if probe else "no probes          "
+        print(f"  {what}: CPU {cpu:.3f} % of a core   RSS {rss:.1f} MiB")
+
+
+# ---------------------------------------------------------------- start-up
+
+
+def bench_startup(n: int = 200, runs: int = 5) -> None:
+    times = []
+    for _ in range(runs):
+        root = Path(tempfile.mkdtemp(prefix="hv-bench-startup-"))
+        unit = f'command = ["{SLEEP}", "3600"]\nstart_seconds = "0s"\n'
+        cfg = write_config(root, {f"s{i:03d}": unit for i in range(n)})
+        begin = time.monotonic()
+        proc, client = _start_daemon(cfg)
+        try:
+            times.append(_wait_all_running(client, n, begin + 60) - begin)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+            shutil.rmtree(root, ignore_errors=True)
+    baseline = []
+    for _ in range(runs):
+        begin = time.monotonic()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        baseline.append(time.monotonic() - begin)
+    print(f"`hostvisor run` until {n} services are running (start_seconds=0s), {runs} runs:")
+    print(f"  median {statistics.median(times):.3f} s   min {min(times):.3f} s   "
+          f"(baseline: bare `python -c pass` {statistics.median(baseline) * 1000:.0f} ms)")
+
+
+# ---------------------------------------------------------------- log capture
+
+WRITER = r"""
+import os, sys, time
+total, line = int(sys.argv[1]), 64
+per_block = (1 << 20) // line
+blocks = []
+n = 0
+while n * line < total:
+    blocks.append("".join(f"{i:062d}\n" for i in range(n, n + per_block)).encode())
+    n += per_block
+with open(sys.argv[2], "w") as f:
+    f.write(repr(time.time()))
+for block in blocks:
+    view = memoryview(block)
+    while view:
+        view = view[os.write(1, view):]
+"""
+
+
+async def _logs(total: int) -> tuple[float, int, int]:
+    root = Path(tempfile.mkdtemp(prefix="hv-bench-logs-"))
+    stamp = root / "began"
+    driver = ProcessDriver(state_dir=root / "state")
+    spec = ServiceSpec(
+        name="firehose",
+        target=ProcessSpec(command=(sys.executable, "-c", WRITER, str(total), str(stamp))),
+        workdir=root,
+        logs=LogSpec(max_size=64 << 20, backups=10),
+    )
+    async with anyio.create_task_group() as tg:
+        handle = await driver.start(spec, task_group=tg)
+        await handle.wait()
+        await handle.drained()
+        done = time.time()
+    began = float(stamp.read_text())
+    files = sorted((root / "state" / "logs").glob("firehose.log*"))
+    expected = 0
+    lines = 0
+    for path in sorted(files, key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0):
+        with path.open("rb") as f:
+            for raw in f:
+                if int(raw) != expected:
+                    raise AssertionError(f"line {expected} missing or out of order in {path}")
+                expected += 1
+                lines += 1
+    shutil.rmtree(root, ignore_errors=True)
+    return done - began, lines, len(files)
+
+
+def bench_logs(mib: int = 200, runs: int = 3) -> None:
+    total = mib << 20
+    rates = []
+    for _ in range(runs):
+        seconds, lines, files = anyio.run(_logs, total)
+        rates.append(total / seconds / 2**20)
+    # Baseline in the same run: the same writer into /dev/null, no daemon involved.
+    root = Path(tempfile.mkdtemp(prefix="hv-bench-null-"))
+    base = []
+    for _ in range(runs):
+        with open(os.devnull, "wb") as null:
+            subprocess.run([sys.executable, "-c", WRITER, str(total), str(root / "b")], stdout=null, check=True)
+        base.append(total / (time.time() - float((root / "b").read_text())) / 2**20)
+    shutil.rmtree(root, ignore_errors=True)
+    print(f"log capture, one child writing {mib} MiB of 64-byte lines, rotation at 64 MiB:")
+    print(f"  median {statistics.median(rates):.0f} MiB/s over {runs} runs "
+          f"({lines} lines in {files} files, none lost, in order)   "
+          f"baseline writer -> /dev/null {statistics.median(base):.0f} MiB/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", choices=["restart", "idle", "startup", "logs", "all"])
+    parser.add_argument("--seconds", type=float, default=60, help="idle window (default 60)")
+    args = parser.parse_args()
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    if args.which in ("restart", "all"):
+        bench_restart()
+    if args.which in ("startup", "all"):
+        bench_startup()
+    if args.which in ("logs", "all"):
+        bench_logs()
+    if args.which in ("idle", "all"):
+        bench_idle(seconds=args.seconds)
+
+
+if __name__ == "__main__":
+    main()
