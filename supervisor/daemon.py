@@ -42,6 +42,7 @@ from supervisor.states import Health, ServiceState
 __all__ = ["Daemon", "acquire_lock", "run_daemon"]
 
 S = ServiceState
+_DOCKER_DOWN = "docker engine unreachable; keeping the last known state"
 Names = Sequence[str] | Literal["all"]
 
 
@@ -244,9 +245,13 @@ class Daemon:
 
     def _docker_connection_changed(self, connected: bool) -> None:
         for sup in self.supervisors.values():
-            if sup.spec.kind == "container" and not connected:
+            if sup.spec.kind != "container":
+                continue
+            if not connected:
                 sup.health = Health.UNKNOWN if sup.spec.health else Health.NONE
-                sup.message = "docker engine unreachable; keeping last known state"
+                sup.message = _DOCKER_DOWN
+            elif sup.message == _DOCKER_DOWN:
+                sup.message = ""
         self.changed.fire()
 
     async def _launch(self, spec: ServiceSpec) -> None:
@@ -325,7 +330,6 @@ class Daemon:
 
     async def main(self) -> None:
         """Run until SIGTERM/SIGINT; returns after an ordered shutdown."""
-        from supervisor.control.server import serve
         from supervisor.notify import Notifier
         from supervisor.telemetry import open_telemetry
 
@@ -340,70 +344,74 @@ class Daemon:
             hub=self.loghub,
         )
         notifier = Notifier.from_environ()
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            await tg.start(self._pump_log)
-            # Subreaper on Linux; elsewhere the reaper still reaps our own untracked children.
-            self.reaper.enable_subreaper()
-            await tg.start(self.reaper.run)
-            async with open_telemetry(
-                spec.telemetry, bus=self.bus, snapshot=self.snapshot, version=__version__
-            ) as telemetry:
-                self.telemetry = telemetry
-                await tg.start(
-                    lambda task_status: serve(
-                        self, self.socket_path, allow_uids=spec.allow_uids, task_status=task_status
-                    )
-                )
-                self.log.write("info", f"listening on {self.socket_path}")
-                for service in self.loaded.services.values():
-                    await self._launch(service)
-                self.bus.publish(
-                    ev.DAEMON_STARTED,
-                    message=f"hostvisor {__version__} started, {len(self.supervisors)} services",
-                    attributes={
-                        "process.pid": os.getpid(),
-                        "hostvisor.config": str(spec.config_path),
-                    },
-                )
-                notifier.ready()
-                if notifier.watchdog_interval() is not None:
-                    tg.start_soon(notifier.run_watchdog)
-                tg.start_soon(self._notify_status, notifier)
-                await self._signals(notifier)
-                self.telemetry = None
-            tg.cancel_scope.cancel()
+        # Signals first: a SIGTERM during start-up must still stop the children in order.
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await tg.start(self._pump_log)
+                # Subreaper on Linux; elsewhere the reaper still reaps our own untracked children.
+                self.reaper.enable_subreaper()
+                await tg.start(self.reaper.run)
+                async with open_telemetry(
+                    spec.telemetry, bus=self.bus, snapshot=self.snapshot, version=__version__
+                ) as telemetry:
+                    self.telemetry = telemetry
+                    await self._open_for_business(tg, notifier)
+                    await self._signals(signals, notifier)
+                    self.telemetry = None
+                tg.cancel_scope.cancel()
         if self.log is not None:
             self.log.close()
 
-    async def _signals(self, notifier: Any) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    notifier.reloading()
-                    with contextlib.suppress(ConfigRejected):  # already published as an event
-                        await self.reload()
-                    notifier.ready()
-                    continue
-                break
-            self.bus.publish(
-                ev.DAEMON_STOPPING, message=f"stopping on {signal.Signals(signum).name}"
+    async def _open_for_business(self, tg: TaskGroup, notifier: Any) -> None:
+        """Listen on the control socket, launch every service, tell systemd we are ready."""
+        from supervisor.control.server import serve
+
+        spec = self.loaded.daemon
+        await tg.start(
+            lambda task_status: serve(
+                self, self.socket_path, allow_uids=spec.allow_uids, task_status=task_status
             )
-            notifier.stopping()
-            async with anyio.create_task_group() as tg:
+        )
+        assert self.log is not None
+        self.log.write("info", f"listening on {self.socket_path}")
+        for service in self.loaded.services.values():
+            await self._launch(service)
+        count = len(self.supervisors)
+        self.bus.publish(
+            ev.DAEMON_STARTED,
+            message=f"hostvisor {__version__} started, {count} services",
+            attributes={"process.pid": os.getpid(), "hostvisor.config": str(spec.config_path)},
+        )
+        notifier.ready()
+        if notifier.watchdog_interval() is not None:
+            tg.start_soon(notifier.run_watchdog)
+        tg.start_soon(self._notify_status, notifier)
 
-                async def forced() -> None:
-                    async for again in signals:
-                        if again == signal.SIGINT:
-                            self.bus.publish(
-                                ev.DAEMON_STOPPING, message="second SIGINT: killing now"
-                            )
-                            await self._force_kill()
-                            tg.cancel_scope.cancel()
+    async def _signals(self, signals: Any, notifier: Any) -> None:
+        """Serve SIGHUP (reload) until SIGTERM/SIGINT, then shut down; a 2nd SIGINT kills."""
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                notifier.reloading()
+                with contextlib.suppress(ConfigRejected):  # already published as an event
+                    await self.reload()
+                notifier.ready()
+                continue
+            break
+        self.bus.publish(ev.DAEMON_STOPPING, message=f"stopping on {signal.Signals(signum).name}")
+        notifier.stopping()
+        async with anyio.create_task_group() as tg:
 
-                tg.start_soon(forced)
-                await self.shutdown()
-                tg.cancel_scope.cancel()
+            async def forced() -> None:
+                async for again in signals:
+                    if again == signal.SIGINT:
+                        self.bus.publish(ev.DAEMON_STOPPING, message="second SIGINT: killing now")
+                        await self._force_kill()
+                        tg.cancel_scope.cancel()
+
+            tg.start_soon(forced)
+            await self.shutdown()
+            tg.cancel_scope.cancel()
 
     async def _pump_log(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with self.bus.subscribe(buffer=10_000) as events:
