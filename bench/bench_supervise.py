@@ -110,8 +110,10 @@ def bench_restart(n: int = 50) -> None:
     latencies = anyio.run(_restart, n)
     ms = [x * 1000 for x in latencies]
     print(f"restart latency, SIGKILL -> replacement exec'd, {n} services, backoff.initial=0s:")
-    print(f"  median {statistics.median(ms):.2f} ms   p95 {pct(ms, 0.95):.2f} ms   "
-          f"min {min(ms):.2f} ms   max {max(ms):.2f} ms   ({len(ms)} kills)")
+    print(
+        f"  median {statistics.median(ms):.2f} ms   p95 {pct(ms, 0.95):.2f} ms   "
+        f"min {min(ms):.2f} ms   max {max(ms):.2f} ms   ({len(ms)} kills)"
+    )
 
 
 # ---------------------------------------------------------------- idle CPU and RSS
@@ -140,7 +142,9 @@ def _start_daemon(cfg: Path) -> tuple[subprocess.Popen[bytes], ControlClient]:
     sock = Path(config.load(cfg).daemon.socket or "")
     proc = subprocess.Popen(
         [sys.executable, "-m", "supervisor", "run", "-c", str(cfg)],
-        stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        cwd=ROOT,
     )
     return proc, ControlClient(sock)
 
@@ -216,8 +220,10 @@ def bench_startup(n: int = 200, runs: int = 5) -> None:
         subprocess.run([sys.executable, "-c", "pass"], check=True)
         baseline.append(time.monotonic() - begin)
     print(f"`hostvisor run` until {n} services are running (start_seconds=0s), {runs} runs:")
-    print(f"  median {statistics.median(times):.3f} s   min {min(times):.3f} s   "
-          f"(baseline: bare `python -c pass` {statistics.median(baseline) * 1000:.0f} ms)")
+    print(
+        f"  median {statistics.median(times):.3f} s   min {min(times):.3f} s   "
+        f"(baseline: bare `python -c pass` {statistics.median(baseline) * 1000:.0f} ms)"
+    )
 
 
 # ---------------------------------------------------------------- log capture
@@ -281,21 +287,29 @@ def bench_logs(mib: int = 200, runs: int = 3) -> None:
     base = []
     for _ in range(runs):
         with open(os.devnull, "wb") as null:
-            subprocess.run([sys.executable, "-c", WRITER, str(total), str(root / "b")], stdout=null, check=True)
+            subprocess.run(
+                [sys.executable, "-c", WRITER, str(total), str(root / "b")], stdout=null, check=True
+            )
         base.append(total / (time.time() - float((root / "b").read_text())) / 2**20)
     shutil.rmtree(root, ignore_errors=True)
     print(f"log capture, one child writing {mib} MiB of 64-byte lines, rotation at 64 MiB:")
-    print(f"  median {statistics.median(rates):.0f} MiB/s over {runs} runs "
-          f"({lines} lines in {files} files, none lost, in order)   "
-          f"baseline writer -> /dev/null {statistics.median(base):.0f} MiB/s")
+    print(
+        f"  median {statistics.median(rates):.0f} MiB/s over {runs} runs "
+        f"({lines} lines in {files} files, none lost, in order)   "
+        f"baseline writer -> /dev/null {statistics.median(base):.0f} MiB/s"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("which", choices=["restart", "idle", "startup", "logs", "all"])
     parser.add_argument("--seconds", type=float, default=60, help="idle window (default 60)")
     args = parser.parse_args()
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    print(
+        f"# {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} cores, Python {sys.version.split()[0]}"
+    )
     if args.which in ("restart", "all"):
         bench_restart()
     if args.which in ("startup", "all"):

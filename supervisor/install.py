@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Literal, TextIO
 
 from supervisor.errors import ConfigError
+from supervisor.paths import environ_or_os, home_dir
 
 __all__ = [
     "LAUNCHD_LABEL",
@@ -76,29 +77,21 @@ def default_manager() -> Manager:
     return "launchd" if sys.platform == "darwin" else "systemd"
 
 
-def _env(environ: Mapping[str, str] | None) -> Mapping[str, str]:
-    return os.environ if environ is None else environ
-
-
-def _home(env: Mapping[str, str]) -> Path:
-    return Path(env.get("HOME") or Path.home())
-
-
 def systemd_unit_path(environ: Mapping[str, str] | None = None) -> Path:
     """``$XDG_CONFIG_HOME/systemd/user/hostvisor.service`` (default ``~/.config``)."""
-    env = _env(environ)
-    base = env.get("XDG_CONFIG_HOME") or str(_home(env) / ".config")
+    env = environ_or_os(environ)
+    base = env.get("XDG_CONFIG_HOME") or str(home_dir(env) / ".config")
     return Path(base) / "systemd" / "user" / UNIT_NAME
 
 
 def launchd_plist_path(environ: Mapping[str, str] | None = None) -> Path:
     """``~/Library/LaunchAgents/dev.hostvisor.hostvisor.plist``."""
-    return _home(_env(environ)) / "Library" / "LaunchAgents" / f"{LAUNCHD_LABEL}.plist"
+    return home_dir(environ_or_os(environ)) / "Library" / "LaunchAgents" / f"{LAUNCHD_LABEL}.plist"
 
 
 def launchd_log_dir(environ: Mapping[str, str] | None = None) -> Path:
     """``~/Library/Logs/hostvisor``: the agent's stdout and stderr (launchd does not rotate it)."""
-    return _home(_env(environ)) / "Library" / "Logs" / "hostvisor"
+    return home_dir(environ_or_os(environ)) / "Library" / "Logs" / "hostvisor"
 
 
 def program_argv(argv0: str | None = None, executable: str | None = None) -> list[str]:
@@ -347,7 +340,7 @@ def install(
     Returns:
         The exit code, 0 or 1 (see the module docstring).
     """
-    env = _env(environ)
+    env = environ_or_os(environ)
     report = _Report(out, err)
     chosen = manager or default_manager()
     config = Path(os.path.abspath(os.path.expanduser(config_path)))
@@ -512,7 +505,7 @@ def uninstall(
     Returns:
         0, or 1 when a file could not be removed.
     """
-    env = _env(environ)
+    env = environ_or_os(environ)
     report = _Report(out, err)
     if (manager or default_manager()) == "systemd":
         unit = systemd_unit_path(env)

@@ -24,6 +24,8 @@ __all__ = [
     "default_config_path",
     "default_socket_path",
     "default_state_dir",
+    "environ_or_os",
+    "home_dir",
     "log_dir",
     "resolve_config_path",
     "resolve_socket_path",
@@ -35,36 +37,38 @@ __all__ = [
 SOCKET_PATH_MAX = 104 if sys.platform == "darwin" else 108
 
 
-def _env(environ: Mapping[str, str] | None) -> Mapping[str, str]:
+def environ_or_os(environ: Mapping[str, str] | None) -> Mapping[str, str]:
+    """``environ``, or ``os.environ`` when None (every path function takes an ``environ``)."""
     return os.environ if environ is None else environ
 
 
-def _home(env: Mapping[str, str]) -> Path:
+def home_dir(env: Mapping[str, str]) -> Path:
+    """``$HOME`` of ``env``, else the user's home."""
     return Path(env.get("HOME") or Path.home())
 
 
 def default_config_path(environ: Mapping[str, str] | None = None) -> Path:
     """``$XDG_CONFIG_HOME/hostvisor/config.toml`` (macOS: Application Support)."""
-    env = _env(environ)
+    env = environ_or_os(environ)
     if sys.platform == "darwin":
-        return _home(env) / "Library/Application Support/hostvisor/config.toml"
-    base = env.get("XDG_CONFIG_HOME") or str(_home(env) / ".config")
+        return home_dir(env) / "Library/Application Support/hostvisor/config.toml"
+    base = env.get("XDG_CONFIG_HOME") or str(home_dir(env) / ".config")
     return Path(base) / "hostvisor" / "config.toml"
 
 
 def resolve_config_path(option: str | None, environ: Mapping[str, str] | None = None) -> Path:
     """The config file: ``-c`` · ``$HOSTVISOR_CONFIG`` · default; made absolute."""
-    env = _env(environ)
+    env = environ_or_os(environ)
     raw = option or env.get("HOSTVISOR_CONFIG") or str(default_config_path(env))
     return Path(os.path.abspath(os.path.expanduser(raw)))
 
 
 def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
     """``$XDG_STATE_HOME/hostvisor`` (default ``~/.local/state/hostvisor``)."""
-    env = _env(environ)
+    env = environ_or_os(environ)
     if sys.platform == "darwin":
-        return _home(env) / "Library/Application Support/hostvisor"
-    base = env.get("XDG_STATE_HOME") or str(_home(env) / ".local/state")
+        return home_dir(env) / "Library/Application Support/hostvisor"
+    base = env.get("XDG_STATE_HOME") or str(home_dir(env) / ".local/state")
     return Path(base) / "hostvisor"
 
 
@@ -85,7 +89,7 @@ def service_log_path(state_dir: Path, service: str) -> Path:
 
 def default_socket_path(environ: Mapping[str, str] | None = None) -> Path:
     """``$XDG_RUNTIME_DIR/hostvisor/hostvisor.sock``, else ``/tmp/hostvisor-$UID/...``."""
-    env = _env(environ)
+    env = environ_or_os(environ)
     runtime = env.get("XDG_RUNTIME_DIR")
     if runtime:
         return Path(runtime) / "hostvisor" / "hostvisor.sock"
@@ -102,7 +106,7 @@ def resolve_socket_path(
     Raises:
         SocketPathError: the path is longer than the OS allows.
     """
-    env = _env(environ)
+    env = environ_or_os(environ)
     raw = option or env.get("HOSTVISOR_SOCKET")
     if raw:
         path = Path(os.path.abspath(os.path.expanduser(raw)))

@@ -13,7 +13,7 @@ health-check restart go through the same backoff path.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -421,6 +421,11 @@ class ServiceSupervisor:
         fast = min(spec.interval, 0.25)
         while True:
             result = await probe()
+            if getattr(self.driver, "connected", True) is False:
+                # Docker engine unreachable (issue 5): health stays "unknown" as the daemon set
+                # it; no result counts, so no flip to healthy and no health restart storm.
+                await anyio.sleep(spec.interval)
+                continue
             now = anyio.current_time()
             if self._on_probe is not None and result.ok is not None:
                 self._on_probe(self.spec.name, result.duration, bool(result.ok))
@@ -529,23 +534,26 @@ class ServiceSupervisor:
     def _dep_ok(self, name: str, condition: DependencyCondition) -> bool:
         peer = self._peers(name)
         if peer is None:
-            return True
+            # Not launched yet (the daemon launches units in name order; config checked that
+            # every dependency exists): wait for it, it fires ``changed`` when it starts.
+            return False
         if condition is DependencyCondition.HEALTHY:
             return peer.state is S.RUNNING and peer.health in (Health.HEALTHY, Health.NONE)
         return peer.state is S.RUNNING or (peer.state is S.STARTING and peer.handle is not None)
+
+    async def _run_in_unit(self, argv: Sequence[str], timeout: float) -> Any:
+        """Run a preflight or hook command in the unit's workdir and env (``timeout`` s)."""
+        assert self._run_command is not None
+        return await self._run_command(
+            argv, cwd=self.spec.workdir, env=self.spec.env, service=self.spec.name, timeout=timeout
+        )
 
     async def _preflight(self) -> str | None:
         spec = self.spec.preflight
         assert spec is not None and self._run_command is not None
         self._set_message("preflight")
         try:
-            result = await self._run_command(
-                spec.command,
-                cwd=self.spec.workdir,
-                env=self.spec.env,
-                service=self.spec.name,
-                timeout=spec.timeout,
-            )
+            result = await self._run_in_unit(spec.command, spec.timeout)
         except SpawnError as exc:
             self._publish(ev.PREFLIGHT_FAILED, f"preflight: {exc}", **{"error.type": "SpawnError"})
             return f"preflight: {exc}"
@@ -631,13 +639,7 @@ class ServiceSupervisor:
                     if response.status_code >= 400:
                         error = f"{spec.method} {spec.http}: HTTP {response.status_code}"
                 elif spec.command is not None and self._run_command is not None:
-                    result = await self._run_command(
-                        spec.command,
-                        cwd=self.spec.workdir,
-                        env=self.spec.env,
-                        service=self.spec.name,
-                        timeout=spec.timeout,
-                    )
+                    result = await self._run_in_unit(spec.command, spec.timeout)
                     if result.timed_out or result.code != 0:
                         error = f"post_start command failed: exit {result.code}: {result.tail(3)}"
         except TimeoutError:
