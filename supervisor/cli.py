@@ -7,8 +7,12 @@ unknown service name.
 
 Start-up time matters (``hostvisor status`` is run by scripts and prompts), so
 this module imports only the standard library, :mod:`supervisor.paths` and the
-light control client at module level. The daemon, the config loader, ``rich``
-and the installer are imported by the verbs that need them.
+light control client at module level. The daemon, the config loader and the
+installer are imported by the verbs that need them. The status table is drawn
+here with ANSI SGR codes rather than with ``rich``: importing and laying out a
+200-row rich table took about 140 ms, twice the whole budget of ``status``
+(bench/bench_status.py), and every cell is ASCII (service names, states,
+numbers), so rich's Unicode width handling buys nothing here.
 """
 
 from __future__ import annotations
@@ -120,18 +124,21 @@ def _last_exit(last: Any) -> str:
 
 
 _COLUMNS = ("NAME", "KIND", "STATE", "HEALTH", "PID", "UPTIME", "RESTARTS", "LAST-EXIT")
+#: SGR parameters (ECMA-48) for states and health values on a terminal.
 _COLOURS = {
-    "running": "green",
-    "healthy": "green",
-    "starting": "yellow",
-    "stopping": "yellow",
-    "backoff": "yellow",
-    "unknown": "yellow",
-    "fatal": "bold red",
-    "unhealthy": "bold red",
-    "stopped": "dim",
-    "exited": "dim",
+    "running": "32",  # green
+    "healthy": "32",
+    "starting": "33",  # yellow
+    "stopping": "33",
+    "backoff": "33",
+    "unknown": "33",
+    "fatal": "1;31",  # bold red
+    "unhealthy": "1;31",
+    "stopped": "2",  # dim
+    "exited": "2",
 }
+#: Columns aligned to the right.
+_RIGHT = frozenset({"PID", "RESTARTS"})
 
 
 def _row(entry: dict[str, Any]) -> list[str]:
@@ -150,30 +157,29 @@ def _row(entry: dict[str, Any]) -> list[str]:
     ]
 
 
-def _no_colour() -> bool:
-    return os.environ.get("NO_COLOR", "") != ""
+def _colour(out: TextIO) -> bool:
+    """Colour only on a terminal, never with NO_COLOR set (no-color.org) or TERM=dumb."""
+    if os.environ.get("NO_COLOR", "") != "" or os.environ.get("TERM") == "dumb":
+        return False
+    return out.isatty()
 
 
 def _print_table(rows: list[list[str]], out: TextIO) -> None:
-    """A rich table on a terminal (colour unless NO_COLOR), aligned plain text otherwise."""
-    if out.isatty():
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(box=None, header_style="bold", pad_edge=False)
-        for column in _COLUMNS:
-            table.add_column(column, justify="right" if column in {"PID", "RESTARTS"} else "left")
-        for row in rows:
-            styled = [row[0], row[1], f"[{_COLOURS.get(row[2], '')}]{row[2]}", row[3], *row[4:]]
-            if row[3] in _COLOURS:
-                styled[3] = f"[{_COLOURS[row[3]]}]{row[3]}"
-            table.add_row(*styled)
-        Console(file=out, no_color=_no_colour(), highlight=False).print(table)
-        return
+    """Aligned columns; on a terminal numbers right-aligned, a bold header, coloured states."""
+    tty, colour = out.isatty(), _colour(out)
     widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(_COLUMNS)]
-    for row in [list(_COLUMNS), *rows]:
-        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-        out.write("\n")
+
+    def cell(text: str, column: int, sgr: str | None) -> str:
+        pad = " " * (widths[column] - len(text))
+        body = f"\x1b[{sgr}m{text}\x1b[0m" if colour and sgr else text
+        return pad + body if tty and _COLUMNS[column] in _RIGHT else body + pad
+
+    header = "  ".join(cell(c, i, None) for i, c in enumerate(_COLUMNS)).rstrip()
+    lines = [f"\x1b[1m{header}\x1b[0m" if colour else header]
+    for row in rows:
+        sgrs = [None, None, _COLOURS.get(row[2]), _COLOURS.get(row[3]), None, None, None, None]
+        lines.append("  ".join(cell(t, i, sgrs[i]) for i, t in enumerate(row)).rstrip())
+    out.write("\n".join(lines) + "\n")
 
 
 def _event_line(event: dict[str, Any]) -> str:
