@@ -299,7 +299,7 @@ class TestNeverInTheWay:
                 probe.restarts,
                 baseline,
             )
-            assert max(probe.latencies) < 0.5, (name, max(probe.latencies))
+            assert max(probe.latencies) < 0.8, (name, max(probe.latencies))
             assert statistics.median(probe.latencies) < 0.05, (name, probe.latencies)
             assert cli[name].returncode == 3, (name, cli[name].stderr)
             assert json.loads(cli[name].stdout)["services"][0]["name"] == "crash"
