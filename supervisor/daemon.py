@@ -297,7 +297,8 @@ class Daemon:
     # ------------------------------------------------------------ shutdown
 
     async def shutdown(self) -> None:
-        """Stop every service, dependents first, within ``shutdown_timeout``; then SIGKILL."""
+        """Stop every process service, dependents first, within ``shutdown_timeout``; then
+        SIGKILL. Container units are left running for the next daemon to adopt."""
         self.shutting_down = True
         dependents = _dependents_order(self.loaded.services)
         stopped = {name: anyio.Event() for name in self.supervisors}
@@ -307,8 +308,11 @@ class Daemon:
                 if other in stopped:
                     await stopped[other].wait()
             sup = self.supervisors[name]
-            gen = sup.command_stop()
-            await sup.wait_settled(gen, frozenset({S.STOPPED}))
+            # Containers outlive hostvisor (issue 5): a daemon stop leaves them to the engine,
+            # and the next daemon adopts them. `hostvisor stop NAME` still stops one.
+            if sup.spec.kind == "process":
+                gen = sup.command_stop()
+                await sup.wait_settled(gen, frozenset({S.STOPPED}))
             stopped[name].set()
 
         with anyio.move_on_after(self.loaded.daemon.shutdown_timeout):

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from tests.daemon_harness import DaemonProcess, daemon, py_cmd
-from tests.docker_engine import DockerEngine, docker_engine  # noqa: F401
+from tests.docker_engine import DockerEngine
 
 pytestmark = pytest.mark.docker
 
@@ -69,7 +69,7 @@ class Containers:
 
 
 @pytest.fixture
-def engine(docker_engine: DockerEngine) -> DockerEngine:  # noqa: F811
+def engine(docker_engine: DockerEngine) -> DockerEngine:
     docker_engine.ensure_running()
     return docker_engine
 
@@ -333,6 +333,28 @@ class TestDaemonRestart:
             assert not events_of(second, "hostvisor.service.exited", "up", after=0)
             assert containers.inspect(down)["State"]["Running"]
             assert sorted(containers.ids()) == ids  # no duplicate
+
+
+    def test_a_clean_daemon_stop_leaves_containers_running(
+        self, tmp_path: Path, engine: DockerEngine, containers: Containers
+    ) -> None:
+        """SIGTERM stops process units but leaves container units to the engine (containers
+        outlive hostvisor); the next daemon adopts them without a restart."""
+        name = containers.name("kept")
+        containers.run(name)
+        units = {"kept": unit(name), "proc": PROCESS}
+        with open_daemon(tmp_path, engine, units) as first:
+            first.wait_state("kept", "running")
+            pid = first.wait_state("proc", "running")["pid"]
+            first.signal(signal.SIGTERM)
+            assert first.proc is not None and first.proc.wait(30) == 0
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+        state = containers.inspect(name)["State"]
+        assert state["Running"]
+        with open_daemon(tmp_path, engine, units) as second:
+            entry = second.wait_state("kept", "running")
+            assert containers.inspect(name)["State"]["StartedAt"] == state["StartedAt"]
+            assert entry["restarts"] == 0
 
 
 class TestDependsOn:

@@ -26,7 +26,7 @@ from supervisor.drivers.docker import ContainerHandle, DockerDriver, docker_time
 from supervisor.errors import DockerUnavailable, SpawnError
 from supervisor.events import Event, EventBus
 from supervisor.spec import ContainerSpec, ServiceSpec, StopSpec
-from tests.docker_engine import DockerEngine, docker_engine  # noqa: F401
+from tests.docker_engine import DockerEngine
 
 CALL_TIMEOUT = 5.0
 
@@ -60,7 +60,7 @@ async def run_command(
 
 
 @pytest.fixture
-def engine(docker_engine: DockerEngine) -> DockerEngine:  # noqa: F811
+def engine(docker_engine: DockerEngine) -> DockerEngine:
     docker_engine.ensure_running()
     return docker_engine
 
