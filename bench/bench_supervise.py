@@ -181,17 +181,19 @@ def _idle(n: int, seconds: float, probe: bool) -> tuple[float, float]:
         after = me.cpu_times()
         elapsed = time.monotonic() - t0
         rss = me.memory_info().rss / 2**20
-        cpu = (after.user + after.system - before.user - before.system) / elapsed * 100
-        return cpu, rss
+        user = (after.user - before.user) / elapsed * 100
+        system = (after.system - before.system) / elapsed * 100
+        print(f"    (user {user:.3f} %, system {system:.3f} %)")
+        return user + system, rss
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
         shutil.rmtree(root, ignore_errors=True)
 
 
-def bench_idle(n: int = 200, seconds: float = 60) -> None:
+def bench_idle(n: int = 200, seconds: float = 60, which: str = "both") -> None:
     print(f"daemon idle over {seconds:g} s with {n} services (telemetry off, no container units):")
-    for probe in (False, True):
+    for probe in {"both": (False, True), "probes": (True,), "none": (False,)}[which]:
         cpu, rss = _idle(n, seconds, probe)
         what = "a 1 s TCP probe each" if probe else "no probes          "
         print(f"  {what}: CPU {cpu:.3f} % of a core   RSS {rss:.1f} MiB")
@@ -306,6 +308,8 @@ def main() -> None:
     )
     parser.add_argument("which", choices=["restart", "idle", "startup", "logs", "all"])
     parser.add_argument("--seconds", type=float, default=60, help="idle window (default 60)")
+    parser.add_argument("--probes", choices=["both", "probes", "none"], default="both",
+                        help="idle: with probes, without, or both (default)")
     args = parser.parse_args()
     print(
         f"# {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} cores, Python {sys.version.split()[0]}"
@@ -317,7 +321,7 @@ def main() -> None:
     if args.which in ("logs", "all"):
         bench_logs()
     if args.which in ("idle", "all"):
-        bench_idle(seconds=args.seconds)
+        bench_idle(seconds=args.seconds, which=args.probes)
 
 
 if __name__ == "__main__":

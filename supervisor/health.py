@@ -13,6 +13,7 @@ import errno
 import ipaddress
 import select
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -68,8 +69,28 @@ def _split_host_port(target: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-async def probe_tcp(host: str, port: int, *, timeout: float) -> None:
+#: ``SO_LINGER`` on, 0 s: close with a reset. A probe needs no orderly FIN exchange, and
+#: a reset leaves no TIME_WAIT socket behind (HAProxy's TCP checks do the same).
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def _ip_literal(host: str) -> socket.AddressFamily | None:
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
+
+
+async def probe_tcp(
+    host: str, port: int, *, timeout: float, family: socket.AddressFamily | None = None
+) -> None:
     """Connect to ``host:port`` and close; raises OSError when nothing accepts.
+
+    Args:
+        host, port: the target.
+        timeout: seconds for name resolution and for the connect.
+        family: the address family when ``host`` is known to be an IP literal
+            (skips parsing it again on every probe).
 
     Raises:
         OSError: refused, unreachable, or no answer within ``timeout`` seconds
@@ -79,11 +100,9 @@ async def probe_tcp(host: str, port: int, *, timeout: float) -> None:
     IP literal skips name resolution, and a connect that has already completed when
     ``poll(0)`` looks (loopback nearly always) never registers with the event loop.
     """
-    try:
-        ip = ipaddress.ip_address(host)
-        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        address: tuple[str, int] = (host, port)
-    except ValueError:
+    family = family or _ip_literal(host)
+    address: tuple[str, int] = (host, port)
+    if family is None:
         with anyio.fail_after(timeout):
             infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         family, _, _, _, sockaddr = infos[0]
@@ -101,6 +120,7 @@ async def probe_tcp(host: str, port: int, *, timeout: float) -> None:
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             raise OSError(err, f"connect to {host}:{port}: {errno.errorcode.get(err, err)}")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     finally:
         sock.close()
 
@@ -156,10 +176,12 @@ def create_probe(
         good = code in spec.expect_status if spec.expect_status else 200 <= code < 400
         return good, f"GET {spec.http}: HTTP {code}"
 
+    if spec.tcp is not None:
+        tcp_host, tcp_port = _split_host_port(spec.tcp)
+        tcp_family = _ip_literal(tcp_host)
+
     async def tcp() -> tuple[bool | None, str]:
-        assert spec.tcp is not None
-        host, port = _split_host_port(spec.tcp)
-        await probe_tcp(host, port, timeout=spec.timeout)
+        await probe_tcp(tcp_host, tcp_port, timeout=spec.timeout, family=tcp_family)
         return True, f"tcp {spec.tcp} accepted"
 
     async def exec_() -> tuple[bool | None, str]:

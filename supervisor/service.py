@@ -12,6 +12,7 @@ health-check restart go through the same backoff path.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -454,7 +455,15 @@ class ServiceSupervisor:
                 return
             elif result.ok is False:
                 self._set_message(f"health: {result.detail}")
-            await anyio.sleep(spec.interval if ever_healthy else fast)
+            if ever_healthy:
+                # Round the next probe up to a grid of interval/20 (at most 50 ms), so that
+                # many services' probes share one event-loop wakeup (timer coalescing, as
+                # systemd's AccuracySec=); the interval stretches by at most that slack.
+                slack = min(0.05, spec.interval / 20)
+                due = now + spec.interval
+                await anyio.sleep_until(math.ceil(due / slack) * slack)
+            else:
+                await anyio.sleep(fast)
 
     def _health_changed(self, health: Health, detail: str) -> None:
         previous = self.health
