@@ -178,14 +178,13 @@ def _print_table(rows: list[list[str]], out: TextIO) -> None:
     it took ~115 ms, printing the same rows as styled ``Text`` ~2 ms.
     """
     widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(_COLUMNS)]
-    if not out.isatty():
+    if not _colour(out):  # piped, NO_COLOR or TERM=dumb: no escape codes at all
         for row in [list(_COLUMNS), *rows]:
             out.write("  ".join(_aligned(row, widths, right=False)).rstrip() + "\n")
         return
     from rich.console import Console
     from rich.text import Text
 
-    colour = _colour(out)
     text = Text()
     text.append("  ".join(_aligned(_COLUMNS, widths, right=True)).rstrip(), style="bold")
     for row in rows:
@@ -196,7 +195,7 @@ def _print_table(rows: list[list[str]], out: TextIO) -> None:
             text.append(cell, style=_STYLES.get(row[i], "") if i in (2, 3) else "")
             if i < len(cells) - 1:
                 text.append("  ")
-    console = Console(file=out, no_color=not colour, highlight=False, emoji=False, markup=False)
+    console = Console(file=out, highlight=False, emoji=False, markup=False)
     console.print(text, soft_wrap=True)
 
 
@@ -383,6 +382,7 @@ def _install(args: argparse.Namespace) -> int:
         start=not args.no_start,
         out=sys.stdout,
         err=sys.stderr,
+        socket=Path(os.path.abspath(args.socket)) if args.socket else None,
     )
 
 

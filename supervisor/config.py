@@ -203,7 +203,9 @@ def _read_toml(path: Path, issues: list[ConfigIssue]) -> Table | None:
     except UnicodeDecodeError as exc:
         issues.append(ConfigIssue(str(path), "", f"not UTF-8 text (byte {exc.start})"))
     except tomllib.TOMLDecodeError as exc:
-        issues.append(ConfigIssue(str(path), "", f"invalid TOML: {exc}"))
+        where = re.search(r"line (\d+)", str(exc))
+        key = f"line {where.group(1)}" if where else ""
+        issues.append(ConfigIssue(str(path), key, f"invalid TOML: {exc}"))
     return None
 
 
@@ -249,7 +251,7 @@ def _parse_daemon(top: TableReader, ctx: _Context) -> tuple[DaemonSpec, bool]:
         state_dir=optional["state_dir"],
         shutdown_timeout=daemon.get("shutdown_timeout", parse_duration, 30.0),
         log_level=daemon.get(
-            "log_level", values.choice("debug", "info", "warning", "error"), "info"
+            "log_level", values.choice("debug", "info", "warning", "warn", "error"), "info"
         ),
         allow_uids=daemon.get(
             "allow_uids", values.list_of(values.integer(0), "uids (integers)"), ()
@@ -291,7 +293,7 @@ def _load_units(folder: Path, defaults: Table, ctx: _Context) -> dict[str, Servi
         if not SERVICE_NAME.fullmatch(name) or name in _RESERVED_NAMES:
             why = "is reserved for the daemon's own log" if name in _RESERVED_NAMES else (
                 f"must match {SERVICE_NAME.pattern}")  # fmt: skip
-            ctx.issues.append(ConfigIssue(str(path), "", f'service name "{name}" {why}'))
+            ctx.issues.append(ConfigIssue(str(path), "name", f'service name "{name}" {why}'))
             continue
         data = _read_toml(path, ctx.issues)
         graph[name] = (IssueSink(ctx.issues, str(path)), {})
@@ -344,7 +346,9 @@ def _parse_unit(
     container = unit.get("container", values.nonempty, None)
     recreate = unit.get("recreate_command", values.argv, None)
     if not partial and ("command" in unit.data) == ("container" in unit.data):
-        unit.fail("", "needs exactly one of command (a process) or container (a Docker container)")
+        unit.fail(
+            "command", "needs exactly one of command (a process) or container (a Docker container)"
+        )
     if not partial and "recreate_command" in unit.data and "container" not in unit.data:
         unit.fail("recreate_command", "only for container units (set container)")
     env_files = unit.get("env_files", values.list_of(values.nonempty, "paths"), ())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import random
 import signal
@@ -27,10 +28,16 @@ from anyio.abc import TaskGroup
 
 from supervisor import __version__, config
 from supervisor import events as ev
-from supervisor.daemonlog import DaemonLog
+from supervisor.daemonlog import DaemonLog, LibraryLogHandler
 from supervisor.drivers.base import Driver
 from supervisor.drivers.process import ProcessDriver
-from supervisor.errors import AlreadyRunning, ConfigError, ConfigRejected, UnknownService
+from supervisor.errors import (
+    AlreadyRunning,
+    ConfigError,
+    ConfigRejected,
+    HostvisorError,
+    UnknownService,
+)
 from supervisor.events import EventBus, Redactor
 from supervisor.logfiles import LogHub, RotatingLog
 from supervisor.paths import log_dir, resolve_socket_path, resolve_state_dir, service_log_path
@@ -256,6 +263,11 @@ class Daemon:
 
     async def _launch(self, spec: ServiceSpec) -> None:
         assert self._tg is not None
+        sup = await self._register(spec)
+        await self._tg.start(self._run_supervisor, sup)
+
+    async def _register(self, spec: ServiceSpec) -> ServiceSupervisor:
+        """Create the supervisor of ``spec`` and make it visible to status, not started yet."""
         if spec.kind == "container":
             await self._ensure_docker()
         sup = ServiceSupervisor(
@@ -269,7 +281,7 @@ class Daemon:
             on_probe=self._on_probe,
         )
         self.supervisors[spec.name] = sup
-        await self._tg.start(self._run_supervisor, sup)
+        return sup
 
     async def _run_supervisor(
         self, sup: ServiceSupervisor, *, task_status: anyio.abc.TaskStatus[None]
@@ -347,6 +359,10 @@ class Daemon:
             level=spec.log_level,
             hub=self.loghub,
         )
+        library_logs = LibraryLogHandler(self.log)
+        for name in ("asyncio", "opentelemetry"):
+            logging.getLogger(name).addHandler(library_logs)
+            logging.getLogger(name).propagate = False
         notifier = Notifier.from_environ()
         # Signals first: a SIGTERM during start-up must still stop the children in order.
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -379,14 +395,14 @@ class Daemon:
         )
         assert self.log is not None
         self.log.write("info", f"listening on {self.socket_path}")
-        for service in self.loaded.services.values():
-            await self._launch(service)
-        count = len(self.supervisors)
+        supervisors = [await self._register(service) for service in self.loaded.services.values()]
         self.bus.publish(
             ev.DAEMON_STARTED,
-            message=f"hostvisor {__version__} started, {count} services",
+            message=f"hostvisor {__version__} started, {len(supervisors)} services",
             attributes={"process.pid": os.getpid(), "hostvisor.config": str(spec.config_path)},
         )
+        for sup in supervisors:
+            await tg.start(self._run_supervisor, sup)
         notifier.ready()
         if notifier.watchdog_interval() is not None:
             tg.start_soon(notifier.run_watchdog)
@@ -451,6 +467,24 @@ def run_daemon(*, config_path: Path, socket_option: str | None = None) -> int:
     try:
         daemon = Daemon(loaded, state_dir=state_dir, socket_path=socket_path)
         anyio.run(daemon.main)
+    except BaseExceptionGroup as group:
+        # A user's mistake found inside the task group (a socket path held by another
+        # process, a regular file at it) is raised alone, so the CLI prints one line.
+        mistake = _first_hostvisor_error(group)
+        if mistake is None:
+            raise
+        raise mistake from None
     finally:
         os.close(lock_fd)
     return 0
+
+
+def _first_hostvisor_error(group: BaseExceptionGroup[Any]) -> HostvisorError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, HostvisorError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_hostvisor_error(exc)
+            if found is not None:
+                return found
+    return None

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from supervisor.events import Event
 from supervisor.logfiles import LogHub, RotatingLog
 
-__all__ = ["LEVELS", "DaemonLog"]
+__all__ = ["LEVELS", "DaemonLog", "LibraryLogHandler"]
 
 #: Numeric ranks of the ``log_level`` values (and of event severities).
 LEVELS = {"debug": 10, "info": 20, "warn": 30, "warning": 30, "error": 40}
@@ -74,9 +76,40 @@ class DaemonLog:
             self._hub.publish(None, [line])
         stamp = str(record.get("time", ""))[11:23]
         with contextlib.suppress(OSError, ValueError):  # stderr closed: keep going
+            human = human.replace("\n", " | ")  # one event, one line (journald, launchd)
             print(f"{stamp} {level.upper():<5} {human}", file=self._stream, flush=True)
 
     def close(self) -> None:
         """Close the log file."""
         if self._log is not None:
             self._log.close()
+
+
+class LibraryLogHandler(logging.Handler):
+    """Routes Python ``logging`` of the libraries we use (asyncio, OpenTelemetry's SDK) into
+    the daemon log, at most one line per distinct message per ``every`` seconds.
+
+    A collector that is down makes the OpenTelemetry SDK log every failed export;
+    those drops are already counted in ``hostvisor.telemetry.dropped``, so one line a
+    minute is enough. asyncio's "Exception in callback Future.set_result ... invalid
+    state", from a cancelled socket wait in anyio (agronholm/anyio#1267), is dropped:
+    it is harmless and says nothing a user could act on.
+    """
+
+    def __init__(self, log: DaemonLog, *, every: float = 60.0) -> None:
+        super().__init__(level=logging.WARNING)
+        self._log = log
+        self._every = every
+        self._last: dict[str, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.name == "asyncio" and type(exc).__name__ == "InvalidStateError":
+            return
+        message = record.getMessage().splitlines()[0][:300]
+        now = time.monotonic()
+        if now - self._last.get(message, -self._every) < self._every:
+            return
+        self._last[message] = now
+        level = "error" if record.levelno >= logging.ERROR else "warning"
+        self._log.write(level, f"{record.name}: {message}", logger=record.name)

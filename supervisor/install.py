@@ -170,8 +170,18 @@ def _fill(template: str, fields: Mapping[str, str]) -> str:
     return text
 
 
+def daemon_args(config_path: Path, socket: Path | None = None) -> list[str]:
+    """``run -c <config>``, plus ``--socket <path>`` when one was given to ``install``."""
+    return ["run", "-c", str(config_path), *(["--socket", str(socket)] if socket else [])]
+
+
 def render_systemd_unit(
-    *, argv: Sequence[str], config_path: Path, shutdown_timeout: float, path_env: str
+    *,
+    argv: Sequence[str],
+    config_path: Path,
+    shutdown_timeout: float,
+    path_env: str,
+    socket: Path | None = None,
 ) -> str:
     """The unit text: ``ExecStart=<argv> run -c <config_path>``, ``Environment=PATH=...``.
 
@@ -186,7 +196,7 @@ def render_systemd_unit(
     if _UNSAFE_EXECUTABLE.search(program[0]):  # systemd refuses these in an executable path
         program.insert(0, "/usr/bin/env")
     words = [systemd_quote(program[0], dollar=False)]
-    words += [systemd_quote(w) for w in [*program[1:], "run", "-c", str(config_path)]]
+    words += [systemd_quote(w) for w in [*program[1:], *daemon_args(config_path, socket)]]
     fields = {
         "EXEC_START": " ".join(words),
         "ENVIRONMENT": systemd_quote(f"PATH={path_env}", dollar=False),
@@ -202,6 +212,7 @@ def render_launchd_plist(
     shutdown_timeout: float,
     path_env: str,
     log_dir: Path,
+    socket: Path | None = None,
 ) -> bytes:
     """The agent's XML plist: the template's keys plus the ones computed here.
 
@@ -213,7 +224,7 @@ def render_launchd_plist(
     log = str(log_dir / "hostvisor.log")
     plist.update(
         Label=LAUNCHD_LABEL,
-        ProgramArguments=[*argv, "run", "-c", str(config_path)],
+        ProgramArguments=[*argv, *daemon_args(config_path, socket)],
         EnvironmentVariables={**plist.get("EnvironmentVariables", {}), "PATH": path_env},
         StandardOutPath=log,
         StandardErrorPath=log,
@@ -323,6 +334,7 @@ def install(
     out: TextIO,
     err: TextIO,
     environ: Mapping[str, str] | None = None,
+    socket: Path | None = None,
 ) -> int:
     """Write, enable and start the service that runs ``hostvisor run -c <config_path>``.
 
@@ -336,6 +348,7 @@ def install(
         out, err: progress lines; ``warning:``/``error:`` lines and config issues.
         environ: defaults to ``os.environ``: ``HOME``, ``XDG_CONFIG_HOME``, ``PATH``
             (copied into the service, and where ``systemctl``/``launchctl`` are found).
+        socket: ``--socket`` given to ``install``: passed on to ``hostvisor run``.
 
     Returns:
         The exit code, 0 or 1 (see the module docstring).
@@ -351,7 +364,11 @@ def install(
     if chosen == "systemd":
         path = systemd_unit_path(env)
         data = render_systemd_unit(
-            argv=argv, config_path=config, shutdown_timeout=timeout, path_env=path_env
+            argv=argv,
+            config_path=config,
+            shutdown_timeout=timeout,
+            path_env=path_env,
+            socket=socket,
         ).encode("utf-8")
     else:
         path = launchd_plist_path(env)
@@ -361,6 +378,7 @@ def install(
             shutdown_timeout=timeout,
             path_env=path_env,
             log_dir=launchd_log_dir(env),
+            socket=socket,
         )
     if print_only:
         out.write(data.decode("utf-8"))

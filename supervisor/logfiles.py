@@ -423,14 +423,17 @@ def tail(path: Path, lines: int) -> list[str]:
     """The last ``lines`` lines of ``path`` (without newlines), oldest first.
 
     Reads backwards from the end in blocks (at most 16 MiB per file); when the
-    current file holds fewer lines, the rest comes from ``path.1``. A missing
-    file gives ``[]``; a symbolic link is not followed.
+    current file holds fewer lines, the rest comes from ``path.1``, ``path.2`` ...
+    (older rotations), as far as they exist. A missing file gives ``[]``; a
+    symbolic link is not followed.
     """
     if lines <= 0:
         return []
     got = _tail_file(path, lines)
-    if len(got) < lines:
-        got = _tail_file(Path(f"{path}.1"), lines - len(got)) + got
+    backup = 1
+    while len(got) < lines and (older := Path(f"{path}.{backup}")).exists():
+        got = _tail_file(older, lines - len(got)) + got
+        backup += 1
     return got
 
 

@@ -95,7 +95,7 @@ class ServiceSupervisor:
         self._on_probe = on_probe
         self.backoff = Backoff(spec.backoff, rng=rng)
         self.state = S.STOPPED
-        self.health = Health.NONE if spec.health is None else Health.UNKNOWN
+        self.health = self._no_instance_health()
         self.message = ""
         self.handle: Handle | None = None
         self.restarts = 0
@@ -129,6 +129,10 @@ class ServiceSupervisor:
     def name(self) -> str:
         return self.spec.name
 
+    def _no_instance_health(self) -> Health:
+        """Health while no instance runs: ``none`` without a probe, else ``unknown``."""
+        return Health.NONE if self.spec.health is None else Health.UNKNOWN
+
     # ---------------------------------------------------------------- commands
 
     def command_start(self) -> int:
@@ -147,10 +151,10 @@ class ServiceSupervisor:
         self._gen += 1
         self._want_up = False
         self._restart_requested = False
-        if self.state in RESTING:
+        if self.state is S.STOPPED:
             self._seen_gen = self._gen
         else:
-            self._interrupt()
+            self._interrupt()  # EXITED and FATAL move to STOPPED too: the target of a stop
         return self._gen
 
     def command_restart(self) -> int:
@@ -228,7 +232,7 @@ class ServiceSupervisor:
                 self._wake = anyio.Event()
                 self._interrupted = False
                 if not self._want_up:
-                    if self.state in (S.BACKOFF, S.STARTING):
+                    if self.state in (S.BACKOFF, S.STARTING, S.EXITED, S.FATAL):
                         self._enter_stopped("stopped by request")
                     self._settle()
                     await self._wake.wait()
@@ -270,7 +274,7 @@ class ServiceSupervisor:
         if self._attempts:
             self.restarts += 1
         self._attempts += 1
-        self.health = Health.NONE if self.spec.health is None else Health.UNKNOWN
+        self.health = self._no_instance_health()
         self._seen_gen = self._gen
         self._set_state(S.STARTING, "")
         self._publish(ev.SERVICE_STARTING, "starting", **{"hostvisor.restart.count": self.restarts})
@@ -339,6 +343,7 @@ class ServiceSupervisor:
         self._record_exit(handle, status)
         self.handle = None
         self.instance_started_at = None
+        self.health = self._no_instance_health()
         if self._health_restart:
             self._after_failure(
                 status, failed_start=False, message="restarted: health checks failed"
@@ -635,9 +640,12 @@ class ServiceSupervisor:
     # ---------------------------------------------------------------- post_start
 
     async def _post_start(self) -> None:
+        """Run the hook once; a failure is a ``post_start.failed`` event whose ``error.type``
+        is the HTTP status, ``exit_code``, ``timeout`` or the exception's class (OTel)."""
         spec = self.spec.post_start
         assert spec is not None
         error: str | None = None
+        kind = ""
         try:
             with anyio.fail_after(spec.timeout):
                 if spec.http is not None:
@@ -646,14 +654,16 @@ class ServiceSupervisor:
                     async with httpx.AsyncClient(timeout=spec.timeout, trust_env=False) as client:
                         response = await client.request(spec.method, spec.http)
                     if response.status_code >= 400:
+                        kind = str(response.status_code)
                         error = f"{spec.method} {spec.http}: HTTP {response.status_code}"
                 elif spec.command is not None and self._run_command is not None:
                     result = await self._run_in_unit(spec.command, spec.timeout)
                     if result.timed_out or result.code != 0:
+                        kind = "timeout" if result.timed_out else "exit_code"
                         error = f"post_start command failed: exit {result.code}: {result.tail(3)}"
         except TimeoutError:
-            error = f"post_start timed out after {spec.timeout:g}s"
+            kind, error = "timeout", f"post_start timed out after {spec.timeout:g}s"
         except Exception as exc:  # a hook failure is an event, never a crash
-            error = f"post_start: {type(exc).__name__}: {exc}"
+            kind, error = type(exc).__name__, f"post_start: {type(exc).__name__}: {exc}"
         if error:
-            self._publish(ev.POST_START_FAILED, error, **{"error.type": "post_start"})
+            self._publish(ev.POST_START_FAILED, error, **{"error.type": kind})

@@ -400,8 +400,8 @@ BAD_UNITS = [
     ("command = 'x'\n[logs]\nmax_size = '10 parsecs'", "logs.max_size", "expected a size"),
     ("command = 'x'\n[logs]\nmax_size = 0", "logs.max_size", "more than 0"),
     ("command = 'x'\n[logs]\nbackups = -1", "logs.backups", "at least 0"),
-    ("description = 'nothing to run'", "", "exactly one of command"),
-    ("command = 'x'\ncontainer = 'y'", "", "exactly one of command"),
+    ("description = 'nothing to run'", "command", "exactly one of command"),
+    ("command = 'x'\ncontainer = 'y'", "command", "exactly one of command"),
     ("command = 'x'\nrecreate_command = 'up'", "recreate_command", "only for container units"),
     ("container = ''", "container", "must not be empty"),
     ("command = 'x'\ndepends_on = ['nosuch']", "depends_on", 'unknown service "nosuch"'),
@@ -441,7 +441,7 @@ class TestBadUnits:
             (str(web), "health.intervall"),
             (str(web), "health"),
             (str(worker), "comand"),
-            (str(worker), ""),
+            (str(worker), "command"),
         }
         assert str(raised.value).count("\n") == len(raised.value.issues) - 1
 
@@ -499,7 +499,7 @@ class TestFiles:
     def test_toml_syntax_error_gives_line_and_column(self, project: Project) -> None:
         """A syntax error names the file and tomllib's line and column."""
         unit = project.unit("web", 'command = "x"\nrestart = \n')
-        issue = issue_for(project.issues(), "")
+        issue = issue_for(project.issues(), "line 2")
         assert issue.file == str(unit)
         assert "invalid TOML" in issue.message and "line 2" in issue.message
 

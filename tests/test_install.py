@@ -328,6 +328,18 @@ class TestInstallWithoutAManager:
             assert "[Service]" in box.out.getvalue() or "<plist" in box.out.getvalue()
         assert list((box.tmp / "home").iterdir()) == []
 
+    def test_socket_is_passed_on_to_run(self, box: Box) -> None:
+        """install --socket PATH: the service runs `hostvisor run -c CONFIG --socket PATH`."""
+        box.out, box.err = io.StringIO(), io.StringIO()
+        sock = box.tmp / "hv.sock"
+        for manager in ("systemd", "launchd"):
+            assert inst.install(manager=manager, config_path=box.config, print_only=True,
+                                start=False, out=box.out, err=box.err, environ=box.env,
+                                socket=sock) == 0
+        text = box.out.getvalue()
+        assert f"run -c {box.config} --socket {sock}" in text
+        assert f"<string>--socket</string>\n\t\t<string>{sock}</string>" in text
+
     def test_an_invalid_config_is_reported_before_anything_is_written(self, box: Box) -> None:
         """Exit 1, the issue as ``file: key: message``, an empty HOME."""
         box.config.write_text('[daemon]\nshutdown_timout = "20s"\n')

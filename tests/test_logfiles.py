@@ -294,6 +294,15 @@ class TestTail:
         assert tail(path, 2) == ["new 0", "new 1"]
         assert tail(path, 100) == [f"old {n}" for n in range(5)] + ["new 0", "new 1"]
 
+    def test_walks_back_through_several_rotations(self, tmp_path: Path) -> None:
+        """With a small max_size, the last N lines span .1, .2 ... as far as needed."""
+        path = tmp_path / "s.log"
+        (tmp_path / "s.log.2").write_text("a 0\na 1\n")
+        (tmp_path / "s.log.1").write_text("b 0\nb 1\n")
+        path.write_text("c 0\n")
+        assert tail(path, 4) == ["a 1", "b 0", "b 1", "c 0"]
+        assert tail(path, 50) == ["a 0", "a 1", "b 0", "b 1", "c 0"]
+
     def test_long_file_is_read_from_the_end(self, tmp_path: Path) -> None:
         """Only the end of a large file matters; partial first blocks are dropped."""
         path = tmp_path / "big.log"

@@ -95,10 +95,13 @@ class ProtocolError(Exception):
         fatal: the connection is closed after the error is sent.
     """
 
-    def __init__(self, code: int, message: str, *, id: Id = None, fatal: bool = False) -> None:
+    def __init__(
+        self, code: int, message: str, *, id: Id = None, fatal: bool = False, data: Any = None
+    ) -> None:
         self.code = code
         self.id = id
         self.fatal = fatal
+        self.data = data
         super().__init__(message)
 
 
@@ -222,9 +225,15 @@ def _only(params: Mapping[str, Any], allowed: frozenset[str]) -> None:
 
 
 def _name(value: Any, key: str) -> str:
-    if not isinstance(value, str) or SERVICE_NAME.fullmatch(value) is None:
-        raise _bad(
-            f"{key}: not a service name: {str(value)[:80]!r} (expected [a-z0-9][a-z0-9_.-]*)"
+    if not isinstance(value, str):
+        raise _bad(f"{key}: expected a service name (a string), got {type(value).__name__}")
+    if SERVICE_NAME.fullmatch(value) is None:
+        # No unit can have this name: it is an unknown service (-32001), checked before use.
+        shown = value[:80]
+        raise ProtocolError(
+            UNKNOWN_SERVICE,
+            f"unknown service: {shown!r} (service names match [a-z0-9][a-z0-9_.-]*)",
+            data={"unknown": [shown]},
         )
     return value
 

@@ -350,7 +350,7 @@ class _Server:
                 value = decode(line)
             req = parse_request(value)
         except ProtocolError as exc:
-            await self.send(conn, error_response(exc.id, exc.code, str(exc)))
+            await self.send(conn, error_response(exc.id, exc.code, str(exc), exc.data))
             return not exc.fatal
         if req.method.streams and req.params.get("follow"):
             if not req.has_id:
