@@ -308,8 +308,12 @@ def main() -> None:
     )
     parser.add_argument("which", choices=["restart", "idle", "startup", "logs", "all"])
     parser.add_argument("--seconds", type=float, default=60, help="idle window (default 60)")
-    parser.add_argument("--probes", choices=["both", "probes", "none"], default="both",
-                        help="idle: with probes, without, or both (default)")
+    parser.add_argument(
+        "--probes",
+        choices=["both", "probes", "none"],
+        default="both",
+        help="idle: with probes, without, or both (default)",
+    )
     args = parser.parse_args()
     print(
         f"# {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} cores, Python {sys.version.split()[0]}"

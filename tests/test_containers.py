@@ -334,7 +334,6 @@ class TestDaemonRestart:
             assert containers.inspect(down)["State"]["Running"]
             assert sorted(containers.ids()) == ids  # no duplicate
 
-
     def test_a_clean_daemon_stop_leaves_containers_running(
         self, tmp_path: Path, engine: DockerEngine, containers: Containers
     ) -> None:

@@ -14,7 +14,9 @@ def test_the_example_config_checks_clean() -> None:
     """`hostvisor check -c config.toml` accepts the example."""
     result = subprocess.run(
         [PY, "-m", "supervisor", "check", "-c", str(ROOT / "config.toml")],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stderr
 

@@ -45,13 +45,18 @@ class TestHttpProbe:
 
         port = free_port()
         (tmp_path / "unhealthy").write_text("")
-        server = subprocess.Popen(program("svc_serve", "--port", port), cwd=tmp_path,
-                                  stdout=subprocess.PIPE, text=True)
+        server = subprocess.Popen(
+            program("svc_serve", "--port", port), cwd=tmp_path, stdout=subprocess.PIPE, text=True
+        )
         try:
             assert server.stdout is not None and "serving" in server.stdout.readline()
             url = f"http://127.0.0.1:{port}/health"
-            expect = create_probe(HealthCheckSpec(http=url, expect_status=(503,)),
-                                  service="x", workdir=tmp_path, env={})
+            expect = create_probe(
+                HealthCheckSpec(http=url, expect_status=(503,)),
+                service="x",
+                workdir=tmp_path,
+                env={},
+            )
             plain = create_probe(HealthCheckSpec(http=url), service="x", workdir=tmp_path, env={})
             assert (await expect()).ok is True
             result = await plain()
@@ -72,14 +77,21 @@ class TestDockerProbe:
         ("status", "ok"),
         [("healthy", True), ("unhealthy", False), ("starting", None), (None, False)],
     )
-    async def test_maps_the_container_health_status(self, status: str | None, ok: bool | None) -> None:
+    async def test_maps_the_container_health_status(
+        self, status: str | None, ok: bool | None
+    ) -> None:
         """healthy/unhealthy map to pass/fail; starting is not counted; no HEALTHCHECK fails."""
 
         async def docker_status() -> str | None:
             return status
 
-        probe = create_probe(HealthCheckSpec(docker=True), service="x", workdir=Path("."),
-                             env={}, docker_status=docker_status)
+        probe = create_probe(
+            HealthCheckSpec(docker=True),
+            service="x",
+            workdir=Path("."),
+            env={},
+            docker_status=docker_status,
+        )
         assert (await probe()).ok is ok
 
 

@@ -333,9 +333,19 @@ class TestInstallWithoutAManager:
         box.out, box.err = io.StringIO(), io.StringIO()
         sock = box.tmp / "hv.sock"
         for manager in ("systemd", "launchd"):
-            assert inst.install(manager=manager, config_path=box.config, print_only=True,
-                                start=False, out=box.out, err=box.err, environ=box.env,
-                                socket=sock) == 0
+            assert (
+                inst.install(
+                    manager=manager,
+                    config_path=box.config,
+                    print_only=True,
+                    start=False,
+                    out=box.out,
+                    err=box.err,
+                    environ=box.env,
+                    socket=sock,
+                )
+                == 0
+            )
         text = box.out.getvalue()
         assert f"run -c {box.config} --socket {sock}" in text
         assert f"<string>--socket</string>\n\t\t<string>{sock}</string>" in text
