@@ -8,6 +8,7 @@ The random source is injected so that tests are reproducible. Pure: no clock.
 
 from __future__ import annotations
 
+import math
 import random
 
 from supervisor.spec import BackoffSpec
@@ -36,9 +37,17 @@ class Backoff:
         spec = self.spec
         if spec.initial <= 0:
             return 0.0
-        # Cap the exponent's growth before it overflows a float.
-        raw = spec.initial * (spec.multiplier ** min(self.attempt, 1000))
-        return min(raw, spec.max)
+        # The exponent stops growing once the cap is reached, so no float overflows,
+        # however long a crash loop runs.
+        return min(spec.initial * spec.multiplier ** min(self.attempt, self._cap), spec.max)
+
+    @property
+    def _cap(self) -> int:
+        """The first attempt whose delay reaches ``max`` (0 when it never grows)."""
+        spec = self.spec
+        if spec.multiplier <= 1 or spec.max <= spec.initial:
+            return 0
+        return math.ceil(math.log(spec.max / spec.initial) / math.log(spec.multiplier))
 
     def next_delay(self) -> float:
         """Return the delay before the next start (seconds) and count the attempt."""

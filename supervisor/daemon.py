@@ -35,6 +35,7 @@ from supervisor.errors import (
     AlreadyRunning,
     ConfigError,
     ConfigRejected,
+    ControlError,
     HostvisorError,
     UnknownService,
 )
@@ -171,18 +172,18 @@ class Daemon:
     async def _command(
         self, names: Names, verb: str, targets: frozenset[ServiceState], wait: bool, timeout: float
     ) -> dict[str, Any]:
-        chosen = self._resolve(names)
-        gens = {name: getattr(self.supervisors[name], f"command_{verb}")() for name in chosen}
+        # Issued under the reload lock: a command never reaches a supervisor that a reload
+        # is replacing; it waits for the reload and goes to the new one.
+        async with self._reload_lock:
+            self._refuse_when_stopping()
+            chosen = [self.supervisors[name] for name in self._resolve(names)]
+            gens = [(sup, getattr(sup, f"command_{verb}")()) for sup in chosen]
         if wait:
             with anyio.move_on_after(timeout):
                 async with anyio.create_task_group() as tg:
-                    for name, gen in gens.items():
-                        tg.start_soon(self.supervisors[name].wait_settled, gen, targets)
-        return {
-            "services": [
-                self.supervisors[n].status_entry() for n in chosen if n in self.supervisors
-            ]
-        }
+                    for sup, gen in gens:
+                        tg.start_soon(sup.wait_settled, gen, targets)
+        return {"services": [sup.status_entry() for sup in chosen]}
 
     def log_path(self, service: str | None) -> Path:
         """``<state>/logs/<service>.log``, or the daemon's log for None; raises UnknownService."""
@@ -198,7 +199,12 @@ class Daemon:
             ConfigRejected: the new config is invalid; nothing was changed.
         """
         async with self._reload_lock:
+            self._refuse_when_stopping()
             return await self._reload()
+
+    def _refuse_when_stopping(self) -> None:
+        if self.shutting_down:
+            raise ControlError("the daemon is shutting down; commands are refused")
 
     async def _reload(self) -> dict[str, Any]:
         path = self.loaded.daemon.config_path
@@ -223,7 +229,8 @@ class Daemon:
             for name in removed + changed:
                 tg.start_soon(self._retire, name)
         for name in changed + added:
-            await self._launch(new.services[name])
+            if not self.shutting_down:  # a shutdown began meanwhile: launch nothing new
+                await self._launch(new.services[name])
         result = {"added": added, "removed": removed, "changed": changed, "unchanged": unchanged}
         self.bus.publish(
             ev.DAEMON_RELOADED,
@@ -288,15 +295,47 @@ class Daemon:
     ) -> None:
         with anyio.CancelScope() as scope:
             self._scopes[sup.name] = scope
-            await sup.run(task_status=task_status)
+            try:
+                await sup.run(task_status=task_status)
+            except Exception as exc:  # a bug in one supervisor must not take down the others
+                await self._supervisor_crashed(sup, exc)
+
+    async def _supervisor_crashed(self, sup: ServiceSupervisor, exc: Exception) -> None:
+        """Mark the service FATAL, stop its process, and say why in an event."""
+        cause: BaseException = exc
+        while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+            cause = cause.exceptions[0]
+        text = f"internal error in the supervisor: {type(cause).__name__}: {cause}"
+        if self.log is not None:
+            import traceback
+
+            self.log.write("error", f"{sup.name}: {text}", traceback=traceback.format_exc())
+        handle = sup.handle
+        if handle is not None and sup.spec.kind == "process":
+            with anyio.move_on_after(sup.spec.stop.timeout + 5, shield=True):
+                await handle.stop(sup.spec.stop)
+        sup.handle = None
+        sup.state, sup.message = S.FATAL, text  # outside the table on purpose: a last resort
+        self.bus.publish(
+            ev.SERVICE_FATAL,
+            service=sup.name,
+            message=text,
+            attributes={"error.type": type(cause).__name__},
+        )
+        self.changed.fire()
 
     async def _retire(self, name: str) -> None:
         """Stop a service gracefully and forget its supervisor (reload: removed or changed)."""
         sup = self.supervisors[name]
         gen = sup.command_stop()
-        await sup.wait_settled(gen, frozenset({S.STOPPED}))
+        with anyio.move_on_after(sup.spec.stop.timeout + 10):
+            await sup.wait_settled(gen, frozenset({S.STOPPED}))
         self._scopes.pop(name).cancel()
         del self.supervisors[name]
+        if sup.handle is not None and sup.spec.kind == "process":  # the bound passed: kill
+            kill = StopSpec(signal=int(signal.SIGKILL), timeout=2.0)
+            with anyio.move_on_after(5, shield=True):
+                await sup.handle.stop(kill)
 
     def _on_probe(self, service: str, seconds: float, ok: bool) -> None:
         if self.telemetry is not None:
@@ -312,6 +351,9 @@ class Daemon:
         """Stop every process service, dependents first, within ``shutdown_timeout``; then
         SIGKILL. Container units are left running for the next daemon to adopt."""
         self.shutting_down = True
+        with anyio.move_on_after(self.loaded.daemon.shutdown_timeout):
+            async with self._reload_lock:  # let a reload in progress finish first
+                pass
         dependents = _dependents_order(self.loaded.services)
         stopped = {name: anyio.Event() for name in self.supervisors}
 
@@ -412,10 +454,8 @@ class Daemon:
         """Serve SIGHUP (reload) until SIGTERM/SIGINT, then shut down; a 2nd SIGINT kills."""
         async for signum in signals:
             if signum == signal.SIGHUP:
-                notifier.reloading()
-                with contextlib.suppress(ConfigRejected):  # already published as an event
-                    await self.reload()
-                notifier.ready()
+                assert self._tg is not None
+                self._tg.start_soon(self._reload_on_signal, notifier)  # SIGTERM stays heard
                 continue
             break
         self.bus.publish(ev.DAEMON_STOPPING, message=f"stopping on {signal.Signals(signum).name}")
@@ -432,6 +472,12 @@ class Daemon:
             tg.start_soon(forced)
             await self.shutdown()
             tg.cancel_scope.cancel()
+
+    async def _reload_on_signal(self, notifier: Any) -> None:
+        notifier.reloading()
+        with contextlib.suppress(ConfigRejected, ControlError):  # published as an event
+            await self.reload()
+        notifier.ready()
 
     async def _pump_log(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with self.bus.subscribe(buffer=10_000) as events:

@@ -23,7 +23,7 @@ from anyio.abc import TaskGroup
 from supervisor import events as ev
 from supervisor.backoff import Backoff
 from supervisor.drivers.base import Driver, Handle
-from supervisor.errors import DriverError, SpawnError
+from supervisor.errors import DockerUnavailable, DriverError, SpawnError
 from supervisor.events import EventBus
 from supervisor.health import CommandRunner, HealthCounter, create_probe
 from supervisor.spec import ServiceSpec
@@ -115,6 +115,8 @@ class ServiceSupervisor:
         self._reached_running = False
         self._pending_delay = 0.0
         self._task_group: TaskGroup | None = None
+        self._stop_error = ""
+        self._engine_down = False
         self._wake = anyio.Event()
         self._known: list[tuple[int, float]] = []
 
@@ -244,7 +246,7 @@ class ServiceSupervisor:
                 if self._kick:
                     self._kick = False
                     self.failed_starts = 0
-                    if self._restart_requested or self.state in (S.EXITED, S.FATAL, S.BACKOFF):
+                    if self._restart_requested or self.state in RESTING or self.state is S.BACKOFF:
                         self.backoff.reset()
                     self._restart_requested = False
                 await self._attempt()
@@ -290,7 +292,10 @@ class ServiceSupervisor:
         elif self._interrupted:
             self._after_interrupt()
         else:
-            self._after_failure(None, failed_start=True, message=failure or "start failed")
+            # An unreachable Docker engine is not the service's failure: retry through
+            # backoff, but do not count it towards give_up_after.
+            counted, self._engine_down = not self._engine_down, False
+            self._after_failure(None, failed_start=counted, message=failure or "start failed")
 
     async def _prepare(self) -> str | None:
         """Dependencies, preflight, port. Returns why the start cannot go ahead, or None."""
@@ -306,11 +311,17 @@ class ServiceSupervisor:
     async def _spawn(self) -> tuple[Handle | None, str | None]:
         self._set_message("")
         assert self._task_group is not None
+        # A process spawn is shielded (it takes a millisecond, and a command arriving
+        # mid-spawn must not lose track of a child; the interrupt is seen by the next
+        # scope). A container start is not: it may run recreate_command for minutes,
+        # and a container started but not tracked is adopted by the next attempt.
+        shield = self.spec.kind == "process"
         try:
-            # Shielded: a command arriving mid-spawn must not lose track of a child;
-            # the interrupt is seen by the next scope (``_interrupted``).
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=shield):
                 handle = await self.driver.start(self.spec, task_group=self._task_group)
+        except DockerUnavailable as exc:
+            self._engine_down = True
+            return None, str(exc)
         except (SpawnError, DriverError, OSError) as exc:
             return None, str(exc)
         return handle, None
@@ -345,8 +356,12 @@ class ServiceSupervisor:
         self.instance_started_at = None
         self.health = self._no_instance_health()
         if self._health_restart:
+            # The same path as a crash: restart policy, backoff and give_up_after. The
+            # exit status is ours (we stopped it), so the decision sees a failure.
             self._after_failure(
-                status, failed_start=False, message="restarted: health checks failed"
+                None,
+                failed_start=not self._reached_running,
+                message="restarted: health checks failed",
             )
         elif self._interrupted:
             self._after_interrupt()
@@ -360,8 +375,8 @@ class ServiceSupervisor:
         with anyio.move_on_after(self.spec.stop.timeout + 5, shield=True):
             try:
                 return await handle.stop(self.spec.stop)
-            except DriverError as exc:  # e.g. Docker unreachable: keep the supervisor alive
-                self._set_message(f"stop failed: {exc}")
+            except (DriverError, OSError) as exc:  # e.g. the Docker engine refused or is gone
+                self._stop_error = f"stop failed: {exc}"
         return None
 
     def _exit_message(self, status: ExitStatus | None) -> str:
@@ -495,7 +510,8 @@ class ServiceSupervisor:
         if self._want_up:
             self._kick = True  # restart: straight to a new attempt, no backoff
             return
-        self._enter_stopped("stopped by request")
+        stop_error, self._stop_error = self._stop_error, ""
+        self._enter_stopped(stop_error or "stopped by request")
 
     def _after_failure(
         self, status: ExitStatus | None, *, failed_start: bool, message: str
@@ -509,8 +525,6 @@ class ServiceSupervisor:
             failed_starts_in_a_row=self.failed_starts,
             give_up_after=self.spec.give_up_after,
         )
-        if self._health_restart:
-            decision = Decision.RESTART
         if decision is Decision.EXITED:
             self._set_state(S.EXITED, message)
             return
@@ -568,8 +582,9 @@ class ServiceSupervisor:
         self._set_message("preflight")
         try:
             result = await self._run_in_unit(spec.command, spec.timeout)
-        except SpawnError as exc:
-            self._publish(ev.PREFLIGHT_FAILED, f"preflight: {exc}", **{"error.type": "SpawnError"})
+        except (SpawnError, OSError) as exc:  # cannot even start it (EMFILE, ENOENT ...)
+            kind = type(exc).__name__
+            self._publish(ev.PREFLIGHT_FAILED, f"preflight: {exc}", **{"error.type": kind})
             return f"preflight: {exc}"
         if result.timed_out:
             why = f"preflight timed out after {spec.timeout:g}s"

@@ -66,12 +66,15 @@ class DependencyCondition(enum.StrEnum):
 S = ServiceState
 
 #: Legal moves: ``TRANSITIONS[source]`` is the set of allowed targets.
+#: RUNNING -> STOPPED is the instance exiting on its own at the moment a stop was asked:
+#: there is nothing left to stop. STOPPING -> FATAL is a health-check restart of an
+#: instance that never reached RUNNING, counted towards ``give_up_after`` like a crash.
 TRANSITIONS: dict[ServiceState, frozenset[ServiceState]] = {
     S.STOPPED: frozenset({S.STARTING, S.STOPPED}),
     S.STARTING: frozenset({S.RUNNING, S.BACKOFF, S.STOPPING, S.STOPPED, S.EXITED, S.FATAL}),
-    S.RUNNING: frozenset({S.STOPPING, S.BACKOFF, S.EXITED, S.STARTING}),
+    S.RUNNING: frozenset({S.STOPPING, S.BACKOFF, S.EXITED, S.STARTING, S.STOPPED}),
     S.BACKOFF: frozenset({S.STARTING, S.STOPPED, S.FATAL, S.STOPPING}),
-    S.STOPPING: frozenset({S.STOPPED, S.BACKOFF, S.EXITED, S.STARTING}),
+    S.STOPPING: frozenset({S.STOPPED, S.BACKOFF, S.EXITED, S.STARTING, S.FATAL}),
     S.EXITED: frozenset({S.STARTING, S.STOPPED}),
     S.FATAL: frozenset({S.STARTING, S.STOPPED}),
 }

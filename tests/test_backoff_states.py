@@ -54,11 +54,17 @@ class TestBackoff:
         backoff = Backoff(BackoffSpec(initial=0, max=30, jitter=0.5))
         assert [backoff.next_delay() for _ in range(3)] == [0, 0, 0]
 
-    def test_huge_attempt_counts_do_not_overflow(self) -> None:
-        """Thousands of failures in a row stay at the cap instead of raising OverflowError."""
-        backoff = Backoff(BackoffSpec(initial=1, max=30, multiplier=10, jitter=0))
-        backoff.attempt = 5000
+    @pytest.mark.parametrize("multiplier", [1.5, 3.0, 10.0, 1e6])
+    def test_huge_attempt_counts_do_not_overflow(self, multiplier: float) -> None:
+        """Days of a crash loop stay at the cap instead of raising OverflowError."""
+        backoff = Backoff(BackoffSpec(initial=1, max=30, multiplier=multiplier, jitter=0))
+        backoff.attempt = 100_000
         assert backoff.next_delay() == 30
+
+    def test_multiplier_one_is_a_constant_delay(self) -> None:
+        """multiplier = 1: every delay is initial."""
+        backoff = Backoff(BackoffSpec(initial=2, max=30, multiplier=1, jitter=0))
+        assert [backoff.next_delay() for _ in range(3)] == [2, 2, 2]
 
 
 class TestAfterExit:

@@ -10,10 +10,11 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
-from tests.daemon_harness import PY, daemon, py_cmd
+from tests.daemon_harness import PY, DaemonProcess, daemon, py_cmd
 
 
 def free_port() -> int:
@@ -126,6 +127,28 @@ class TestReload:
             assert d.wait_state("edit", "running")["pid"] != pids["edit"]
             d.wait_state("new", "running")
             d.wait_for(lambda: not marked_anywhere("gone"), what="gone's process to end")
+
+
+class TestReloadRaces:
+    def test_a_start_during_a_reload_waits_for_it(self, tmp_path: Path) -> None:
+        """`start` while a SIGHUP reload retires the changed unit: the reload completes,
+        the new spec runs, and SIGTERM afterwards still stops the daemon."""
+        stubborn = py_cmd("proc_stubborn")
+
+        def unit(version: str) -> str:
+            return f'description = "{version}"\ncommand = {stubborn}\nstart_seconds = "0.2s"\nstop_timeout = "1s"\n'
+
+        with daemon(tmp_path, units={"slow": unit("v1")}) as d:
+            old = d.wait_state("slow", "running")["pid"]
+            d.write_unit("slow", unit("v2"))
+            seq = d.last_seq()
+            d.signal(signal.SIGHUP)
+            d.wait_state("slow", "stopping")
+            d.call("start", services=["slow"], wait=False)
+            d.wait_event("hostvisor.daemon.reloaded", after=seq)
+            assert d.wait_state("slow", "running")["pid"] != old
+            d.signal(signal.SIGTERM)
+            assert d.proc.wait(20) == 0  # type: ignore[union-attr]
 
 
 class TestDaemonLog:
@@ -284,3 +307,47 @@ multiplier = 2.0
         finally:
             stale.kill()
             stale.wait()
+
+
+class TestSupervisorCrash:
+    async def test_a_bug_in_one_supervisor_spares_the_others(self, tmp_path: Path) -> None:
+        """An unexpected exception in one supervisor marks that service FATAL with the error
+        and an event; the daemon and the other services keep running."""
+        import anyio
+
+        from supervisor import config
+        from supervisor.daemon import Daemon
+        from supervisor.states import ServiceState
+
+        d = DaemonProcess(tmp_path)  # only for its files; the daemon runs in-process here
+        d.write_unit("good", SLEEP)
+        d.write_unit("bad", SLEEP)
+        loaded = config.load(d.config_path)
+        daemon = Daemon(loaded, state_dir=d.state, socket_path=d.socket)
+        real_start = daemon.process_driver.start
+
+        async def start(spec: Any, *, task_group: Any) -> Any:
+            if spec.name == "bad":
+                raise RuntimeError("boom")  # a bug, not a spawn error
+            return await real_start(spec, task_group=task_group)
+
+        daemon.process_driver.start = start  # type: ignore[method-assign]
+        async with daemon.bus.subscribe() as events, anyio.create_task_group() as tg:
+            daemon._tg = tg
+            for spec in loaded.services.values():
+                await daemon._launch(spec)
+            with anyio.fail_after(10):
+                while not (
+                    daemon.supervisors["bad"].state is ServiceState.FATAL
+                    and daemon.supervisors["good"].state is ServiceState.RUNNING
+                ):
+                    await daemon.changed.wait()
+            assert "RuntimeError: boom" in daemon.supervisors["bad"].message
+            with anyio.fail_after(5):
+                async for event in events:
+                    if event.event == "hostvisor.service.fatal" and event.service == "bad":
+                        assert event.attributes["error.type"] == "RuntimeError"
+                        break
+            await daemon.shutdown()
+            tg.cancel_scope.cancel()
+        d.cleanup()

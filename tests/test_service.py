@@ -344,3 +344,65 @@ class TestCommands:
             assert answered == 20
             assert sup.state is S.RUNNING
             assert len(marked("busy")) == 1
+
+
+class TestRaces:
+    async def test_a_stop_landing_as_the_process_exits_ends_stopped(self, tmp_path: Path) -> None:
+        """An exit and a stop in the same instant: STOPPED, never IllegalTransition."""
+        spec = make_spec(tmp_path, "web", program("svc_exit", "--after", "1.0", "--code", "1"))
+        async with supervising(tmp_path, spec) as h:
+            await h.wait_state("web", S.RUNNING)
+            handle = h["web"].handle
+            assert handle is not None
+            await handle.wait()  # the supervisor's own watcher sees the same exit
+            h["web"].command_stop()
+            await h.wait_state("web", S.STOPPED)
+
+    async def test_stop_on_a_fatal_service_ends_stopped(self, tmp_path: Path) -> None:
+        """`stop` is done when the service is stopped, from fatal or exited too."""
+        spec = make_spec(tmp_path, "doomed", program("svc_exit", "--code", "1"), give_up_after=1)
+        async with supervising(tmp_path, spec) as h:
+            await h.wait_state("doomed", S.FATAL)
+            sup = h["doomed"]
+            await sup.wait_settled(sup.command_stop(), frozenset({S.STOPPED}))
+            assert sup.state is S.STOPPED and sup.last_exit is not None
+
+
+class TestHealthRestartPolicy:
+    async def test_health_restarts_count_towards_give_up_after(self, tmp_path: Path) -> None:
+        """An instance that never passes a check is a failed start, like a crash: FATAL
+        after give_up_after of them."""
+        port = free_port()
+        (tmp_path / "unhealthy").write_text("")
+        spec = make_spec(
+            tmp_path,
+            "sick",
+            program("svc_serve", "--port", port),
+            give_up_after=2,
+            health=HealthCheckSpec(
+                http=f"http://127.0.0.1:{port}/health", interval=0.1, timeout=1, failure_threshold=1
+            ),
+        )
+        async with supervising(tmp_path, spec) as h:
+            await h.wait_state("sick", S.FATAL, timeout=20)
+            assert h["sick"].restarts == 1
+            assert h["sick"].health is Health.UNKNOWN  # no instance, no health
+
+    async def test_restart_no_is_respected(self, tmp_path: Path) -> None:
+        """restart = "no": failing checks stop the service and it stays EXITED."""
+        port = free_port()
+        spec = make_spec(
+            tmp_path,
+            "once",
+            program("svc_serve", "--port", port),
+            restart=Restart.NO,
+            health=HealthCheckSpec(
+                http=f"http://127.0.0.1:{port}/health", interval=0.1, timeout=1, failure_threshold=2
+            ),
+        )
+        async with supervising(tmp_path, spec) as h:
+            await h.wait_state("once", S.RUNNING)
+            (tmp_path / "unhealthy").write_text("")
+            await h.wait_event(ev.HEALTH_CHECK_RESTART, "once")
+            await h.wait_state("once", S.EXITED)
+            assert h["once"].restarts == 0
