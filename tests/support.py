@@ -10,6 +10,7 @@ enter the context manager themselves)::
 from __future__ import annotations
 
 import random
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 from anyio.abc import ObjectReceiveStream
 
 from supervisor.drivers.process import ProcessDriver
@@ -33,6 +35,26 @@ PY = sys.executable
 def program(name: str, *args: object) -> tuple[str, ...]:
     """argv running ``tests/programs/<name>.py`` with this interpreter."""
     return (PY, str(PROGRAMS / f"{name}.py"), *map(str, args))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def marked(name: str, *, anywhere: bool = False) -> list[psutil.Process]:
+    """Live processes carrying HOSTVISOR_SERVICE=name: our descendants, or any on the host."""
+    candidates = psutil.process_iter() if anywhere else psutil.Process().children(recursive=True)
+    found = []
+    for proc in candidates:
+        try:
+            if proc.environ().get("HOSTVISOR_SERVICE") == name and proc.status() != "zombie":
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
 
 
 def make_spec(tmp_path: Path, name: str, command: Sequence[str], **overrides: Any) -> ServiceSpec:

@@ -69,12 +69,6 @@ class Containers:
 
 
 @pytest.fixture
-def engine(docker_engine: DockerEngine) -> DockerEngine:
-    docker_engine.ensure_running()
-    return docker_engine
-
-
-@pytest.fixture
 def containers(engine: DockerEngine) -> Iterator[Containers]:
     made = Containers(engine)
     yield made

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import threading
@@ -26,6 +25,7 @@ import psutil
 from supervisor import __version__
 from supervisor.control.client import ControlClient
 from tests.daemon_harness import PY, DaemonProcess, daemon, py_cmd
+from tests.support import free_port
 
 SLEEP = f'command = {py_cmd("svc_sleep")}\nstart_seconds = "0.2s"\nstop_timeout = "5s"\n'
 CHATTY = f'command = {py_cmd("e2e_chatty", "--count", 40, "--size", 100)}\nstart_seconds = "0.2s"\n'
@@ -35,12 +35,6 @@ CRASHY = (
     'autostart = false\nstart_seconds = "1s"\ngive_up_after = 2\n'
     '[backoff]\ninitial = "0.05s"\nmax = "0.1s"\n'
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def live_instances(d: DaemonProcess, name: str) -> list[int]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,24 +14,7 @@ from typing import Any
 import psutil
 
 from tests.daemon_harness import PY, DaemonProcess, daemon, py_cmd
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def marked_anywhere(name: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("HOSTVISOR_SERVICE") == name and proc.status() != "zombie":
-                found.append(proc)
-        except psutil.Error:
-            pass
-    return found
-
+from tests.support import free_port, marked
 
 SLEEP = f'command = {py_cmd("svc_sleep")}\nstart_seconds = "0.2s"\n'
 
@@ -126,7 +108,7 @@ class TestReload:
             assert d.status("same")["pid"] == pids["same"]
             assert d.wait_state("edit", "running")["pid"] != pids["edit"]
             d.wait_state("new", "running")
-            d.wait_for(lambda: not marked_anywhere("gone"), what="gone's process to end")
+            d.wait_for(lambda: not marked("gone", anywhere=True), what="gone's process to end")
 
 
 class TestReloadRaces:

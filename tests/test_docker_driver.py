@@ -60,12 +60,6 @@ async def run_command(
 
 
 @pytest.fixture
-def engine(docker_engine: DockerEngine) -> DockerEngine:
-    docker_engine.ensure_running()
-    return docker_engine
-
-
-@pytest.fixture
 def names(engine: DockerEngine) -> Iterator[Any]:
     made: list[str] = []
 

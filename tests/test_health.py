@@ -10,8 +10,7 @@ import pytest
 from supervisor.health import HealthCounter, ProbeResult, create_probe, probe_tcp
 from supervisor.spec import HealthCheckSpec
 from supervisor.states import Health
-from tests.support import program
-from tests.test_service import free_port
+from tests.support import free_port, program
 
 
 class TestTcpProbe:

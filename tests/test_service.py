@@ -3,11 +3,9 @@ preflight, health checks, post_start, depends_on and commands — over real proc
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import anyio
-import psutil
 
 from supervisor import events as ev
 from supervisor.spec import (
@@ -17,27 +15,9 @@ from supervisor.spec import (
     PreflightSpec,
 )
 from supervisor.states import DependencyCondition, Health, Restart, ServiceState
-from tests.support import PY, make_spec, program, supervising
+from tests.support import PY, free_port, make_spec, marked, program, supervising
 
 S = ServiceState
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def marked(name: str) -> list[psutil.Process]:
-    """Live processes carrying HOSTVISOR_SERVICE=name."""
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if proc.environ().get("HOSTVISOR_SERVICE") == name and proc.status() != "zombie":
-                found.append(proc)
-        except psutil.Error:
-            pass
-    return found
 
 
 class TestRestartPolicy:

@@ -29,6 +29,7 @@ from supervisor import __version__
 from supervisor.control.client import ControlClient
 from tests.daemon_harness import PY, DaemonProcess, daemon, py_cmd
 from tests.otlp_receivers import BlackHole, GrpcReceiver, HttpReceiver, Receiver, closed_port
+from tests.support import free_port
 
 #: Batches every 50 ms and metrics every 200 ms, so exports arrive within a second.
 FAST = {"OTEL_BLRP_SCHEDULE_DELAY": "50", "OTEL_METRIC_EXPORT_INTERVAL": "200"}
@@ -47,12 +48,6 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("OTEL_"):
             monkeypatch.delenv(name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait(receiver: Receiver, predicate: Callable[[], bool], timeout: float = 15.0) -> None:
