@@ -5,14 +5,12 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -20,65 +18,13 @@ import pytest
 
 from supervisor.notify import Notifier, summary
 from supervisor.states import ServiceState
+from tests.notify_listener import SystemdSocket
 
 PROGRAMS = Path(__file__).parent / "programs"
-_STOP = b"__listener_stop__"
-
-
-class NotifyListener:
-    """A real notify socket (what systemd binds), read by a thread that stamps arrivals.
-
-    The thread keeps receiving while the test's event loop is deliberately
-    stalled, so the arrival times are the sender's, not the reader's.
-    """
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.messages: list[tuple[float, dict[str, str]]] = []
-        self._cond = threading.Condition()
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(address)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    @property
-    def notify_socket(self) -> str:
-        """The value of ``NOTIFY_SOCKET`` for this listener (``@`` for abstract)."""
-        return "@" + self.address[1:] if self.address.startswith("\0") else self.address
-
-    def _run(self) -> None:
-        while True:
-            data = self._sock.recv(4096)
-            if data == _STOP:
-                return
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
-            with self._cond:
-                self.messages.append((time.monotonic(), fields))
-                self._cond.notify_all()
-
-    def close(self) -> None:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.sendto(_STOP, self.address)
-        self._thread.join(5)
-        self._sock.close()
-
-    def having(self, key: str) -> list[tuple[float, dict[str, str]]]:
-        with self._cond:
-            return [(t, m) for t, m in self.messages if key in m]
-
-    def _wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(predicate, timeout)
-
-    async def wait_for(self, key: str, count: int = 1, *, timeout: float = 5.0) -> bool:
-        """Wait (in a thread, so a stalled test loop does not matter) for ``count`` messages."""
-        return await anyio.to_thread.run_sync(
-            self._wait, lambda: len(self.having(key)) >= count, timeout
-        )
 
 
 @pytest.fixture(params=["path", "abstract"])
-def listener(request: pytest.FixtureRequest) -> Iterator[NotifyListener]:
+def listener(request: pytest.FixtureRequest) -> Iterator[SystemdSocket]:
     if request.param == "path":
         folder = tempfile.mkdtemp(prefix="hv-notify-", dir="/tmp")  # short: sun_path limit
         address = os.path.join(folder, "notify.sock")
@@ -86,7 +32,7 @@ def listener(request: pytest.FixtureRequest) -> Iterator[NotifyListener]:
         if sys.platform != "linux":
             pytest.skip("abstract sockets are Linux only")
         address = f"\0hostvisor-test-{uuid.uuid4().hex}"
-    lst = NotifyListener(address)
+    lst = SystemdSocket(address)
     try:
         yield lst
     finally:
@@ -96,7 +42,7 @@ def listener(request: pytest.FixtureRequest) -> Iterator[NotifyListener]:
             os.rmdir(os.path.dirname(address))
 
 
-def notifier_for(listener: NotifyListener, **env: str) -> Notifier:
+def notifier_for(listener: SystemdSocket, **env: str) -> Notifier:
     return Notifier.from_environ({"NOTIFY_SOCKET": listener.notify_socket, **env})
 
 
@@ -137,7 +83,7 @@ class TestFromEnviron:
 
 
 class TestMessages:
-    async def test_ready_status_stopping(self, listener: NotifyListener) -> None:
+    async def test_ready_status_stopping(self, listener: SystemdSocket) -> None:
         """READY=1, STATUS=<text> and STOPPING=1 arrive as sent, on path and abstract sockets."""
         notifier = notifier_for(listener)
         assert notifier.ready()
@@ -150,7 +96,7 @@ class TestMessages:
             {"STOPPING": "1"},
         ]
 
-    async def test_status_only_when_changed(self, listener: NotifyListener) -> None:
+    async def test_status_only_when_changed(self, listener: SystemdSocket) -> None:
         """The same status text is sent once; a new text is sent again."""
         notifier = notifier_for(listener)
         assert notifier.status("1/2 running")
@@ -164,7 +110,7 @@ class TestMessages:
             "2/2 running",
         ]
 
-    async def test_reloading_carries_monotonic_usec(self, listener: NotifyListener) -> None:
+    async def test_reloading_carries_monotonic_usec(self, listener: SystemdSocket) -> None:
         """RELOADING=1 comes with MONOTONIC_USEC on CLOCK_MONOTONIC, in one datagram."""
         notifier = notifier_for(listener)
         before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -186,7 +132,7 @@ class TestMessages:
 
 
 class TestWatchdog:
-    async def test_pings_every_half_watchdog_usec(self, listener: NotifyListener) -> None:
+    async def test_pings_every_half_watchdog_usec(self, listener: SystemdSocket) -> None:
         """WATCHDOG=1 is sent at once and then every WATCHDOG_USEC/2 seconds."""
         notifier = notifier_for(listener, WATCHDOG_USEC="200000")
         async with anyio.create_task_group() as tg:
@@ -197,7 +143,7 @@ class TestWatchdog:
         gaps = [b - a for a, b in itertools.pairwise(times)]
         assert all(0.08 <= gap <= 0.3 for gap in gaps), gaps
 
-    async def test_other_watchdog_pid_sends_nothing(self, listener: NotifyListener) -> None:
+    async def test_other_watchdog_pid_sends_nothing(self, listener: SystemdSocket) -> None:
         """WATCHDOG_PID of another process: run_watchdog returns without a ping."""
         notifier = notifier_for(listener, WATCHDOG_USEC="200000", WATCHDOG_PID="1")
         with anyio.fail_after(1):
@@ -206,7 +152,7 @@ class TestWatchdog:
         assert await listener.wait_for("READY")
         assert listener.having("WATCHDOG") == []
 
-    async def test_stalled_loop_stops_pings(self, listener: NotifyListener) -> None:
+    async def test_stalled_loop_stops_pings(self, listener: SystemdSocket) -> None:
         """Pings come from the event loop: while it is blocked, none are sent."""
         notifier = notifier_for(listener, WATCHDOG_USEC="100000")  # ping every 50 ms
         async with anyio.create_task_group() as tg:
@@ -221,7 +167,7 @@ class TestWatchdog:
         during = [t for t, _ in listener.having("WATCHDOG") if stall_start < t < stall_end]
         assert during == []
 
-    async def test_sigstopped_process_sends_nothing(self, listener: NotifyListener) -> None:
+    async def test_sigstopped_process_sends_nothing(self, listener: SystemdSocket) -> None:
         """A SIGSTOPped process stops pinging, so systemd's watchdog fires; SIGCONT resumes."""
         env = {**os.environ, "NOTIFY_SOCKET": listener.notify_socket, "WATCHDOG_USEC": "100000"}
         child = subprocess.Popen([sys.executable, str(PROGRAMS / "otel_watchdog.py")], env=env)
