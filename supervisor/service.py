@@ -371,13 +371,38 @@ class ServiceSupervisor:
             )
 
     async def _stop_handle(self, handle: Handle) -> ExitStatus | None:
-        """Stop an instance, shielded and bounded by ``stop_timeout`` + 5 s."""
-        with anyio.move_on_after(self.spec.stop.timeout + 5, shield=True):
-            try:
-                return await handle.stop(self.spec.stop)
-            except (DriverError, OSError) as exc:  # e.g. the Docker engine refused or is gone
-                self._stop_error = f"stop failed: {exc}"
-        return None
+        """Stop an instance, each try shielded and bounded (``stop_timeout`` + 5 s, or + 15 s
+        for a container).
+
+        A container whose engine is unreachable cannot be stopped now: the service stays
+        STOPPING (with a message) and the stop is tried again when the engine is back,
+        so a container never keeps running while its unit says it is stopped.
+        """
+        while True:
+            unreachable: DockerUnavailable | None = None
+            # Containers: past the driver's own bound on an engine call (10 s by default).
+            slack = 5 if self.spec.kind == "process" else 15
+            with anyio.move_on_after(self.spec.stop.timeout + slack, shield=True):
+                try:
+                    return await handle.stop(self.spec.stop)
+                except DockerUnavailable as exc:
+                    unreachable = exc
+                except (DriverError, OSError) as exc:  # e.g. the engine refused
+                    self._stop_error = f"stop failed: {exc}"
+                    return None
+            if unreachable is None:
+                return None  # the bound passed
+            self._set_message(f"stop pending: {unreachable}; will stop it when the engine is back")
+            await self._until_engine_back()
+
+    async def _until_engine_back(self) -> None:
+        """Wait until the driver reports its engine reachable again (re-checked at least every
+        5 s, in case it has not noticed the outage yet)."""
+        if getattr(self.driver, "connected", True):
+            with anyio.move_on_after(5):
+                await self.changed.wait()
+        while not getattr(self.driver, "connected", True):
+            await self.changed.wait()
 
     def _exit_message(self, status: ExitStatus | None) -> str:
         return f"exited: {status.describe()}" if status else "exited"

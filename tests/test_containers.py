@@ -214,6 +214,32 @@ class TestEngineOutage:
             assert containers.inspect(name)["State"]["Running"]
             assert d.wait_state("db", "running")["message"] == ""
 
+    def test_a_stop_during_an_outage_finishes_when_the_engine_is_back(
+        self, tmp_path: Path, engine: DockerEngine, containers: Containers
+    ) -> None:
+        """`stop` while the engine is down: the unit stays stopping with a message (it is
+        never reported stopped while its container may run), and is stopped once the
+        engine answers again."""
+        name = containers.name("pending")
+        containers.run(name)
+        with open_daemon(tmp_path, engine, {"pending": unit(name)}) as d:
+            d.wait_state("pending", "running")
+            seq = d.last_seq()
+            try:
+                engine.kill()
+                d.wait_event("hostvisor.docker.disconnected", after=seq)
+                d.call("stop", services=["pending"], wait=False)
+                entry = d.wait_state("pending", "stopping")
+                d.wait_for(
+                    lambda: d.status("pending")["message"].startswith("stop pending"),
+                    what="the pending-stop message",
+                )
+            finally:
+                engine.start()
+            entry = d.wait_state("pending", "stopped", timeout=60)
+            assert not containers.inspect(name)["State"]["Running"]
+            assert entry["health"] in ("none", "unknown")
+
     def test_engine_down_for_a_while_no_storm_and_process_units_unaffected(
         self, tmp_path: Path, engine: DockerEngine, containers: Containers
     ) -> None:
