@@ -15,7 +15,8 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,7 +31,7 @@ __all__ = [
     "HealthCounter",
     "Probe",
     "ProbeResult",
-    "create_probe",
+    "open_probe",
     "probe_tcp",
 ]
 
@@ -125,7 +126,8 @@ async def probe_tcp(
         sock.close()
 
 
-def create_probe(
+@asynccontextmanager
+async def open_probe(
     spec: HealthCheckSpec,
     *,
     service: str,
@@ -133,8 +135,12 @@ def create_probe(
     env: Mapping[str, str],
     run_command: CommandRunner | None = None,
     docker_status: Callable[[], Awaitable[str | None]] | None = None,
-) -> Probe:
-    """Build the probe of ``spec``; each call runs one check bounded by ``spec.timeout`` seconds.
+) -> AsyncIterator[Probe]:
+    """Acquire the probe of ``spec``; each call runs one check bounded by ``spec.timeout`` s.
+
+    An ``http`` probe keeps one client for its whole life: building an httpx client
+    (its TLS context) costs ~20 ms of CPU, far more than the request. Keep-alive is off,
+    so every check still opens a fresh connection, as a Kubernetes probe does.
 
     Args:
         spec: the ``[health]`` table.
@@ -142,6 +148,33 @@ def create_probe(
         run_command: runs ``exec`` probes (required for them).
         docker_status: returns the container's HEALTHCHECK status (required for ``docker``).
     """
+    client: Any = None
+    if spec.http is not None:
+        import httpx
+
+        client = httpx.AsyncClient(
+            timeout=spec.timeout,
+            follow_redirects=False,
+            trust_env=False,
+            limits=httpx.Limits(max_keepalive_connections=0),
+        )
+    try:
+        yield _build_probe(spec, service, workdir, env, run_command, docker_status, client)
+    finally:
+        if client is not None:
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
+
+
+def _build_probe(  # noqa: PLR0917 (private; called once, from open_probe)
+    spec: HealthCheckSpec,
+    service: str,
+    workdir: Path,
+    env: Mapping[str, str],
+    run_command: CommandRunner | None,
+    docker_status: Callable[[], Awaitable[str | None]] | None,
+    client: Any,
+) -> Probe:
     kind = spec.kind
 
     async def check() -> ProbeResult:
@@ -164,14 +197,11 @@ def create_probe(
     async def http() -> tuple[bool | None, str]:
         import httpx
 
-        assert spec.http is not None
-        async with httpx.AsyncClient(
-            timeout=spec.timeout, follow_redirects=False, trust_env=False
-        ) as client:
-            try:
-                response = await client.get(spec.http)
-            except httpx.HTTPError as exc:
-                return False, f"GET {spec.http}: {type(exc).__name__}: {exc}"
+        assert spec.http is not None and client is not None
+        try:
+            response = await client.get(spec.http)
+        except httpx.HTTPError as exc:
+            return False, f"GET {spec.http}: {type(exc).__name__}: {exc}"
         code = response.status_code
         good = code in spec.expect_status if spec.expect_status else 200 <= code < 400
         return good, f"GET {spec.http}: HTTP {code}"

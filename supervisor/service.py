@@ -25,7 +25,7 @@ from supervisor.backoff import Backoff
 from supervisor.drivers.base import Driver, Handle
 from supervisor.errors import DockerUnavailable, DriverError, SpawnError
 from supervisor.events import EventBus
-from supervisor.health import CommandRunner, HealthCounter, create_probe
+from supervisor.health import CommandRunner, HealthCounter, Probe, open_probe
 from supervisor.spec import ServiceSpec
 from supervisor.states import (
     Decision,
@@ -453,14 +453,19 @@ class ServiceSupervisor:
         spec = self.spec.health
         assert spec is not None
         docker_status = getattr(handle, "health_status", None)
-        probe = create_probe(
+        async with open_probe(
             spec,
             service=self.spec.name,
             workdir=self.spec.workdir,
             env=self.spec.env,
             run_command=self._run_command,
             docker_status=docker_status,
-        )
+        ) as probe:
+            await self._probe_forever(probe, handle, tg)
+
+    async def _probe_forever(self, probe: Probe, handle: Handle, tg: TaskGroup) -> None:
+        spec = self.spec.health
+        assert spec is not None
         started = anyio.current_time()
         counter = HealthCounter(spec, started_at=started)
         last_counted = started

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.health import HealthCounter, ProbeResult, create_probe, probe_tcp
+from supervisor.health import HealthCounter, ProbeResult, open_probe, probe_tcp
 from supervisor.spec import HealthCheckSpec
 from supervisor.states import Health
 from tests.support import free_port, program
@@ -33,7 +33,8 @@ class TestTcpProbe:
             server.bind(("::1", 0))
             server.listen()
             spec = HealthCheckSpec(tcp=f"[::1]:{server.getsockname()[1]}")
-            result = await create_probe(spec, service="x", workdir=Path("."), env={})()
+            async with open_probe(spec, service="x", workdir=Path("."), env={}) as probe:
+                result = await probe()
         assert result.ok is True
 
 
@@ -50,16 +51,16 @@ class TestHttpProbe:
         try:
             assert server.stdout is not None and "serving" in server.stdout.readline()
             url = f"http://127.0.0.1:{port}/health"
-            expect = create_probe(
-                HealthCheckSpec(http=url, expect_status=(503,)),
-                service="x",
-                workdir=tmp_path,
-                env={},
-            )
-            plain = create_probe(HealthCheckSpec(http=url), service="x", workdir=tmp_path, env={})
-            assert (await expect()).ok is True
-            result = await plain()
-            assert result.ok is False and "HTTP 503" in result.detail
+            expect_spec = HealthCheckSpec(http=url, expect_status=(503,))
+            plain_spec = HealthCheckSpec(http=url)
+            async with (
+                open_probe(expect_spec, service="x", workdir=tmp_path, env={}) as expect,
+                open_probe(plain_spec, service="x", workdir=tmp_path, env={}) as plain,
+            ):
+                assert (await expect()).ok is True
+                result = await plain()
+                assert result.ok is False and "HTTP 503" in result.detail
+                assert (await expect()).ok is True  # one client, a fresh connection each time
         finally:
             server.kill()
             server.wait()
@@ -67,7 +68,8 @@ class TestHttpProbe:
     async def test_refused_connection_is_a_failure_not_an_exception(self) -> None:
         """A probe never raises for a failing service; it answers ok=False with a reason."""
         spec = HealthCheckSpec(http=f"http://127.0.0.1:{free_port()}/health", timeout=1)
-        result = await create_probe(spec, service="x", workdir=Path("."), env={})()
+        async with open_probe(spec, service="x", workdir=Path("."), env={}) as probe:
+            result = await probe()
         assert result.ok is False and "ConnectError" in result.detail
 
 
@@ -84,14 +86,11 @@ class TestDockerProbe:
         async def docker_status() -> str | None:
             return status
 
-        probe = create_probe(
-            HealthCheckSpec(docker=True),
-            service="x",
-            workdir=Path("."),
-            env={},
-            docker_status=docker_status,
-        )
-        assert (await probe()).ok is ok
+        spec = HealthCheckSpec(docker=True)
+        async with open_probe(
+            spec, service="x", workdir=Path("."), env={}, docker_status=docker_status
+        ) as probe:
+            assert (await probe()).ok is ok
 
 
 class TestHealthCounter:
