@@ -10,9 +10,11 @@ within ``start_period`` after the spawn do not count (Docker's ``--health-start-
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import select
 import socket
+import ssl
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -33,6 +35,7 @@ __all__ = [
     "ProbeResult",
     "open_probe",
     "probe_tcp",
+    "tls_context",
 ]
 
 
@@ -126,6 +129,16 @@ async def probe_tcp(
         sock.close()
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """The TLS context of every HTTP probe and hook, built once (the first build costs
+    ~20 ms of CPU on the event loop; afterwards an httpx client costs ~0.4 ms).
+    Read-only once built, so sharing it is safe: certifi's CA bundle, as httpx uses."""
+    import certifi
+
+    return ssl.create_default_context(cafile=certifi.where())
+
+
 @asynccontextmanager
 async def open_probe(
     spec: HealthCheckSpec,
@@ -156,6 +169,7 @@ async def open_probe(
             timeout=spec.timeout,
             follow_redirects=False,
             trust_env=False,
+            verify=tls_context(),
             limits=httpx.Limits(max_keepalive_connections=0),
         )
     try:

@@ -25,7 +25,7 @@ from supervisor.backoff import Backoff
 from supervisor.drivers.base import Driver, Handle
 from supervisor.errors import DockerUnavailable, DriverError, SpawnError
 from supervisor.events import EventBus
-from supervisor.health import CommandRunner, HealthCounter, Probe, open_probe
+from supervisor.health import CommandRunner, HealthCounter, Probe, open_probe, tls_context
 from supervisor.spec import ServiceSpec
 from supervisor.states import (
     Decision,
@@ -696,7 +696,9 @@ class ServiceSupervisor:
                 if spec.http is not None:
                     import httpx
 
-                    async with httpx.AsyncClient(timeout=spec.timeout, trust_env=False) as client:
+                    async with httpx.AsyncClient(
+                        timeout=spec.timeout, trust_env=False, verify=tls_context()
+                    ) as client:
                         response = await client.request(spec.method, spec.http)
                     if response.status_code >= 400:
                         kind = str(response.status_code)
