@@ -19,7 +19,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -302,9 +302,7 @@ class Daemon:
 
     async def _supervisor_crashed(self, sup: ServiceSupervisor, exc: Exception) -> None:
         """Mark the service FATAL, stop its process, and say why in an event."""
-        cause: BaseException = exc
-        while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
-            cause = cause.exceptions[0]
+        cause = next(_leaves(exc), exc)
         text = f"internal error in the supervisor: {type(cause).__name__}: {cause}"
         if self.log is not None:
             import traceback
@@ -516,7 +514,7 @@ def run_daemon(*, config_path: Path, socket_option: str | None = None) -> int:
     except BaseExceptionGroup as group:
         # A user's mistake found inside the task group (a socket path held by another
         # process, a regular file at it) is raised alone, so the CLI prints one line.
-        mistake = _first_hostvisor_error(group)
+        mistake = next((e for e in _leaves(group) if isinstance(e, HostvisorError)), None)
         if mistake is None:
             raise
         raise mistake from None
@@ -525,12 +523,11 @@ def run_daemon(*, config_path: Path, socket_option: str | None = None) -> int:
     return 0
 
 
-def _first_hostvisor_error(group: BaseExceptionGroup[Any]) -> HostvisorError | None:
-    for exc in group.exceptions:
-        if isinstance(exc, HostvisorError):
-            return exc
-        if isinstance(exc, BaseExceptionGroup):
-            found = _first_hostvisor_error(exc)
-            if found is not None:
-                return found
-    return None
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside ``exc``'s (nested) exception groups, in order; ``exc`` itself
+    when it is not a group."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
