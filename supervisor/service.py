@@ -351,7 +351,14 @@ class ServiceSupervisor:
             # shielded and bounded.
             self._set_state(S.STOPPING)
             status = await self._stop_handle(handle)
-        self._record_exit(handle, status)
+            self._record_exit(handle, status)
+        else:
+            # The main process exited on its own: that is the instance's exit, published
+            # at once; then what is left of it (group members, marked escapees) is stopped
+            # with the unit's stop signal and stop_timeout before the policy applies.
+            self._record_exit(handle, status)
+            self._set_state(S.STOPPING, f"{self._exit_message(status)}; stopping what is left")
+            await self._stop_handle(handle)
         self.handle = None
         self.instance_started_at = None
         self.health = self._no_instance_health()

@@ -248,17 +248,31 @@ class TestExit:
                 status = await handle.wait()
         assert status.signal == signal.SIGKILL and status.code is None
 
-    async def test_wait_returns_only_when_the_group_is_gone(self, tmp_path: Path) -> None:
-        """A leader that exits while a member of its group lives is not over until
-        the member is gone too."""
+    async def test_wait_returns_when_the_main_process_exits(self, tmp_path: Path) -> None:
+        """The leader's exit is the instance's exit (systemd's main process), even while
+        a member of its group lives; wait_group() waits for the member too."""
         async with supervising(tmp_path) as sup, sup.hub.subscribe("o") as lines:
-            handle = await sup.start(spec_for(tmp_path, "o", program("proc_orphan", 0.5)))
+            handle = await sup.start(spec_for(tmp_path, "o", program("proc_orphan", 3)))
             member = int((await line_starting(lines, "member")).split()[1])
             with anyio.fail_after(10):
                 status = await handle.wait()
             assert status.code == 7
             assert handle.leader_exited
+            assert os.path.exists(f"/proc/{member}") and not handle.group_gone
+            with anyio.fail_after(10):
+                assert (await handle.wait_group()).code == 7
             assert not os.path.exists(f"/proc/{member}")  # exited AND reaped
+
+    async def test_stop_after_the_leader_exited_sweeps_the_group(self, tmp_path: Path) -> None:
+        """stop() on an instance whose leader already exited stops the members left."""
+        async with supervising(tmp_path) as sup, sup.hub.subscribe("sw") as lines:
+            handle = await sup.start(spec_for(tmp_path, "sw", program("proc_orphan", 600)))
+            member = int((await line_starting(lines, "member")).split()[1])
+            with anyio.fail_after(10):
+                assert (await handle.wait()).code == 7
+                status = await handle.stop(StopSpec(signal=int(signal.SIGTERM), timeout=5))
+            assert status.code == 7 and handle.group_gone
+            assert not os.path.exists(f"/proc/{member}")
 
 
 class TestWithoutPidfd:
@@ -376,6 +390,7 @@ class TestReaper:
             member = int((await line_starting(lines, "member")).split()[1])
             with anyio.fail_after(10):
                 assert (await handle.wait()).code == 7
+                await handle.wait_group()  # the orphan ends on its own after 0.2 s
             assert not os.path.exists(f"/proc/{member}")
             assert sup.reaper.reaped_count >= 1
 

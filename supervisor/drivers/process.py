@@ -83,6 +83,9 @@ PIPE_SIZE = 1 << 20
 GROUP_RECHECK = 1.0
 #: Seconds to wait for SIGKILLed escaped descendants to go.
 ESCAPEE_KILL_WAIT = 5.0
+#: Seconds a service's output may still be read once its group and escapees are gone
+#: (a process we could not recognise may hold the pipes open).
+DRAIN_GRACE = 1.0
 #: Seconds a command's output may still be read after its group is gone.
 CAPTURE_GRACE = 0.5
 
@@ -117,13 +120,14 @@ class ProcessHandle:
         self._pidfd = open_pidfd(self.pid)  # our unreaped child: cannot be another process
         self._leader: ExitStatus | None = None
         self._waiter: WaitThread | None = None
-        self._status: ExitStatus | None = None
+        self._group_gone = False
         self._lock = anyio.Lock()
         self._drained = anyio.Event()
+        self._drain_scope: anyio.CancelScope | None = None
         self._create_time: float | None = None
 
     def __repr__(self) -> str:
-        state = self._status.describe() if self._status else "running"
+        state = self._leader.describe() if self._leader else "running"
         return f"<ProcessHandle {self.service} pid={self.pid}: {state}>"
 
     @property
@@ -146,8 +150,8 @@ class ProcessHandle:
 
     @property
     def status(self) -> ExitStatus | None:
-        """How it ended, once :meth:`wait` has seen the whole group gone; else ``None``."""
-        return self._status
+        """The main process's exit status once it has been reaped; else ``None``."""
+        return self._leader
 
     @property
     def leader_exited(self) -> bool:
@@ -155,20 +159,33 @@ class ProcessHandle:
         return self._leader is not None
 
     async def wait(self) -> ExitStatus:
-        """Wait until the leader has exited AND no process of its group remains.
+        """Wait until the main process (the group leader) has exited; return its status.
 
-        Idempotent and safe to call from several tasks; cancelling one waiter
-        leaves the others waiting. Returns the leader's exit status.
+        As systemd's main process (``systemd.service(5)``, ``KillMode=control-group``):
+        its exit is the instance's exit, even while other members of its group or
+        escaped descendants still run; :meth:`stop` then sweeps those. Idempotent and
+        safe to call from several tasks; cancelling one waiter leaves the others waiting.
         """
-        if self._status is not None:
-            return self._status
+        if self._leader is not None:
+            return self._leader
         async with self._lock:
-            if self._status is None:
-                if self._leader is None:
-                    self._leader = await self._wait_leader()
-                await self._wait_group_gone()
-                self._status = self._leader
-        return self._status
+            if self._leader is None:
+                self._leader = await self._wait_leader()
+        return self._leader
+
+    @property
+    def group_gone(self) -> bool:
+        """True once :meth:`wait_group` has seen the leader and its whole group gone."""
+        return self._group_gone
+
+    async def wait_group(self) -> ExitStatus:
+        """Wait until the leader has exited AND no process of its group remains;
+        return the leader's status."""
+        status = await self.wait()
+        if not self._group_gone:
+            await self._wait_group_gone()
+            self._group_gone = True
+        return status
 
     async def _wait_leader(self) -> ExitStatus:
         if self._pidfd is not None:
@@ -241,31 +258,33 @@ class ProcessHandle:
     async def kill(self) -> ExitStatus:
         """SIGKILL the whole group and wait until it is gone."""
         self.signal_group(signal.SIGKILL)
-        return await self.wait()
+        return await self.wait_group()
 
     async def stop(self, stop: StopSpec) -> ExitStatus:
-        """Stop the group: ``stop.signal``, up to ``stop.timeout`` seconds, then SIGKILL.
+        """Stop what is left of the instance: ``stop.signal`` to the group and to escaped
+        descendants carrying this service's marker, up to ``stop.timeout`` seconds for
+        them to go, then SIGKILL.
 
-        Descendants that left the group (``setsid``) but carry this service's
-        marker get ``stop.signal`` too, and SIGKILL if still there at the
-        deadline; this sweep also runs when the group had already ended (so
-        it may take up to ``stop.timeout`` then). Returns the leader's exit
-        status once the group is gone.
+        Also the sweep after the leader exited on its own (systemd's
+        ``KillMode=control-group``): the remaining members and marked escapees get the
+        same treatment; with nothing left it returns at once. Ends with the log drains:
+        output still held open by a process we could not recognise is cut off after
+        :data:`DRAIN_GRACE` seconds, so no pipe, log descriptor or task outlives the
+        instance. Returns the leader's exit status.
         """
         deadline = anyio.current_time() + stop.timeout
-        escaped = find_marked(self._escape_roots(), MARKER, self.service, skip_pgid=self.pgid)
+        escaped = await self._find_escapees()
         for proc in escaped:
             signal_verified(proc, stop.signal)
-        if self._status is None:
-            self.signal_group(stop.signal)
+        if self.signal_group(stop.signal):
             with anyio.move_on_after(stop.timeout):
-                await self.wait()
-            if self._status is None:
+                await self.wait_group()
+            if not self._group_gone:
                 self.signal_group(signal.SIGKILL)
-        status = await self.wait()
+        status = await self.wait_group()
         # Escapees made or reparented to us meanwhile get the same treatment.
         known = {(p.pid, p.create_time()) for p in escaped}
-        for proc in find_marked(self._escape_roots(), MARKER, self.service, skip_pgid=self.pgid):
+        for proc in await self._find_escapees():
             if (proc.pid, proc.create_time()) not in known:
                 signal_verified(proc, stop.signal)
                 escaped.append(proc)
@@ -274,7 +293,24 @@ class ProcessHandle:
             signal_verified(proc, signal.SIGKILL)
         if remaining:
             await wait_gone(remaining, ESCAPEE_KILL_WAIT)
+        await self._end_drains()
         return status
+
+    async def _find_escapees(self) -> list[psutil.Process]:
+        roots = self._escape_roots()
+        if not roots:
+            return []  # the common case: no orphan of ours anywhere, no /proc walk
+        # A walk of /proc may take a while on a busy host: never in the event loop.
+        return await anyio.to_thread.run_sync(
+            lambda: find_marked(roots, MARKER, self.service, skip_pgid=self.pgid)
+        )
+
+    async def _end_drains(self) -> None:
+        with anyio.move_on_after(DRAIN_GRACE):
+            await self._drained.wait()
+        if self._drain_scope is not None and not self._drained.is_set():
+            self._drain_scope.cancel()  # closes the pipes and the log file
+            await self._drained.wait()
 
     def _escape_roots(self) -> list[int]:
         # Escaped descendants are below the leader while it lives, or were
@@ -291,7 +327,8 @@ class ProcessHandle:
         self, fds: Sequence[int], log: RotatingLog, hub: LogHub | None, release: Callable[[], None]
     ) -> None:
         try:
-            await drain_all(fds, log, hub=hub, key=self.service)
+            with anyio.CancelScope() as self._drain_scope:
+                await drain_all(fds, log, hub=hub, key=self.service)
         finally:
             release()
             self._drained.set()
@@ -537,8 +574,8 @@ class ProcessDriver:
                 tg.start_soon(capture, out_r, out, done[0])
                 tg.start_soon(capture, err_r, err, done[1])
                 with anyio.move_on_after(timeout):
-                    await handle.wait()
-                if handle.status is None:
+                    await handle.wait_group()
+                if not handle.group_gone:
                     timed_out = True
                     await handle.kill()
                 # A process that left the group may hold the pipes open: do not wait for it.
@@ -547,7 +584,7 @@ class ProcessDriver:
                     await done[1].wait()
                 tg.cancel_scope.cancel()
         finally:
-            if handle.status is None:  # cancelled from outside: never leave the group behind
+            if not handle.group_gone:  # cancelled from outside: never leave the group behind
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                     await handle.kill()
         status = handle.status or ExitStatus(signal=int(signal.SIGKILL))

@@ -1,0 +1,67 @@
+"""Faults of issue 9, items 3 and 4: the main process's exit is the service's exit, and
+nothing of an instance outlives it (group members, escapees, drains, descriptors)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import psutil
+
+from tests.daemon_harness import DaemonProcess, daemon, py_cmd
+
+
+def gone(pid: int) -> bool:
+    """True when ``pid`` no longer runs (exited; a zombie counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def logged_pid(d: DaemonProcess, service: str, word: str) -> int:
+    """The pid that ``service`` printed after ``word`` in its log (waits for the line)."""
+    path = d.state / "logs" / f"{service}.log"
+    found: list[int] = []
+
+    def check() -> bool:
+        text = path.read_text() if path.exists() else ""
+        match = re.search(rf"{word} (\d+)", text)
+        if match:
+            found.append(int(match.group(1)))
+        return bool(found)
+
+    d.wait_for(check, timeout=15, what=f"{word} pid in {path}")
+    return found[0]
+
+
+class TestMainProcessExit:
+    def test_leader_exit_with_a_background_child_is_reported_at_once(self, tmp_path: Path) -> None:
+        """`sh -c "sleep 600 & sleep 1; exit 3"`: the shell's exit 3 is published as
+        `exited` with code 3, the background sleep is stopped, and the policy restarts it
+        (0.1 reported it `running` forever: wait() waited for the whole group)."""
+        unit = (
+            'command = ["sh", "-c", "sleep 600 & echo bg $!; sleep 1; exit 3"]\n'
+            'start_seconds = "0.2s"\nrestart = "always"\nstop_timeout = "2s"\n'
+        )
+        with daemon(tmp_path, units={"bg": unit}) as d:
+            first = d.wait_state("bg", "running")
+            background = logged_pid(d, "bg", "bg")
+            exited = d.wait_event("hostvisor.service.exited", "bg", timeout=10)
+            assert exited["attributes"]["process.exit.code"] == 3
+            assert exited["attributes"]["process.pid"] == first["pid"]
+            d.wait_event("hostvisor.service.backoff", "bg", after=exited["seq"], timeout=10)
+            d.wait_for(lambda: gone(background), timeout=10, what="the background sleep to go")
+            assert d.status("bg")["last_exit"] == {"code": 3, "signal": None}
+
+    def test_setsid_escapee_is_swept_after_a_natural_exit(self, tmp_path: Path) -> None:
+        """A descendant that left the group (setsid) but carries the marker is stopped
+        once the main process exits on its own (0.1 left it running)."""
+        unit = (
+            f"command = {py_cmd('proc_daemonize', 'exit')}\n"
+            'start_seconds = "0.2s"\nrestart = "no"\nstop_timeout = "2s"\n'
+        )
+        with daemon(tmp_path, units={"esc": unit}) as d:
+            escapee = logged_pid(d, "esc", "grandchild")
+            d.wait_state("esc", "exited", timeout=15)
+            d.wait_for(lambda: gone(escapee), timeout=10, what="the escapee to be stopped")
