@@ -19,14 +19,14 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import anyio
 from anyio.abc import TaskGroup
 
-from supervisor import __version__, config
+from supervisor import __version__, config, fdlimits
 from supervisor import events as ev
 from supervisor.daemonlog import DaemonLog, LibraryLogHandler
 from supervisor.drivers.base import Driver
@@ -43,13 +43,15 @@ from supervisor.events import EventBus, Redactor
 from supervisor.logfiles import LogHub, RotatingLog
 from supervisor.paths import log_dir, resolve_socket_path, resolve_state_dir, service_log_path
 from supervisor.reaper import Reaper
-from supervisor.service import Broadcast, ServiceSupervisor
+from supervisor.service import Broadcast, ServiceSupervisor, exception_leaves
 from supervisor.spec import Loaded, ServiceSpec, StopSpec
 from supervisor.states import Health, ServiceState
 
 __all__ = ["Daemon", "acquire_lock", "run_daemon"]
 
 S = ServiceState
+#: ``hostvisor run``'s exit code after an internal error (``sysexits.h`` EX_SOFTWARE).
+EXIT_SOFTWARE = 70
 _DOCKER_DOWN = "docker engine unreachable; keeping the last known state"
 Names = Sequence[str] | Literal["all"]
 
@@ -84,6 +86,31 @@ def _dependents_order(services: Mapping[str, ServiceSpec]) -> dict[str, set[str]
     return dependents
 
 
+async def _in_stop_order(
+    names: Sequence[str],
+    services: Mapping[str, ServiceSpec],
+    stop: Callable[[str], Awaitable[None]],
+) -> None:
+    """Run ``stop(name)`` for every name, concurrently, but each only after the named
+    services that depend on it (by ``services``' ``depends_on``) are done: dependents
+    first, as systemd orders stop jobs in reverse of ``After=``."""
+    dependents = _dependents_order(services)
+    done = {name: anyio.Event() for name in names}
+
+    async def one(name: str) -> None:
+        try:
+            for other in dependents.get(name, ()):
+                if other in done:
+                    await done[other].wait()
+            await stop(name)
+        finally:
+            done[name].set()
+
+    async with anyio.create_task_group() as tg:
+        for name in names:
+            tg.start_soon(one, name)
+
+
 class Daemon:
     """All supervisors of one config, and what they report to.
 
@@ -116,6 +143,8 @@ class Daemon:
         self.log: DaemonLog | None = None
         self.telemetry: Any = None
         self.shutting_down = False
+        #: 0 after a clean stop; EXIT_SOFTWARE after an internal error.
+        self.exit_code = 0
 
     def __repr__(self) -> str:
         return f"<Daemon {len(self.supervisors)} services, socket {self.socket_path}>"
@@ -210,8 +239,12 @@ class Daemon:
         path = self.loaded.daemon.config_path
         try:
             new = await anyio.to_thread.run_sync(config.load, path)
-        except ConfigError as exc:
-            errors = [str(issue) for issue in exc.issues]
+        except Exception as exc:  # ConfigError, or anything a hostile file provokes
+            errors = (
+                [str(issue) for issue in exc.issues]
+                if isinstance(exc, ConfigError)
+                else [f"{path}: cannot read the config: {type(exc).__name__}: {exc}"]
+            )
             self.bus.publish(
                 ev.CONFIG_REJECTED,
                 message=f"reload rejected, {len(errors)} error(s): " + "; ".join(errors),
@@ -225,9 +258,8 @@ class Daemon:
         unchanged = sorted(n for n in set(old) & set(new.services) if old[n] == new.services[n])
         self.redactor.update(self._secrets(new))
         self.loaded = new
-        async with anyio.create_task_group() as tg:
-            for name in removed + changed:
-                tg.start_soon(self._retire, name)
+        # Dependents first, as at shutdown: by the graph of the config being replaced.
+        await _in_stop_order(removed + changed, old, self._retire)
         for name in changed + added:
             if not self.shutting_down:  # a shutdown began meanwhile: launch nothing new
                 await self._launch(new.services[name])
@@ -286,6 +318,7 @@ class Daemon:
             run_command=self.process_driver.run_command,
             rng=self._rng,
             on_probe=self._on_probe,
+            on_crash=self._supervisor_crashed,
         )
         self.supervisors[spec.name] = sup
         return sup
@@ -295,32 +328,13 @@ class Daemon:
     ) -> None:
         with anyio.CancelScope() as scope:
             self._scopes[sup.name] = scope
-            try:
-                await sup.run(task_status=task_status)
-            except Exception as exc:  # a bug in one supervisor must not take down the others
-                await self._supervisor_crashed(sup, exc)
+            await sup.run(task_status=task_status)
 
-    async def _supervisor_crashed(self, sup: ServiceSupervisor, exc: Exception) -> None:
-        """Mark the service FATAL, stop its process, and say why in an event."""
-        cause = next(_leaves(exc), exc)
-        text = f"internal error in the supervisor: {type(cause).__name__}: {cause}"
+    def _supervisor_crashed(self, service: str, message: str, trace: str) -> None:
+        """A bug in one supervisor was caught (it restarts itself): the traceback goes to
+        the daemon log, once per crash."""
         if self.log is not None:
-            import traceback
-
-            self.log.write("error", f"{sup.name}: {text}", traceback=traceback.format_exc())
-        handle = sup.handle
-        if handle is not None and sup.spec.kind == "process":
-            with anyio.move_on_after(sup.spec.stop.timeout + 5, shield=True):
-                await handle.stop(sup.spec.stop)
-        sup.handle = None
-        sup.state, sup.message = S.FATAL, text  # outside the table on purpose: a last resort
-        self.bus.publish(
-            ev.SERVICE_FATAL,
-            service=sup.name,
-            message=text,
-            attributes={"error.type": type(cause).__name__},
-        )
-        self.changed.fire()
+            self.log.write("error", f"{service}: {message}", traceback=trace)
 
     async def _retire(self, name: str) -> None:
         """Stop a service gracefully and forget its supervisor (reload: removed or changed)."""
@@ -352,25 +366,17 @@ class Daemon:
         with anyio.move_on_after(self.loaded.daemon.shutdown_timeout):
             async with self._reload_lock:  # let a reload in progress finish first
                 pass
-        dependents = _dependents_order(self.loaded.services)
-        stopped = {name: anyio.Event() for name in self.supervisors}
 
         async def stop_one(name: str) -> None:
-            for other in dependents.get(name, ()):
-                if other in stopped:
-                    await stopped[other].wait()
             sup = self.supervisors[name]
             # Containers outlive hostvisor (issue 5): a daemon stop leaves them to the engine,
             # and the next daemon adopts them. `hostvisor stop NAME` still stops one.
             if sup.spec.kind == "process":
                 gen = sup.command_stop()
                 await sup.wait_settled(gen, frozenset({S.STOPPED}))
-            stopped[name].set()
 
         with anyio.move_on_after(self.loaded.daemon.shutdown_timeout):
-            async with anyio.create_task_group() as tg:
-                for name in list(stopped):
-                    tg.start_soon(stop_one, name)
+            await _in_stop_order(list(self.supervisors), self.loaded.services, stop_one)
         await self._force_kill()
 
     async def _force_kill(self) -> None:
@@ -387,7 +393,6 @@ class Daemon:
     async def main(self) -> None:
         """Run until SIGTERM/SIGINT; returns after an ordered shutdown."""
         from supervisor.notify import Notifier
-        from supervisor.telemetry import open_telemetry
 
         spec = self.loaded.daemon
         logs = log_dir(self.state_dir)
@@ -404,6 +409,22 @@ class Daemon:
             logging.getLogger(name).addHandler(library_logs)
             logging.getLogger(name).propagate = False
         notifier = Notifier.from_environ()
+        try:
+            await self._serve(notifier)
+        except Exception as exc:
+            # The last line of defence: whatever escaped, no child is left unsupervised.
+            if _user_mistake(exc) is None:
+                self._crashed(exc)
+            await self._last_stand(notifier)
+            raise
+        finally:
+            if self.log is not None:
+                self.log.close()
+
+    async def _serve(self, notifier: Any) -> None:
+        from supervisor.telemetry import open_telemetry
+
+        spec = self.loaded.daemon
         # Signals first: a SIGTERM during start-up must still stop the children in order.
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with anyio.create_task_group() as tg:
@@ -420,8 +441,42 @@ class Daemon:
                     await self._signals(signals, notifier)
                     self.telemetry = None
                 tg.cancel_scope.cancel()
-        if self.log is not None:
-            self.log.close()
+
+    def _crashed(self, exc: BaseException) -> None:
+        """Say once, in the daemon log (and on stderr through it), what ended the daemon."""
+        import traceback
+
+        cause = next(exception_leaves(exc), exc)
+        text = f"internal error, stopping every service: {type(cause).__name__}: {cause}"
+        trace = "".join(traceback.format_exception(exc))
+        self.exit_code = EXIT_SOFTWARE
+        try:
+            assert self.log is not None
+            self.log.write("error", text, traceback=trace)
+        except Exception:  # the log itself is what broke: stderr is all that is left
+            with contextlib.suppress(Exception):
+                os.write(2, f"hostvisor: {text}\n{trace}".encode(errors="replace"))
+
+    async def _last_stand(self, notifier: Any) -> None:
+        """Stop every process service (dependents first, within ``shutdown_timeout``, then
+        SIGKILL), with a reaper of its own: the main task group is gone."""
+        self.shutting_down = True
+        with contextlib.suppress(Exception):
+            notifier.stopping()
+
+        async def stop_one(name: str) -> None:
+            sup = self.supervisors[name]
+            if sup.handle is not None and sup.spec.kind == "process":
+                with anyio.move_on_after(sup.spec.stop.timeout + 5):
+                    await sup.handle.stop(sup.spec.stop)
+
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                await tg.start(self.reaper.run)
+                with anyio.move_on_after(self.loaded.daemon.shutdown_timeout):
+                    await _in_stop_order(list(self.supervisors), self.loaded.services, stop_one)
+                await self._force_kill()
+                tg.cancel_scope.cancel()
 
     async def _open_for_business(self, tg: TaskGroup, notifier: Any) -> None:
         """Listen on the control socket, launch every service, tell systemd we are ready."""
@@ -473,8 +528,19 @@ class Daemon:
 
     async def _reload_on_signal(self, notifier: Any) -> None:
         notifier.reloading()
-        with contextlib.suppress(ConfigRejected, ControlError):  # published as an event
+        try:
             await self.reload()
+        except (ConfigRejected, ControlError):
+            pass  # published as an event; the running config stays in force
+        except Exception as exc:  # a bug in the reload itself must not end the daemon
+            if self.log is not None:
+                import traceback
+
+                self.log.write(
+                    "error",
+                    f"reload failed: {type(exc).__name__}: {exc}",
+                    traceback=traceback.format_exc(),
+                )
         notifier.ready()
 
     async def _pump_log(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
@@ -497,7 +563,8 @@ def run_daemon(*, config_path: Path, socket_option: str | None = None) -> int:
     """Load the config, take the state folder's lock, and run until stopped.
 
     Returns:
-        The exit code: 0 after a clean stop.
+        The exit code: 0 after a clean stop; 70 (EX_SOFTWARE) after an internal error,
+        once every service was stopped.
 
     Raises:
         ConfigError: the config is invalid.
@@ -508,26 +575,22 @@ def run_daemon(*, config_path: Path, socket_option: str | None = None) -> int:
     state_dir = resolve_state_dir(loaded.daemon.state_dir)
     socket_path = resolve_socket_path(socket_option, loaded.daemon.socket)
     lock_fd = acquire_lock(state_dir)
+    fdlimits.raise_nofile()
+    daemon = Daemon(loaded, state_dir=state_dir, socket_path=socket_path)
     try:
-        daemon = Daemon(loaded, state_dir=state_dir, socket_path=socket_path)
         anyio.run(daemon.main)
-    except BaseExceptionGroup as group:
+    except Exception as exc:
         # A user's mistake found inside the task group (a socket path held by another
         # process, a regular file at it) is raised alone, so the CLI prints one line.
-        mistake = next((e for e in _leaves(group) if isinstance(e, HostvisorError)), None)
-        if mistake is None:
-            raise
-        raise mistake from None
+        mistake = _user_mistake(exc)
+        if mistake is not None:
+            raise mistake from None
+        return daemon.exit_code or EXIT_SOFTWARE  # said once in the daemon log
     finally:
         os.close(lock_fd)
-    return 0
+    return daemon.exit_code
 
 
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    """The exceptions inside ``exc``'s (nested) exception groups, in order; ``exc`` itself
-    when it is not a group."""
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
+def _user_mistake(exc: BaseException) -> HostvisorError | None:
+    """The first user's mistake (a HostvisorError) inside ``exc``'s groups, if any."""
+    return next((e for e in exception_leaves(exc) if isinstance(e, HostvisorError)), None)

@@ -12,9 +12,10 @@ health-check restart go through the same backoff path.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -25,6 +26,7 @@ from supervisor.backoff import Backoff
 from supervisor.drivers.base import Driver, Handle
 from supervisor.errors import DockerUnavailable, DriverError, SpawnError
 from supervisor.events import EventBus
+from supervisor.fdlimits import DAEMON_ERRNOS
 from supervisor.health import CommandRunner, HealthCounter, Probe, open_probe, tls_context
 from supervisor.spec import ServiceSpec
 from supervisor.states import (
@@ -37,7 +39,7 @@ from supervisor.states import (
     check_transition,
 )
 
-__all__ = ["Broadcast", "ServiceSupervisor"]
+__all__ = ["Broadcast", "ServiceSupervisor", "exception_leaves"]
 
 S = ServiceState
 #: States in which a supervisor waits for a command rather than acting.
@@ -72,6 +74,8 @@ class ServiceSupervisor:
         run_command: runs preflight, exec probes and command hooks.
         rng: randomness for backoff jitter.
         on_probe: called with (service, seconds, ok) after each health probe.
+        on_crash: called with (service, message, traceback text) when a bug in this
+            supervisor was caught (see :meth:`run`).
     """
 
     def __init__(
@@ -85,6 +89,7 @@ class ServiceSupervisor:
         run_command: CommandRunner | None = None,
         rng: random.Random | None = None,
         on_probe: Callable[[str, float, bool], None] | None = None,
+        on_crash: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.spec = spec
         self.driver = driver
@@ -93,6 +98,7 @@ class ServiceSupervisor:
         self.changed = changed
         self._run_command = run_command
         self._on_probe = on_probe
+        self._on_crash = on_crash
         self.backoff = Backoff(spec.backoff, rng=rng)
         self.state = S.STOPPED
         self.health = self._no_instance_health()
@@ -113,10 +119,9 @@ class ServiceSupervisor:
         self._scope: anyio.CancelScope | None = None
         self._interrupted = False
         self._reached_running = False
-        self._pending_delay = 0.0
         self._task_group: TaskGroup | None = None
         self._stop_error = ""
-        self._engine_down = False
+        self._not_counted = False
         self._wake = anyio.Event()
         self._known: list[tuple[int, float]] = []
 
@@ -225,11 +230,22 @@ class ServiceSupervisor:
     ) -> None:
         """Reconcile until cancelled; call :meth:`command_stop` first for a graceful end.
 
-        The task group opened here owns the instances' helper tasks (log drains).
+        A bug in this supervisor (any ``Exception`` escaping the reconcile loop) does not
+        end it: the instance is stopped (shielded, bounded), the traceback goes to
+        ``on_crash``, and the loop starts again after a backoff delay, as a crashed
+        instance would; commands keep being answered meanwhile.
         """
+        task_status.started()
+        while True:
+            try:
+                await self._reconcile()
+            except Exception as exc:
+                await self._recover(exc)
+
+    async def _reconcile(self) -> None:
+        # The task group opened here owns the instances' helper tasks (log drains).
         async with anyio.create_task_group() as tg:
             self._task_group = tg
-            task_status.started()
             while True:
                 self._wake = anyio.Event()
                 self._interrupted = False
@@ -243,6 +259,12 @@ class ServiceSupervisor:
                     self._settle()
                     await self._wake.wait()
                     continue
+                if self.state is S.BACKOFF and self.retry_at is not None and not self._kick:
+                    # Any command ends the wait early: it sets _kick or clears _want_up.
+                    with anyio.move_on_after(max(0.0, self.retry_at - anyio.current_time())):
+                        await self._wake.wait()
+                    self.retry_at = None
+                    continue
                 if self._kick:
                     self._kick = False
                     self.failed_starts = 0
@@ -250,9 +272,34 @@ class ServiceSupervisor:
                         self.backoff.reset()
                     self._restart_requested = False
                 await self._attempt()
-                if self.state is S.BACKOFF:
-                    with anyio.move_on_after(self._pending_delay):
-                        await self._wake.wait()
+
+    async def _recover(self, exc: Exception) -> None:
+        """After a bug: stop the instance we lost track of, tell, and back off."""
+        import traceback
+
+        cause = next(exception_leaves(exc), exc)
+        text = f"internal error in the supervisor: {type(cause).__name__}: {cause}"
+        if self._on_crash is not None:
+            self._on_crash(self.spec.name, text, traceback.format_exc())
+        handle, self.handle = self.handle, None
+        if handle is not None and self.spec.kind == "process":
+            # A container is left to the engine: the next attempt adopts it.
+            with contextlib.suppress(Exception):
+                await self._stop_handle(handle)
+        self._scope = None
+        self.instance_started_at = None
+        self.health = self._no_instance_health()
+        self._interrupted = self._health_restart = False
+        delay = self.backoff.next_delay()
+        self.retry_at = anyio.current_time() + delay
+        # Outside the transition table on purpose: the state we were in is unknown.
+        self.state, self.message = S.BACKOFF, f"{text}; supervisor restarts in {delay:.1f}s"
+        self._publish(
+            ev.SERVICE_BACKOFF,
+            self.message,
+            **{"error.type": type(cause).__name__, "hostvisor.backoff.delay_s": round(delay, 6)},
+        )
+        self.changed.fire()
 
     def _settle(self) -> None:
         """Mark every command so far as acted on, and tell the waiters."""
@@ -292,9 +339,10 @@ class ServiceSupervisor:
         elif self._interrupted:
             self._after_interrupt()
         else:
-            # An unreachable Docker engine is not the service's failure: retry through
-            # backoff, but do not count it towards give_up_after.
-            counted, self._engine_down = not self._engine_down, False
+            # An unreachable Docker engine, or the daemon out of descriptors or memory, is
+            # not the service's failure: retry through backoff, not counted towards
+            # give_up_after.
+            counted, self._not_counted = not self._not_counted, False
             self._after_failure(None, failed_start=counted, message=failure or "start failed")
 
     async def _prepare(self) -> str | None:
@@ -320,9 +368,10 @@ class ServiceSupervisor:
             with anyio.CancelScope(shield=shield):
                 handle = await self.driver.start(self.spec, task_group=self._task_group)
         except DockerUnavailable as exc:
-            self._engine_down = True
+            self._not_counted = True
             return None, str(exc)
         except (SpawnError, DriverError, OSError) as exc:
+            self._not_counted = _daemon_trouble(exc)
             return None, str(exc)
         return handle, None
 
@@ -581,7 +630,6 @@ class ServiceSupervisor:
                 "hostvisor.backoff.attempt": self.backoff.attempt,
             },
         )
-        self._pending_delay = delay
 
     # ---------------------------------------------------------------- steps before spawn
 
@@ -620,6 +668,7 @@ class ServiceSupervisor:
         try:
             result = await self._run_in_unit(spec.command, spec.timeout)
         except (SpawnError, OSError) as exc:  # cannot even start it (EMFILE, ENOENT ...)
+            self._not_counted = _daemon_trouble(exc)
             kind = type(exc).__name__
             self._publish(ev.PREFLIGHT_FAILED, f"preflight: {exc}", **{"error.type": kind})
             return f"preflight: {exc}"
@@ -721,3 +770,19 @@ class ServiceSupervisor:
             kind, error = type(exc).__name__, f"post_start: {type(exc).__name__}: {exc}"
         if error:
             self._publish(ev.POST_START_FAILED, error, **{"error.type": kind})
+
+
+def _daemon_trouble(exc: Exception) -> bool:
+    """True for the daemon's own shortage (EMFILE, ENFILE, ENOMEM, ENOBUFS), which is not
+    the service's failure."""
+    return getattr(exc, "errno", None) in DAEMON_ERRNOS
+
+
+def exception_leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside ``exc``'s (nested) exception groups, in order; ``exc`` itself
+    when it is not a group."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from exception_leaves(inner)
+    else:
+        yield exc

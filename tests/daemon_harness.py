@@ -69,9 +69,12 @@ class DaemonProcess:
         env.update(self.extra_env)
         return env
 
-    def start(self, *, wait: bool = True, timeout: float = 20.0) -> None:
+    def start(
+        self, *, wait: bool = True, timeout: float = 20.0, wrapper: tuple[str, ...] = ()
+    ) -> None:
+        """Start ``hostvisor run`` (under ``wrapper``, e.g. ``("prlimit", "--nofile=1024")``)."""
         self.proc = subprocess.Popen(
-            [PY, "-m", "supervisor", "run", "-c", str(self.config_path)],
+            [*wrapper, PY, "-m", "supervisor", "run", "-c", str(self.config_path)],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,

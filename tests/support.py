@@ -115,11 +115,17 @@ class Harness:
 
 
 @asynccontextmanager
-async def supervising(tmp_path: Path, *specs: ServiceSpec) -> AsyncIterator[Harness]:
-    """Run a supervisor per spec over the real ProcessDriver; stop them all at the end."""
+async def supervising(
+    tmp_path: Path,
+    *specs: ServiceSpec,
+    driver: ProcessDriver | None = None,
+    on_crash: Callable[[str, str, str], None] | None = None,
+) -> AsyncIterator[Harness]:
+    """Run a supervisor per spec over the real ProcessDriver (or ``driver``, a subclass of
+    it); stop them all at the end."""
     bus = EventBus()
     changed = Broadcast()
-    driver = ProcessDriver(state_dir=tmp_path / "state")
+    driver = driver if driver is not None else ProcessDriver(state_dir=tmp_path / "state")
     supervisors: dict[str, ServiceSupervisor] = {}
     for spec in specs:
         supervisors[spec.name] = ServiceSupervisor(
@@ -130,6 +136,7 @@ async def supervising(tmp_path: Path, *specs: ServiceSpec) -> AsyncIterator[Harn
             changed=changed,
             run_command=driver.run_command,
             rng=random.Random(0),
+            on_crash=on_crash,
         )
     async with bus.subscribe(buffer=100_000) as events, anyio.create_task_group() as tg:
         harness = Harness(bus, driver, supervisors, changed, events)

@@ -37,6 +37,7 @@ import psutil
 from anyio.abc import TaskGroup
 
 from supervisor.errors import DriverError, SpawnError
+from supervisor.fdlimits import child_limits, fd_headroom_ok, limits, relocate
 from supervisor.logfiles import (
     CAPTURE_LIMIT,
     LogHub,
@@ -61,6 +62,7 @@ from supervisor.spec import ProcessSpec, ServiceSpec, StopSpec
 from supervisor.states import ExitStatus
 
 __all__ = [
+    "DAEMON_OTEL_ENV",
     "MARKER",
     "STRIPPED_ENV",
     "CommandResult",
@@ -75,6 +77,12 @@ MARKER = "HOSTVISOR_SERVICE"
 #: systemd notification socket, watchdog and socket activation.
 STRIPPED_ENV = frozenset(
     {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"}
+)
+#: The daemon's own OpenTelemetry identity and credentials: not inherited by children
+#: (a unit's ``env`` may still set them). The OTLP exporter's per-signal forms included.
+DAEMON_OTEL_ENV = frozenset(
+    {"OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_EXPORTER_OTLP_HEADERS"}
+    | {f"OTEL_EXPORTER_OTLP_{signal}_HEADERS" for signal in ("TRACES", "METRICS", "LOGS")}
 )
 #: Bytes asked for each service pipe (``F_SETPIPE_SZ``), within the driver's
 #: pipe budget (see :func:`supervisor.logfiles.pipe_budget`); the default pipe is 64 KiB.
@@ -117,7 +125,9 @@ class ProcessHandle:
         self._reaper = reaper
         self._live = live
         live.add(self.pid)
-        self._pidfd = open_pidfd(self.pid)  # our unreaped child: cannot be another process
+        # Our unreaped child: the pidfd cannot name another process.
+        pidfd = open_pidfd(self.pid)
+        self._pidfd = relocate(pidfd) if pidfd is not None else None
         self._leader: ExitStatus | None = None
         self._waiter: WaitThread | None = None
         self._group_gone = False
@@ -334,6 +344,18 @@ class ProcessHandle:
             self._drained.set()
 
 
+def _check_headroom(highest_fd: int) -> None:
+    """Raise SpawnError (EMFILE, the daemon's trouble) when a spawn would eat into the
+    descriptor reserve kept for the control socket and the daemon log."""
+    if not fd_headroom_ok(highest_fd):
+        soft = limits().daemon[0] or highest_fd
+        raise SpawnError(
+            f"spawn deferred: the daemon is out of file descriptors (limit {soft}); "
+            "raise LimitNOFILE= (systemd) or `ulimit -n` for hostvisor",
+            errno=errno.EMFILE,
+        )
+
+
 def build_env(base: Mapping[str, str], extra: Mapping[str, str], service: str) -> dict[str, str]:
     """A child's environment: ``base`` + ``extra`` (wins) + ``HOSTVISOR_SERVICE=service``,
     without :data:`STRIPPED_ENV`."""
@@ -408,6 +430,8 @@ class ProcessDriver:
             os.environ if base_env is None else base_env, {}, ""
         )
         del self.base_env[MARKER]
+        for name in [k for k in self.base_env if k in DAEMON_OTEL_ENV]:
+            del self.base_env[name]
         self._live: set[int] = set()
         self._devnull = -1
         self._pipe_budget = pipe_budget()
@@ -421,7 +445,9 @@ class ProcessDriver:
             size = 0
         read_fd, write_fd, granted = open_pipe(size)
         self._pipe_bytes += granted
-        return read_fd, write_fd, granted
+        # The read end lives as long as the instance: above the children's fd limit.
+        # The write end is closed right after the spawn.
+        return relocate(read_fd), write_fd, granted
 
     def close(self) -> None:
         """Release the shared ``/dev/null`` descriptor (the driver stays usable)."""
@@ -454,6 +480,7 @@ class ProcessDriver:
             err_r, err_w, size = self._pipe(PIPE_SIZE)
             fds += (err_r, err_w)
             granted += size
+            _check_headroom(max(fds))
             started_at = anyio.current_time()
             popen = self._spawn(
                 spec.target.command,
@@ -508,16 +535,17 @@ class ProcessDriver:
         if self._devnull < 0:
             self._devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            popen = subprocess.Popen(
-                list(argv),
-                cwd=cwd,
-                env=env,
-                stdin=self._devnull,
-                stdout=stdout,
-                stderr=stderr,
-                start_new_session=True,
-                close_fds=True,
-            )
+            with child_limits():  # the soft RLIMIT_NOFILE the daemon started with
+                popen = subprocess.Popen(
+                    list(argv),
+                    cwd=cwd,
+                    env=env,
+                    stdin=self._devnull,
+                    stdout=stdout,
+                    stderr=stderr,
+                    start_new_session=True,
+                    close_fds=True,
+                )
         except OSError as exc:
             raise SpawnError.from_oserror(exc, argv=argv, workdir=str(cwd)) from exc
         # Still in the event-loop thread, no await since Popen: the reaper has not run.
@@ -549,6 +577,7 @@ class ProcessDriver:
             fds += (out_r, out_w)
             err_r, err_w, _ = self._pipe(0)
             fds += (err_r, err_w)
+            _check_headroom(max(fds))
             started = anyio.current_time()
             popen = self._spawn(
                 argv,
