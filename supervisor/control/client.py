@@ -34,6 +34,7 @@ from supervisor.control.protocol import (
     request,
 )
 from supervisor.errors import ControlError, DaemonUnreachable
+from supervisor.paths import unsafe_socket_folder
 
 __all__ = ["ControlClient", "Subscription"]
 
@@ -42,9 +43,17 @@ _CLIENT_MAX_LINE = 16 * MAX_LINE
 
 
 class _Connection:
-    """One connected socket with line reading."""
+    """One connected socket with line reading.
+
+    Raises:
+        DaemonUnreachable: nothing answers at ``path``, or its folder is writable by
+            group or others (see :func:`supervisor.paths.unsafe_socket_folder`).
+    """
 
     def __init__(self, path: Path, timeout: float | None) -> None:
+        problem = unsafe_socket_folder(path)
+        if problem is not None:
+            raise DaemonUnreachable(problem)
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.buffer = bytearray()
