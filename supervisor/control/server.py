@@ -167,6 +167,7 @@ class _Connection:
         self.stream = stream
         self.scope = anyio.CancelScope()
         self.idle_since: float | None = anyio.current_time()
+        self.replying: anyio.CancelScope | None = None
 
     def __repr__(self) -> str:
         state = "busy" if self.idle_since is None else f"idle since {self.idle_since:.1f}"
@@ -275,6 +276,8 @@ class _Server:
         self.closing = True
         for conn in self.open:
             conn.scope.cancel()
+            if conn.replying is not None:  # an answer being written gets one more second
+                conn.replying.deadline = min(conn.replying.deadline, anyio.current_time() + 1)
 
     async def accept_loop(
         self, listener: anyio.abc.SocketListener, tg: anyio.abc.TaskGroup
@@ -321,6 +324,19 @@ class _Server:
             data = encode(error_response(message.get("id"), INTERNAL_ERROR, f"{exc}"))
         await self.send_bytes(conn, data)
 
+    async def reply(self, conn: _Connection, message: dict[str, Any]) -> None:
+        """Send one answer, finished even if the server stops meanwhile (within 1 s then)."""
+        with anyio.CancelScope(shield=True) as scope:
+            conn.replying = scope
+            if self.closing:
+                scope.deadline = anyio.current_time() + 1
+            try:
+                await self.send(conn, message)
+            finally:
+                conn.replying = None
+        if scope.cancelled_caught:
+            raise TimeoutError("the server stopped while an answer was being written")
+
     async def send_bytes(self, conn: _Connection, data: bytes) -> None:
         """Write ``data``; TimeoutError if the client takes none of it for ``send_timeout``.
 
@@ -348,9 +364,12 @@ class _Server:
                 line = await self.read_line(conn, reader)
             except anyio.get_cancelled_exc_class():
                 if self.closing:
-                    await self.refuse_pending(conn, reader)
+                    await self.refuse_pending(conn, reader, b"")
                 raise
             if line is None:
+                return
+            if self.closing:  # read from the buffer after close_all(): refuse, do not run
+                await self.refuse_pending(conn, reader, line + b"\n")
                 return
             conn.idle_since = None
             if not await self.answer(conn, reader, line):
@@ -372,10 +391,13 @@ class _Server:
             return line
         return None
 
-    async def refuse_pending(self, conn: _Connection, reader: BufferedByteReceiveStream) -> None:
-        """At shutdown: answer each complete request already received with an error."""
+    async def refuse_pending(
+        self, conn: _Connection, reader: BufferedByteReceiveStream, first: bytes
+    ) -> None:
+        """At shutdown: answer ``first`` and each complete request already received
+        with error -32000 (nothing of it is run)."""
         raw = conn.stream.extra(anyio.abc.SocketAttribute.raw_socket)
-        data = reader.buffer
+        data = first + reader.buffer
         with contextlib.suppress(OSError):
             while len(data) <= MAX_LINE and (chunk := raw.recv(1 << 16, socket.MSG_DONTWAIT)):
                 data += chunk
@@ -401,7 +423,7 @@ class _Server:
                 value = decode(line)
             req = parse_request(value)
         except ProtocolError as exc:
-            await self.send(conn, error_response(exc.id, exc.code, str(exc), exc.data))
+            await self.reply(conn, error_response(exc.id, exc.code, str(exc), exc.data))
             return not exc.fatal
         if req.method.streams and req.params.get("follow"):
             if not req.has_id:
@@ -415,7 +437,7 @@ class _Server:
                     await conn.stream.send(encode(_shutting_down(req)))
             raise
         if req.has_id:
-            await self.send(conn, reply)
+            await self.reply(conn, reply)
         return True
 
     async def dispatch(self, req: Request) -> dict[str, Any]:
