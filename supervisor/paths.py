@@ -360,7 +360,7 @@ def _clear_stale(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def bind_socket(path: Path, *, allow_uids: Iterable[int] = (), backlog: int = 128) -> socket.socket:
+def bind_socket(path: Path, *, allow_uids: Iterable[int] = (), backlog: int = 512) -> socket.socket:
     """A listening Unix socket at ``path``, mode 0600 from its creation.
 
     The caller holds the daemon's single-instance lock, so a socket file nobody

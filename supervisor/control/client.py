@@ -16,10 +16,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import socket
+import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -57,9 +59,8 @@ class _Connection:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.buffer = bytearray()
-        self.sock.settimeout(5.0 if timeout is None else min(timeout, 5.0))
         try:
-            self.sock.connect(os.fspath(path))
+            _connect(self.sock, path, 5.0 if timeout is None else min(timeout, 5.0))
         except OSError as exc:
             self.sock.close()
             raise DaemonUnreachable(_why(path, exc)) from None
@@ -117,6 +118,27 @@ class _Connection:
                 raise error_from_object(message["error"])
             if message.get("id") == rid and "result" in message:
                 return message["result"]
+
+
+def _connect(sock: socket.socket, path: Path, timeout: float) -> None:
+    """Connect, waiting up to ``timeout`` seconds for room in a busy daemon's backlog.
+
+    A non-blocking (or Python-timeout) connect to a Unix socket whose listen backlog is
+    full fails at once with EAGAIN on Linux, so a storm of clients would see a live
+    daemon as unreachable. A blocking connect waits for room instead, bounded by
+    ``SO_SNDTIMEO`` (``unix(7)``); EAGAIN after that is reported as a timeout.
+    """
+    seconds = max(timeout, 0.001)
+    sock.setblocking(True)
+    with contextlib.suppress(OSError):  # not every platform honours it; then we do not wait
+        packed = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, packed)
+    try:
+        sock.connect(os.fspath(path))
+    except BlockingIOError:
+        raise TimeoutError(errno.ETIMEDOUT, "the daemon's backlog stayed full") from None
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 0))
 
 
 def _why(path: Path, exc: OSError) -> str:
