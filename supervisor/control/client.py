@@ -221,8 +221,11 @@ class ControlClient:
 
         Raises:
             ValueError: the params do not validate (nothing was sent).
-            DaemonUnreachable: no socket, nobody listening, no answer in time,
-                or the connection closed before an answer.
+            DaemonUnreachable: no socket, nobody listening, no answer in time
+                (a connect waits up to 5 s for room in a busy daemon's backlog), the
+                connection closed before an answer, the daemon is shutting down
+                (-32000), or the socket's folder is writable by group or others
+                (someone could swap the socket: ``chmod 700`` it).
             UnknownService, ConfigRejected, PeerNotAllowed, ControlError: the
                 daemon answered with an error.
         """

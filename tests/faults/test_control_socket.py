@@ -251,3 +251,16 @@ class TestAllowUids:
                 monkeypatch.undo()
                 assert await as_nobody(path) == {"connect": 13}
         assert f"{NOBODY}" in caplog.text and "setfacl" in caplog.text
+
+
+@needs_root_and_acl
+def test_allow_uids_under_the_real_daemon(tmp_path: Path) -> None:
+    """``[daemon] allow_uids = [65534]`` in config.toml: that uid gets a status answer from
+    a real ``hostvisor run`` (its socket folder is a fresh 0700 folder in /tmp)."""
+    from tests.daemon_harness import daemon
+
+    with daemon(tmp_path, config=f"allow_uids = [{NOBODY}]") as d:
+        assert d.proc is not None
+        answer = anyio.run(as_nobody, d.socket)
+        assert answer["result"]["daemon"]["pid"] == d.proc.pid
+        assert stat.S_IMODE(d.socket.parent.stat().st_mode) & 0o007 == 0
