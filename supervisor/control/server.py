@@ -1,17 +1,23 @@
 """The control socket's server: JSON-RPC 2.0 over a Unix socket (contract section 8).
 
-:func:`serve` binds the socket safely (folder 0700, socket 0600 from the first
-instant, a stale socket replaced, a live one or a regular file never touched),
-checks every peer's uid with ``SO_PEERCRED`` (Linux) or ``LOCAL_PEERCRED``
-(macOS) before reading a byte, and serves each connection in its own task.
+:func:`serve` binds the socket safely (:func:`supervisor.paths.bind_socket`:
+folder 0700, socket 0600 from the first instant, ``allow_uids`` granted with
+POSIX ACLs, a stale socket replaced only on ECONNREFUSED), checks every peer's
+uid with ``SO_PEERCRED`` (Linux) or ``LOCAL_PEERCRED`` (macOS) before reading a
+byte, and serves each connection in its own task.
 
 Defences, each bounded so that one client never stalls another: lines over
 1 MiB close the connection; malformed input gets a JSON-RPC error; a connection
-that sends no complete request for ``idle_timeout`` seconds is closed; a write
-that does not complete in ``send_timeout`` seconds closes the connection; at
-most ``max_connections`` are open (by default ``min(512, RLIMIT_NOFILE - 64)``),
-and when the cap is reached the connection idle the longest is closed to make
-room, else the new one is accepted and closed at once.
+that sends no complete request for ``idle_timeout`` seconds is closed; a client
+that takes no byte of what we send for ``send_timeout`` seconds is dropped; a
+follower (``logs``/``events`` with ``follow``) that reads too slowly skips
+ahead, since at most :data:`FOLLOW_BUFFER` bytes wait for it (and
+:data:`FOLLOW_BUDGET` for all followers); at most ``max_connections`` are open
+(by default ``min(512, RLIMIT_NOFILE - 64)``), and when the cap is reached the
+connection idle the longest is closed to make room, else the new one is
+accepted and closed at once. When the server stops, whatever request it holds
+is answered with -32000 "the daemon is shutting down" before its connection
+closes.
 
 The daemon implements :class:`ControlTarget`; the server only translates.
 """
@@ -55,7 +61,15 @@ from supervisor.errors import ControlError
 from supervisor.events import Event, EventBus
 from supervisor.paths import bind_socket
 
-__all__ = ["ControlTarget", "LogFeed", "peer_uid", "serve"]
+__all__ = [
+    "FOLLOW_BUDGET",
+    "FOLLOW_BUFFER",
+    "ControlTarget",
+    "LogFeed",
+    "bind_socket",
+    "peer_uid",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +166,6 @@ def default_max_connections() -> int:
     if soft == resource.RLIM_INFINITY:
         return 512
     return max(8, min(512, soft - 64))
-
-
-# --------------------------------------------------------------------------- binding
 
 
 # --------------------------------------------------------------------------- serving
