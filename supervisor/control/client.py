@@ -16,10 +16,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import socket
+import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -34,6 +36,7 @@ from supervisor.control.protocol import (
     request,
 )
 from supervisor.errors import ControlError, DaemonUnreachable
+from supervisor.paths import unsafe_socket_folder
 
 __all__ = ["ControlClient", "Subscription"]
 
@@ -42,15 +45,22 @@ _CLIENT_MAX_LINE = 16 * MAX_LINE
 
 
 class _Connection:
-    """One connected socket with line reading."""
+    """One connected socket with line reading.
+
+    Raises:
+        DaemonUnreachable: nothing answers at ``path``, or its folder is writable by
+            group or others (see :func:`supervisor.paths.unsafe_socket_folder`).
+    """
 
     def __init__(self, path: Path, timeout: float | None) -> None:
+        problem = unsafe_socket_folder(path)
+        if problem is not None:
+            raise DaemonUnreachable(problem)
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.buffer = bytearray()
-        self.sock.settimeout(5.0 if timeout is None else min(timeout, 5.0))
         try:
-            self.sock.connect(os.fspath(path))
+            _connect(self.sock, path, 5.0 if timeout is None else min(timeout, 5.0))
         except OSError as exc:
             self.sock.close()
             raise DaemonUnreachable(_why(path, exc)) from None
@@ -108,6 +118,27 @@ class _Connection:
                 raise error_from_object(message["error"])
             if message.get("id") == rid and "result" in message:
                 return message["result"]
+
+
+def _connect(sock: socket.socket, path: Path, timeout: float) -> None:
+    """Connect, waiting up to ``timeout`` seconds for room in a busy daemon's backlog.
+
+    A non-blocking (or Python-timeout) connect to a Unix socket whose listen backlog is
+    full fails at once with EAGAIN on Linux, so a storm of clients would see a live
+    daemon as unreachable. A blocking connect waits for room instead, bounded by
+    ``SO_SNDTIMEO`` (``unix(7)``); EAGAIN after that is reported as a timeout.
+    """
+    seconds = max(timeout, 0.001)
+    sock.setblocking(True)
+    with contextlib.suppress(OSError):  # not every platform honours it; then we do not wait
+        packed = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, packed)
+    try:
+        sock.connect(os.fspath(path))
+    except BlockingIOError:
+        raise TimeoutError(errno.ETIMEDOUT, "the daemon's backlog stayed full") from None
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 0))
 
 
 def _why(path: Path, exc: OSError) -> str:
@@ -190,8 +221,11 @@ class ControlClient:
 
         Raises:
             ValueError: the params do not validate (nothing was sent).
-            DaemonUnreachable: no socket, nobody listening, no answer in time,
-                or the connection closed before an answer.
+            DaemonUnreachable: no socket, nobody listening, no answer in time
+                (a connect waits up to 5 s for room in a busy daemon's backlog), the
+                connection closed before an answer, the daemon is shutting down
+                (-32000), or the socket's folder is writable by group or others
+                (someone could swap the socket: ``chmod 700`` it).
             UnknownService, ConfigRejected, PeerNotAllowed, ControlError: the
                 daemon answered with an error.
         """

@@ -1,17 +1,23 @@
 """The control socket's server: JSON-RPC 2.0 over a Unix socket (contract section 8).
 
-:func:`serve` binds the socket safely (folder 0700, socket 0600 from the first
-instant, a stale socket replaced, a live one or a regular file never touched),
-checks every peer's uid with ``SO_PEERCRED`` (Linux) or ``LOCAL_PEERCRED``
-(macOS) before reading a byte, and serves each connection in its own task.
+:func:`serve` binds the socket safely (:func:`supervisor.paths.bind_socket`:
+folder 0700, socket 0600 from the first instant, ``allow_uids`` granted with
+POSIX ACLs, a stale socket replaced only on ECONNREFUSED), checks every peer's
+uid with ``SO_PEERCRED`` (Linux) or ``LOCAL_PEERCRED`` (macOS) before reading a
+byte, and serves each connection in its own task.
 
 Defences, each bounded so that one client never stalls another: lines over
 1 MiB close the connection; malformed input gets a JSON-RPC error; a connection
-that sends no complete request for ``idle_timeout`` seconds is closed; a write
-that does not complete in ``send_timeout`` seconds closes the connection; at
-most ``max_connections`` are open (by default ``min(512, RLIMIT_NOFILE - 64)``),
-and when the cap is reached the connection idle the longest is closed to make
-room, else the new one is accepted and closed at once.
+that sends no complete request for ``idle_timeout`` seconds is closed; a client
+that takes no byte of what we send for ``send_timeout`` seconds is dropped; a
+follower (``logs``/``events`` with ``follow``) that reads too slowly skips
+ahead, since at most :data:`FOLLOW_BUFFER` bytes wait for it (and
+:data:`FOLLOW_BUDGET` for all followers); at most ``max_connections`` are open
+(by default ``min(512, RLIMIT_NOFILE - 64)``), and when the cap is reached the
+connection idle the longest is closed to make room, else the new one is
+accepted and closed at once. When the server stops, whatever request it holds
+is answered with -32000 "the daemon is shutting down" before its connection
+closes.
 
 The daemon implements :class:`ControlTarget`; the server only translates.
 """
@@ -23,16 +29,17 @@ import json
 import logging
 import os
 import socket
-import stat
 import struct
 import sys
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import anyio
-from anyio.abc import ObjectReceiveStream, SocketStream, TaskStatus
+from anyio.abc import ObjectReceiveStream, SocketListener, SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from supervisor.control.protocol import (
@@ -50,11 +57,19 @@ from supervisor.control.protocol import (
     parse_request,
     response,
 )
-from supervisor.errors import ControlError, SocketPathError
+from supervisor.errors import ControlError
 from supervisor.events import Event, EventBus
-from supervisor.paths import check_socket_path
+from supervisor.paths import bind_socket
 
-__all__ = ["ControlTarget", "LogFeed", "peer_uid", "serve"]
+__all__ = [
+    "FOLLOW_BUDGET",
+    "FOLLOW_BUFFER",
+    "ControlTarget",
+    "LogFeed",
+    "bind_socket",
+    "peer_uid",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +77,12 @@ log = logging.getLogger(__name__)
 _THREAD_PARSE = 64 * 1024
 #: A log line is cut to this many characters, so that any one fits in a message.
 _MAX_LOG_CHARS = 64 * 1024
+#: Bytes of notifications held for one following client before the oldest are skipped.
+FOLLOW_BUFFER = 256 * 1024
+#: Bytes of notifications held for all following clients together (the same rule).
+FOLLOW_BUDGET = 16 * 1024 * 1024
+#: Bytes written at once; ``send_timeout`` bounds the time each piece may take.
+_SEND_CHUNK = 64 * 1024
 #: What a send raises when the client went away or stopped reading (send_timeout).
 _GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
@@ -147,80 +168,6 @@ def default_max_connections() -> int:
     return max(8, min(512, soft - 64))
 
 
-# --------------------------------------------------------------------------- binding
-
-
-def _prepare_folder(folder: Path) -> None:
-    """Create the socket's folder 0700, or tighten it to 0700 if it exists and is ours."""
-    try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = folder.lstat()
-    except OSError as exc:
-        raise SocketPathError(f"cannot create socket folder {folder}: {exc.strerror}") from None
-    if not stat.S_ISDIR(info.st_mode):
-        raise SocketPathError(f"socket folder {folder} is not a folder")
-    if info.st_uid == os.geteuid():
-        if stat.S_IMODE(info.st_mode) != 0o700:
-            folder.chmod(0o700)
-    elif info.st_uid != 0:
-        raise SocketPathError(
-            f"socket folder {folder} belongs to uid {info.st_uid}, not to us: "
-            "choose a folder of our own with --socket or [daemon] socket"
-        )
-
-
-def _clear_stale(path: Path) -> None:
-    """Remove a socket file nobody listens on; refuse anything else at ``path``."""
-    try:
-        info = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(info.st_mode):
-        raise SocketPathError(
-            f"{path} exists and is not a socket: remove it or choose another path"
-        )
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(os.fspath(path))
-    except OSError:
-        pass  # nobody listens (ECONNREFUSED): stale
-    else:
-        raise SocketPathError(f"another process is listening on {path}; not replacing it")
-    finally:
-        probe.close()
-    path.unlink(missing_ok=True)
-
-
-def bind_socket(path: Path, *, backlog: int = 128) -> socket.socket:
-    """A listening Unix socket at ``path``, mode 0600 from its creation.
-
-    The caller holds the daemon's single-instance lock, so a socket file nobody
-    listens on is stale and is replaced.
-
-    Raises:
-        SocketPathError: the path is too long, its folder is not ours, a
-            regular file (or anything but a socket) is there, or a live
-            process listens on it.
-    """
-    check_socket_path(path)
-    _prepare_folder(path.parent)
-    _clear_stale(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)  # the socket is created 0600: no window where others could connect
-    try:
-        sock.bind(os.fspath(path))
-    except OSError as exc:
-        sock.close()
-        raise SocketPathError(f"cannot bind {path}: {exc.strerror}") from None
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
-    sock.listen(backlog)
-    sock.setblocking(False)
-    return sock
-
-
 # --------------------------------------------------------------------------- serving
 
 
@@ -231,10 +178,75 @@ class _Connection:
         self.stream = stream
         self.scope = anyio.CancelScope()
         self.idle_since: float | None = anyio.current_time()
+        self.replying: anyio.CancelScope | None = None
 
     def __repr__(self) -> str:
         state = "busy" if self.idle_since is None else f"idle since {self.idle_since:.1f}"
         return f"<_Connection {state}>"
+
+
+class _Outbox:
+    """Encoded notifications waiting for one following client, bounded in bytes.
+
+    ``put`` never blocks: past ``limit`` bytes (or while every outbox together
+    holds more than ``pool.limit``) the oldest waiting messages are dropped and
+    counted, the newest is always kept, so a slow client skips ahead.
+    """
+
+    def __init__(self, *, limit: int, pool: _Pool) -> None:
+        self._items: deque[bytes] = deque()
+        self._limit = limit
+        self._pool = pool
+        self._ready = anyio.Event()
+        self._ended = False
+        self.size = 0
+        self.skipped = 0
+
+    def put(self, data: bytes) -> None:
+        self._items.append(data)
+        self._take(len(data))
+        while len(self._items) > 1 and (self.size > self._limit or self._pool.over):
+            self._take(-len(self._items.popleft()))
+            self.skipped += 1
+        self._ready.set()
+
+    def _take(self, size: int) -> None:
+        self.size += size
+        self._pool.used += size
+
+    def end(self) -> None:
+        """No more messages: ``get`` raises EndOfStream once the waiting ones are sent."""
+        self._ended = True
+        self._ready.set()
+
+    def discard(self) -> None:
+        """Drop everything still waiting (the connection is gone)."""
+        self._take(-self.size)
+        self._items.clear()
+
+    async def get(self) -> tuple[int, bytes]:
+        """The next message, and how many were skipped just before it."""
+        while not self._items:
+            if self._ended:
+                raise anyio.EndOfStream
+            self._ready = anyio.Event()
+            await self._ready.wait()
+        data = self._items.popleft()
+        self._take(-len(data))
+        skipped, self.skipped = self.skipped, 0
+        return skipped, data
+
+
+class _Pool:
+    """Bytes held by every outbox of one server, against one limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    @property
+    def over(self) -> bool:
+        return self.used > self.limit
 
 
 class _Server:
@@ -246,13 +258,17 @@ class _Server:
         idle_timeout: float,
         send_timeout: float,
         max_connections: int,
+        follow_buffer: int,
     ) -> None:
         self.target = target
         self.allowed = allowed
         self.idle_timeout = idle_timeout
         self.send_timeout = send_timeout
         self.max_connections = max_connections
+        self.follow_buffer = follow_buffer
+        self.pool = _Pool(FOLLOW_BUDGET)
         self.open: set[_Connection] = set()
+        self.closing = False
 
     def make_room(self) -> bool:
         """Close the connection idle the longest if the cap is reached; False if none can go."""
@@ -266,16 +282,28 @@ class _Server:
         victim.scope.cancel()
         return True
 
+    def close_all(self) -> None:
+        """The server stops: every connection answers what it holds, then closes."""
+        self.closing = True
+        for conn in self.open:
+            conn.scope.cancel()
+            if conn.replying is not None:  # an answer being written gets one more second
+                conn.replying.deadline = min(conn.replying.deadline, anyio.current_time() + 1)
+
     async def accept_loop(
         self, listener: anyio.abc.SocketListener, tg: anyio.abc.TaskGroup
     ) -> None:
+        failing = False
         while True:
             try:
                 stream = await listener.accept()
             except OSError as exc:  # EMFILE/ENFILE: wait for descriptors to come back
-                log.warning("control socket: accept failed: %s", exc)
+                if not failing:  # once per episode, not ten lines a second
+                    log.warning("control socket: accept failed: %s; retrying", exc)
+                failing = True
                 await anyio.sleep(0.1)
                 continue
+            failing = False
             if not self.make_room():
                 _refuse(stream, "too many connections to the control socket; try again")
                 await stream.aclose()
@@ -285,21 +313,50 @@ class _Server:
             tg.start_soon(self.handle, conn)
 
     async def handle(self, conn: _Connection) -> None:
-        try:
-            with conn.scope:
-                await self.converse(conn)
-        except _GONE:
-            pass  # the client went away or stopped reading
-        except Exception:  # a bug in one connection must not end the server
-            log.exception("control socket: connection failed")
-        finally:
-            self.open.discard(conn)
-            with anyio.CancelScope(shield=True):
+        # Shielded from the server's own cancellation: close_all() ends each connection
+        # through its scope, so that a request in progress is answered before it closes.
+        with anyio.CancelScope(shield=True):
+            try:
+                with conn.scope:
+                    await self.converse(conn)
+            except _GONE:
+                pass  # the client went away or stopped reading
+            except Exception:  # a bug in one connection must not end the server
+                log.exception("control socket: connection failed")
+            finally:
+                self.open.discard(conn)
                 await conn.stream.aclose()
 
     async def send(self, conn: _Connection, message: dict[str, Any]) -> None:
-        with anyio.fail_after(self.send_timeout):
-            await conn.stream.send(encode(message))
+        try:
+            data = encode(message)
+        except ValueError as exc:  # NaN or infinity in a result: JSON cannot carry it
+            log.error("control socket: cannot encode an answer: %s", exc)
+            data = encode(error_response(message.get("id"), INTERNAL_ERROR, f"{exc}"))
+        await self.send_bytes(conn, data)
+
+    async def reply(self, conn: _Connection, message: dict[str, Any]) -> None:
+        """Send one answer, finished even if the server stops meanwhile (within 1 s then)."""
+        with anyio.CancelScope(shield=True) as scope:
+            conn.replying = scope
+            if self.closing:
+                scope.deadline = anyio.current_time() + 1
+            try:
+                await self.send(conn, message)
+            finally:
+                conn.replying = None
+        if scope.cancelled_caught:
+            raise TimeoutError("the server stopped while an answer was being written")
+
+    async def send_bytes(self, conn: _Connection, data: bytes) -> None:
+        """Write ``data``; TimeoutError if the client takes none of it for ``send_timeout``.
+
+        Written in pieces so that the timeout measures progress: a client reading
+        a 1 MiB answer slowly is served, one that stops reading is dropped.
+        """
+        for start in range(0, len(data), _SEND_CHUNK):
+            with anyio.fail_after(self.send_timeout):
+                await conn.stream.send(data[start : start + _SEND_CHUNK])
 
     async def converse(self, conn: _Connection) -> None:
         try:
@@ -314,8 +371,16 @@ class _Server:
         reader = BufferedByteReceiveStream(conn.stream)
         while True:
             conn.idle_since = anyio.current_time()
-            line = await self.read_line(conn, reader)
+            try:
+                line = await self.read_line(conn, reader)
+            except anyio.get_cancelled_exc_class():
+                if self.closing:
+                    await self.refuse_pending(conn, reader, b"")
+                raise
             if line is None:
+                return
+            if self.closing:  # read from the buffer after close_all(): refuse, do not run
+                await self.refuse_pending(conn, reader, line + b"\n")
                 return
             conn.idle_since = None
             if not await self.answer(conn, reader, line):
@@ -337,6 +402,25 @@ class _Server:
             return line
         return None
 
+    async def refuse_pending(
+        self, conn: _Connection, reader: BufferedByteReceiveStream, first: bytes
+    ) -> None:
+        """At shutdown: answer ``first`` and each complete request already received
+        with error -32000 (nothing of it is run)."""
+        raw = conn.stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        data = first + reader.buffer
+        with contextlib.suppress(OSError):
+            while len(data) <= MAX_LINE and (chunk := raw.recv(1 << 16, socket.MSG_DONTWAIT)):
+                data += chunk
+        with anyio.move_on_after(1.0, shield=True), contextlib.suppress(*_GONE):
+            for line in data.split(b"\n")[:-1]:
+                try:
+                    req = parse_request(decode(line))
+                except ProtocolError:
+                    continue
+                if req.has_id:
+                    await conn.stream.send(encode(_shutting_down(req)))
+
     async def answer(
         self, conn: _Connection, reader: BufferedByteReceiveStream, line: bytes
     ) -> bool:
@@ -350,15 +434,21 @@ class _Server:
                 value = decode(line)
             req = parse_request(value)
         except ProtocolError as exc:
-            await self.send(conn, error_response(exc.id, exc.code, str(exc), exc.data))
+            await self.reply(conn, error_response(exc.id, exc.code, str(exc), exc.data))
             return not exc.fatal
         if req.method.streams and req.params.get("follow"):
             if not req.has_id:
                 return True  # a follow nobody could receive
             return await self.follow(conn, reader, req)
-        reply = await self.dispatch(req)
+        try:
+            reply = await self.dispatch(req)
+        except anyio.get_cancelled_exc_class():
+            if req.has_id:  # the server stops: say so rather than leave the client hanging
+                with anyio.move_on_after(1.0, shield=True), contextlib.suppress(*_GONE):
+                    await conn.stream.send(encode(_shutting_down(req)))
+            raise
         if req.has_id:
-            await self.send(conn, reply)
+            await self.reply(conn, reply)
         return True
 
     async def dispatch(self, req: Request) -> dict[str, Any]:
@@ -385,7 +475,7 @@ class _Server:
                 recent = self.target.bus.recent(since=since)
                 after = recent[-1].seq if recent else (since or 0)
                 first = response(req.id, {"events": _fit([e.as_json() for e in recent])})
-                await self.pump(conn, reader, first, _event_notifications(events, after))
+                await self.pump(conn, reader, first, _event_notifications(events, after), None)
             return False
         service = req.params["service"]
         try:
@@ -395,7 +485,8 @@ class _Server:
             return True
         async with self.target.loghub.subscribe(service) as lines:
             first = response(req.id, {"lines": await _tail(path, req.params["lines"])})
-            await self.pump(conn, reader, first, _log_notifications(lines, service))
+            messages = _log_notifications(lines, service)
+            await self.pump(conn, reader, first, messages, partial(_skipped_lines, service))
         return False
 
     async def pump(
@@ -404,17 +495,54 @@ class _Server:
         reader: BufferedByteReceiveStream,
         first: dict[str, Any],
         messages: AsyncIterator[dict[str, Any]],
+        marker: Callable[[int], dict[str, Any]] | None,
     ) -> None:
-        """Send ``first``, then ``messages``, until either side ends."""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_until_closed, reader, tg.cancel_scope)
+        """Send ``first``, then ``messages``, until either side ends.
+
+        A relay task moves each message into a byte-bounded :class:`_Outbox` as it
+        arrives, so the subscription never backs up; this task sends from the
+        outbox, preceded by ``marker(skipped)`` where messages were skipped.
+        """
+        outbox = _Outbox(limit=self.follow_buffer, pool=self.pool)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_until_closed, reader, tg.cancel_scope)
+                tg.start_soon(_relay, messages, outbox)
+                try:
+                    await self.send(conn, first)
+                    while True:
+                        skipped, data = await outbox.get()
+                        if skipped and marker is not None:
+                            await self.send(conn, marker(skipped))
+                        await self.send_bytes(conn, data)
+                except (anyio.EndOfStream, *_GONE):
+                    pass
+                tg.cancel_scope.cancel("the stream ended")
+        finally:
+            outbox.discard()
+
+
+async def _relay(messages: AsyncIterator[dict[str, Any]], outbox: _Outbox) -> None:
+    """Encode each of ``messages`` into ``outbox`` as soon as it comes."""
+    try:
+        async for message in messages:
             try:
-                await self.send(conn, first)
-                async for message in messages:
-                    await self.send(conn, message)
-            except _GONE:
-                pass
-            tg.cancel_scope.cancel("the stream ended")
+                outbox.put(encode(message))
+            except ValueError:  # NaN in an event attribute: JSON cannot carry it
+                outbox.skipped += 1
+    finally:
+        outbox.end()
+
+
+def _skipped_lines(service: str | None, count: int) -> dict[str, Any]:
+    """The ``log`` notification that stands for ``count`` lines a slow client missed."""
+    line = f"[hostvisor: {count} lines skipped: this client read too slowly]"
+    return notification("log", {"service": service, "line": line})
+
+
+def _shutting_down(req: Request) -> dict[str, Any]:
+    message = f"the daemon is shutting down; {req.method.name} was not completed"
+    return error_response(req.id, SERVER_BUSY, message)
 
 
 def _refuse(stream: SocketStream, message: str) -> None:
@@ -534,8 +662,8 @@ _METHODS: dict[str, Callable[[ControlTarget, dict[str, Any]], Awaitable[Any]]] =
 
 
 @asynccontextmanager
-async def _listening(path: Path) -> AsyncIterator[anyio.abc.SocketListener]:
-    sock = bind_socket(path)
+async def _listening(path: Path, allow_uids: Iterable[int]) -> AsyncIterator[SocketListener]:
+    sock = bind_socket(path, allow_uids=allow_uids)
     identity = os.stat(path)
     listener = await anyio.abc.SocketListener.from_socket(sock)
     try:
@@ -559,29 +687,47 @@ async def serve(
     idle_timeout: float = 60.0,
     send_timeout: float = 30.0,
     max_connections: int | None = None,
+    follow_buffer: int = FOLLOW_BUFFER,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the control protocol on ``path`` until cancelled; removes the socket file then.
 
+    When cancelled, the listener closes first; a request in progress (a ``start``
+    waiting for its services) and any complete request already received are
+    answered with error -32000 "the daemon is shutting down", followers are
+    closed, and every connection's task ends within about a second.
+
     Args:
         target: the daemon (see :class:`ControlTarget`).
         path: the socket's path; its folder is created 0700.
-        allow_uids: uids allowed besides the daemon's own and root (``[daemon] allow_uids``).
-        idle_timeout: seconds a connection may wait without sending a complete request.
-        send_timeout: seconds one write to a client may take before it is dropped.
+        allow_uids: uids allowed besides the daemon's own and root (``[daemon] allow_uids``),
+            granted access to folder and socket with POSIX ACLs.
+        idle_timeout: seconds a connection may wait without sending a complete request
+            (a partial line does not count).
+        send_timeout: seconds a client may take no byte of what we send before it is dropped.
         max_connections: open connections at most; default :func:`default_max_connections`.
+        follow_buffer: bytes of notifications held for one slow follower before the oldest
+            are skipped (:data:`FOLLOW_BUFFER`; all followers together hold at most
+            :data:`FOLLOW_BUDGET`).
         task_status: ``started()`` once the socket accepts connections.
 
     Raises:
         SocketPathError: the socket cannot be bound (see :func:`bind_socket`).
     """
+    allow = frozenset(allow_uids)
     server = _Server(
         target,
-        allowed=frozenset({os.geteuid(), 0, *allow_uids}),
+        allowed=frozenset({os.geteuid(), 0, *allow}),
         idle_timeout=idle_timeout,
         send_timeout=send_timeout,
         max_connections=max_connections or default_max_connections(),
+        follow_buffer=follow_buffer,
     )
-    async with _listening(path) as listener, anyio.create_task_group() as tg:
+    async with _listening(path, allow) as listener, anyio.create_task_group() as tg:
         task_status.started()
-        await server.accept_loop(listener, tg)
+        try:
+            await server.accept_loop(listener, tg)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await listener.aclose()  # nothing new while the open connections finish
+            server.close_all()
