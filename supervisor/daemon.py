@@ -143,6 +143,7 @@ class Daemon:
         self.log: DaemonLog | None = None
         self.telemetry: Any = None
         self.shutting_down = False
+        self._stopping = anyio.Event()
         #: 0 after a clean stop; EXIT_SOFTWARE after an internal error.
         self.exit_code = 0
 
@@ -210,8 +211,16 @@ class Daemon:
         if wait:
             with anyio.move_on_after(timeout):
                 async with anyio.create_task_group() as tg:
-                    for sup, gen in gens:
-                        tg.start_soon(sup.wait_settled, gen, targets)
+
+                    async def until_shutdown() -> None:
+                        await self._stopping.wait()  # the answer is due now, not at timeout
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(until_shutdown)
+                    async with anyio.create_task_group() as waits:
+                        for sup, gen in gens:
+                            waits.start_soon(sup.wait_settled, gen, targets)
+                    tg.cancel_scope.cancel()
         return {"services": [sup.status_entry() for sup in chosen]}
 
     def log_path(self, service: str | None) -> Path:
@@ -363,6 +372,7 @@ class Daemon:
         """Stop every process service, dependents first, within ``shutdown_timeout``; then
         SIGKILL. Container units are left running for the next daemon to adopt."""
         self.shutting_down = True
+        self._stopping.set()
         with anyio.move_on_after(self.loaded.daemon.shutdown_timeout):
             async with self._reload_lock:  # let a reload in progress finish first
                 pass
@@ -405,7 +415,7 @@ class Daemon:
             hub=self.loghub,
         )
         library_logs = LibraryLogHandler(self.log)
-        for name in ("asyncio", "opentelemetry"):
+        for name in ("asyncio", "opentelemetry", "supervisor"):
             logging.getLogger(name).addHandler(library_logs)
             logging.getLogger(name).propagate = False
         notifier = Notifier.from_environ()

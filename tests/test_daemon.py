@@ -147,7 +147,7 @@ class TestDaemonLog:
             assert set(record) >= {"seq", "time", "event", "service", "message", "attributes"}
             assert record["service"] == "a"
             assert record["attributes"]["process.pid"] == d.status("a")["pid"]
-            assert any("hostvisor.service.running a:" in line for line in d.stderr)
+            d.wait_stderr("hostvisor.service.running a:")
 
 
 class TestOrphans:
