@@ -1,6 +1,8 @@
 """The control plane: JSON-RPC 2.0 over the control socket (contract section 8).
 
 - :mod:`supervisor.control.protocol`: framing, error codes and the method table.
+- :mod:`supervisor.control.socketfile`: the socket on disk (folder 0700 and ACLs,
+  the stale-socket test, the bind), light enough for the client.
 - :mod:`supervisor.control.server`: :func:`~supervisor.control.server.serve`, used
   by the daemon (imports anyio).
 - :mod:`supervisor.control.client`: :class:`~supervisor.control.client.ControlClient`,

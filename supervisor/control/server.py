@@ -1,6 +1,6 @@
 """The control socket's server: JSON-RPC 2.0 over a Unix socket (contract section 8).
 
-:func:`serve` binds the socket safely (:func:`supervisor.paths.bind_socket`:
+:func:`serve` binds the socket safely (:func:`supervisor.control.socketfile.bind_socket`:
 folder 0700, socket 0600 from the first instant, ``allow_uids`` granted with
 POSIX ACLs, a stale socket replaced only on ECONNREFUSED), checks every peer's
 uid with ``SO_PEERCRED`` (Linux) or ``LOCAL_PEERCRED`` (macOS) before reading a
@@ -57,9 +57,9 @@ from supervisor.control.protocol import (
     parse_request,
     response,
 )
+from supervisor.control.socketfile import bind_socket
 from supervisor.errors import ControlError
 from supervisor.events import Event, EventBus
-from supervisor.paths import bind_socket
 
 __all__ = [
     "FOLLOW_BUDGET",
