@@ -30,8 +30,9 @@ from hypothesis import strategies as st
 
 from supervisor.control import protocol
 from supervisor.control.client import ControlClient
+from supervisor.control.methods import HANDLERS
 from supervisor.control.protocol import MAX_LINE, ProtocolError, decode, parse_request
-from supervisor.control.server import _METHODS, peer_uid, serve
+from supervisor.control.server import peer_uid, serve
 from supervisor.errors import (
     ConfigRejected,
     DaemonUnreachable,
@@ -211,7 +212,7 @@ class TestFraming:
         """One table: the contract's methods, each with a server handler."""
         expected = {"status", "start", "stop", "restart", "reload", "logs", "events"}
         assert set(protocol.METHODS) == expected
-        assert set(_METHODS) == expected
+        assert set(HANDLERS) == expected
 
 
 class TestMethods:

@@ -35,8 +35,8 @@ from supervisor.control.protocol import (
     error_from_object,
     request,
 )
+from supervisor.control.socketfile import unsafe_socket_folder
 from supervisor.errors import ControlError, DaemonUnreachable
-from supervisor.paths import unsafe_socket_folder
 
 __all__ = ["ControlClient", "Subscription"]
 
@@ -49,7 +49,7 @@ class _Connection:
 
     Raises:
         DaemonUnreachable: nothing answers at ``path``, or its folder is writable by
-            group or others (see :func:`supervisor.paths.unsafe_socket_folder`).
+            group or others (see :func:`supervisor.control.socketfile.unsafe_socket_folder`).
     """
 
     def __init__(self, path: Path, timeout: float | None) -> None:

@@ -1,6 +1,6 @@
 """The control socket's server: JSON-RPC 2.0 over a Unix socket (contract section 8).
 
-:func:`serve` binds the socket safely (:func:`supervisor.paths.bind_socket`:
+:func:`serve` binds the socket safely (:func:`~supervisor.control.socketfile.bind_socket`:
 folder 0700, socket 0600 from the first instant, ``allow_uids`` granted with
 POSIX ACLs, a stale socket replaced only on ECONNREFUSED), checks every peer's
 uid with ``SO_PEERCRED`` (Linux) or ``LOCAL_PEERCRED`` (macOS) before reading a
@@ -19,29 +19,30 @@ accepted and closed at once. When the server stops, whatever request it holds
 is answered with -32000 "the daemon is shutting down" before its connection
 closes.
 
-The daemon implements :class:`ControlTarget`; the server only translates.
+The daemon implements :class:`ControlTarget`; the server only translates
+(:mod:`supervisor.control.methods`). What waits for a follower is bounded by
+:mod:`supervisor.control.outbox`; the socket file is :mod:`supervisor.control.socketfile`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
 import struct
 import sys
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from functools import partial
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream, SocketListener, SocketStream, TaskStatus
+from anyio.abc import SocketListener, SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from supervisor.control.methods import ControlTarget, Feed, LogFeed, dispatch, open_feed
+from supervisor.control.outbox import FOLLOW_BUDGET, FOLLOW_BUFFER, Outbox, Pool, relay
 from supervisor.control.protocol import (
     INTERNAL_ERROR,
     INVALID_REQUEST,
@@ -53,13 +54,10 @@ from supervisor.control.protocol import (
     decode,
     encode,
     error_response,
-    notification,
     parse_request,
-    response,
 )
+from supervisor.control.socketfile import bind_socket
 from supervisor.errors import ControlError
-from supervisor.events import Event, EventBus
-from supervisor.paths import bind_socket
 
 __all__ = [
     "FOLLOW_BUDGET",
@@ -75,68 +73,10 @@ log = logging.getLogger(__name__)
 
 #: Lines above this size are parsed in a worker thread, so the event loop keeps serving.
 _THREAD_PARSE = 64 * 1024
-#: A log line is cut to this many characters, so that any one fits in a message.
-_MAX_LOG_CHARS = 64 * 1024
-#: Bytes of notifications held for one following client before the oldest are skipped.
-FOLLOW_BUFFER = 256 * 1024
-#: Bytes of notifications held for all following clients together (the same rule).
-FOLLOW_BUDGET = 16 * 1024 * 1024
 #: Bytes written at once; ``send_timeout`` bounds the time each piece may take.
 _SEND_CHUNK = 64 * 1024
 #: What a send raises when the client went away or stopped reading (send_timeout).
 _GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
-
-
-class LogFeed(Protocol):
-    """What the server needs of :class:`supervisor.logfiles.LogHub`."""
-
-    def subscribe(self, key: str | None) -> AbstractAsyncContextManager[ObjectReceiveStream[str]]:
-        """Receive the lines of service ``key`` (``None``: the daemon log) from now on."""
-        ...
-
-
-class ControlTarget(Protocol):
-    """What the daemon offers the control socket. Each method may raise UnknownService."""
-
-    def status(self, names: Sequence[str] | None) -> dict[str, Any]:
-        """Contract section 5 document. Raises UnknownService for an unknown name."""
-        ...
-
-    async def start(
-        self, names: Sequence[str] | Literal["all"], *, wait: bool, timeout: float
-    ) -> dict[str, Any]:
-        """``{"services": [status entries]}`` once started (or timed out, with ``wait``)."""
-        ...
-
-    async def stop(
-        self, names: Sequence[str] | Literal["all"], *, wait: bool, timeout: float
-    ) -> dict[str, Any]:
-        """``{"services": [status entries]}`` once stopped (or timed out, with ``wait``)."""
-        ...
-
-    async def restart(
-        self, names: Sequence[str] | Literal["all"], *, wait: bool, timeout: float
-    ) -> dict[str, Any]:
-        """``{"services": [status entries]}`` once restarted (or timed out, with ``wait``)."""
-        ...
-
-    async def reload(self) -> dict[str, Any]:
-        """``{"added","removed","changed","unchanged"}``; raises ConfigRejected(data=[str])."""
-        ...
-
-    def log_path(self, service: str | None) -> Path:
-        """The log file of ``service``; ``None`` is the daemon log."""
-        ...
-
-    @property
-    def loghub(self) -> LogFeed:
-        """Live log lines by service."""
-        ...
-
-    @property
-    def bus(self) -> EventBus:
-        """The event bus: ``recent(since=)`` and ``subscribe()``."""
-        ...
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -185,70 +125,6 @@ class _Connection:
         return f"<_Connection {state}>"
 
 
-class _Outbox:
-    """Encoded notifications waiting for one following client, bounded in bytes.
-
-    ``put`` never blocks: past ``limit`` bytes (or while every outbox together
-    holds more than ``pool.limit``) the oldest waiting messages are dropped and
-    counted, the newest is always kept, so a slow client skips ahead.
-    """
-
-    def __init__(self, *, limit: int, pool: _Pool) -> None:
-        self._items: deque[bytes] = deque()
-        self._limit = limit
-        self._pool = pool
-        self._ready = anyio.Event()
-        self._ended = False
-        self.size = 0
-        self.skipped = 0
-
-    def put(self, data: bytes) -> None:
-        self._items.append(data)
-        self._take(len(data))
-        while len(self._items) > 1 and (self.size > self._limit or self._pool.over):
-            self._take(-len(self._items.popleft()))
-            self.skipped += 1
-        self._ready.set()
-
-    def _take(self, size: int) -> None:
-        self.size += size
-        self._pool.used += size
-
-    def end(self) -> None:
-        """No more messages: ``get`` raises EndOfStream once the waiting ones are sent."""
-        self._ended = True
-        self._ready.set()
-
-    def discard(self) -> None:
-        """Drop everything still waiting (the connection is gone)."""
-        self._take(-self.size)
-        self._items.clear()
-
-    async def get(self) -> tuple[int, bytes]:
-        """The next message, and how many were skipped just before it."""
-        while not self._items:
-            if self._ended:
-                raise anyio.EndOfStream
-            self._ready = anyio.Event()
-            await self._ready.wait()
-        data = self._items.popleft()
-        self._take(-len(data))
-        skipped, self.skipped = self.skipped, 0
-        return skipped, data
-
-
-class _Pool:
-    """Bytes held by every outbox of one server, against one limit."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-
-    @property
-    def over(self) -> bool:
-        return self.used > self.limit
-
-
 class _Server:
     def __init__(
         self,
@@ -266,7 +142,7 @@ class _Server:
         self.send_timeout = send_timeout
         self.max_connections = max_connections
         self.follow_buffer = follow_buffer
-        self.pool = _Pool(FOLLOW_BUDGET)
+        self.pool = Pool(FOLLOW_BUDGET)
         self.open: set[_Connection] = set()
         self.closing = False
 
@@ -441,7 +317,7 @@ class _Server:
                 return True  # a follow nobody could receive
             return await self.follow(conn, reader, req)
         try:
-            reply = await self.dispatch(req)
+            reply = await dispatch(self.target, req)
         except anyio.get_cancelled_exc_class():
             if req.has_id:  # the server stops: say so rather than leave the client hanging
                 with anyio.move_on_after(1.0, shield=True), contextlib.suppress(*_GONE):
@@ -451,17 +327,6 @@ class _Server:
             await self.reply(conn, reply)
         return True
 
-    async def dispatch(self, req: Request) -> dict[str, Any]:
-        """The response to a request that is not followed."""
-        try:
-            result = await _METHODS[req.method.name](self.target, req.params)
-        except ControlError as exc:
-            return error_response(req.id, exc.code, str(exc), exc.data)
-        except Exception as exc:
-            log.exception("control socket: %s failed", req.method.name)
-            return error_response(req.id, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
-        return response(req.id, result)
-
     async def follow(
         self, conn: _Connection, reader: BufferedByteReceiveStream, req: Request
     ) -> bool:
@@ -469,75 +334,40 @@ class _Server:
 
         Returns True (keep serving) only when the request was answered with an error.
         """
-        if req.method.name == "events":
-            async with self.target.bus.subscribe() as events:
-                since = req.params["since"]
-                recent = self.target.bus.recent(since=since)
-                after = recent[-1].seq if recent else (since or 0)
-                first = response(req.id, {"events": _fit([e.as_json() for e in recent])})
-                await self.pump(conn, reader, first, _event_notifications(events, after), None)
-            return False
-        service = req.params["service"]
-        try:
-            path = self.target.log_path(service)
-        except ControlError as exc:
-            await self.send(conn, error_response(req.id, exc.code, str(exc), exc.data))
-            return True
-        async with self.target.loghub.subscribe(service) as lines:
-            first = response(req.id, {"lines": await _tail(path, req.params["lines"])})
-            messages = _log_notifications(lines, service)
-            await self.pump(conn, reader, first, messages, partial(_skipped_lines, service))
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                feed = await stack.enter_async_context(open_feed(self.target, req))
+            except ControlError as exc:  # logs of an unknown service
+                await self.send(conn, error_response(req.id, exc.code, str(exc), exc.data))
+                return True
+            await self.pump(conn, reader, feed)
         return False
 
-    async def pump(
-        self,
-        conn: _Connection,
-        reader: BufferedByteReceiveStream,
-        first: dict[str, Any],
-        messages: AsyncIterator[dict[str, Any]],
-        marker: Callable[[int], dict[str, Any]] | None,
-    ) -> None:
-        """Send ``first``, then ``messages``, until either side ends.
+    async def pump(self, conn: _Connection, reader: BufferedByteReceiveStream, feed: Feed) -> None:
+        """Send ``feed.first``, then ``feed.messages``, until either side ends.
 
-        A relay task moves each message into a byte-bounded :class:`_Outbox` as it
-        arrives, so the subscription never backs up; this task sends from the
-        outbox, preceded by ``marker(skipped)`` where messages were skipped.
+        A relay task moves each message into a byte-bounded
+        :class:`~supervisor.control.outbox.Outbox` as it arrives, so the subscription
+        never backs up; this task sends from the outbox, preceded by
+        ``feed.marker(skipped)`` where messages were skipped.
         """
-        outbox = _Outbox(limit=self.follow_buffer, pool=self.pool)
+        outbox = Outbox(limit=self.follow_buffer, pool=self.pool)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_until_closed, reader, tg.cancel_scope)
-                tg.start_soon(_relay, messages, outbox)
+                tg.start_soon(relay, feed.messages, outbox)
                 try:
-                    await self.send(conn, first)
+                    await self.send(conn, feed.first)
                     while True:
                         skipped, data = await outbox.get()
-                        if skipped and marker is not None:
-                            await self.send(conn, marker(skipped))
+                        if skipped and feed.marker is not None:
+                            await self.send(conn, feed.marker(skipped))
                         await self.send_bytes(conn, data)
                 except (anyio.EndOfStream, *_GONE):
                     pass
                 tg.cancel_scope.cancel("the stream ended")
         finally:
             outbox.discard()
-
-
-async def _relay(messages: AsyncIterator[dict[str, Any]], outbox: _Outbox) -> None:
-    """Encode each of ``messages`` into ``outbox`` as soon as it comes."""
-    try:
-        async for message in messages:
-            try:
-                outbox.put(encode(message))
-            except ValueError:  # NaN in an event attribute: JSON cannot carry it
-                outbox.skipped += 1
-    finally:
-        outbox.end()
-
-
-def _skipped_lines(service: str | None, count: int) -> dict[str, Any]:
-    """The ``log`` notification that stands for ``count`` lines a slow client missed."""
-    line = f"[hostvisor: {count} lines skipped: this client read too slowly]"
-    return notification("log", {"service": service, "line": line})
 
 
 def _shutting_down(req: Request) -> dict[str, Any]:
@@ -576,89 +406,6 @@ async def _until_closed(reader: BufferedByteReceiveStream, scope: anyio.CancelSc
             await reader.receive()
     except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
         scope.cancel("the client closed the connection")
-
-
-async def _log_notifications(
-    lines: ObjectReceiveStream[str], service: str | None
-) -> AsyncIterator[dict[str, Any]]:
-    async for line in lines:
-        yield notification("log", {"service": service, "line": line[:_MAX_LOG_CHARS]})
-
-
-async def _event_notifications(
-    events: ObjectReceiveStream[Event], after: int
-) -> AsyncIterator[dict[str, Any]]:
-    async for event in events:
-        if event.seq > after:
-            yield notification("event", event.as_json())
-
-
-def _fit(items: list[Any]) -> list[Any]:
-    """The newest ``items`` whose JSON fits in one response line (oldest dropped first)."""
-    budget = MAX_LINE - 4096
-    kept: list[Any] = []
-    for item in reversed(items):
-        budget -= len(json.dumps(item, ensure_ascii=False).encode("utf-8", "replace")) + 1
-        if budget < 0:
-            break
-        kept.append(item)
-    kept.reverse()
-    return kept
-
-
-async def _tail(path: Path, count: int) -> list[str]:
-    """The last ``count`` lines of ``path`` (``[]`` if it does not exist), fitted to a line."""
-
-    def read() -> list[str]:
-        from supervisor.logfiles import tail
-
-        try:
-            lines = tail(path, count) if count else []
-        except FileNotFoundError:
-            return []
-        return _fit([line[:_MAX_LOG_CHARS] for line in lines])
-
-    return await anyio.to_thread.run_sync(read)
-
-
-async def _status(target: ControlTarget, params: dict[str, Any]) -> Any:
-    return target.status(params["services"])
-
-
-async def _start(target: ControlTarget, params: dict[str, Any]) -> Any:
-    return await target.start(params["services"], wait=params["wait"], timeout=params["timeout"])
-
-
-async def _stop(target: ControlTarget, params: dict[str, Any]) -> Any:
-    return await target.stop(params["services"], wait=params["wait"], timeout=params["timeout"])
-
-
-async def _restart(target: ControlTarget, params: dict[str, Any]) -> Any:
-    return await target.restart(params["services"], wait=params["wait"], timeout=params["timeout"])
-
-
-async def _reload(target: ControlTarget, params: dict[str, Any]) -> Any:
-    return await target.reload()
-
-
-async def _logs(target: ControlTarget, params: dict[str, Any]) -> Any:
-    return {"lines": await _tail(target.log_path(params["service"]), params["lines"])}
-
-
-async def _events(target: ControlTarget, params: dict[str, Any]) -> Any:
-    return {"events": _fit([e.as_json() for e in target.bus.recent(since=params["since"])])}
-
-
-#: The server side of :data:`supervisor.control.protocol.METHODS`.
-_METHODS: dict[str, Callable[[ControlTarget, dict[str, Any]], Awaitable[Any]]] = {
-    "status": _status,
-    "start": _start,
-    "stop": _stop,
-    "restart": _restart,
-    "reload": _reload,
-    "logs": _logs,
-    "events": _events,
-}
 
 
 @asynccontextmanager
