@@ -5,6 +5,17 @@ liveness-readiness-startup-probes``): a probe runs every ``interval`` and must
 answer within ``timeout``; ``failure_threshold`` failures in a row make the
 service unhealthy, ``success_threshold`` successes in a row healthy; failures
 within ``start_period`` after the spawn do not count (Docker's ``--health-start-period``).
+
+Two rules beyond Kubernetes':
+
+- An HTTP probe (and the ``post_start`` HTTP hook, through :func:`http_status`) reads
+  at most :data:`BODY_LIMIT` bytes of a response body, for at most :data:`BODY_GRACE`
+  seconds, then closes the connection: the verdict is the status code, so an
+  endless event stream or a 100 MiB ``/metrics`` page costs the daemon nothing.
+- A check that could not run because the *daemon* is short of a resource (EMFILE,
+  ENFILE, ENOMEM, ENOBUFS: no socket, pipe or process for the probe) has no verdict
+  (``ok is None``, ``daemon_side``): it is the daemon's trouble, never counted as
+  the service's failed check, and is retried at the next probe.
 """
 
 from __future__ import annotations
@@ -12,40 +23,75 @@ from __future__ import annotations
 import errno
 import functools
 import ipaddress
+import math
+import os
 import select
 import socket
 import ssl
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import anyio
+
+if TYPE_CHECKING:  # httpx is imported when a unit has an HTTP probe or hook
+    import httpx
 
 from supervisor.spec import HealthCheckSpec
 from supervisor.states import Health
 
 __all__ = [
+    "BODY_GRACE",
+    "BODY_LIMIT",
+    "MAX_WAIT",
     "CommandRunner",
     "HealthCounter",
     "Probe",
     "ProbeResult",
+    "bounded_seconds",
+    "daemon_fault",
+    "http_status",
+    "next_probe_at",
     "open_probe",
     "probe_tcp",
     "tls_context",
 ]
 
+#: Bytes of a response body that an HTTP probe or hook reads at most before it closes
+#: the connection (Kubernetes' prober reads 10 KiB; the status code is the verdict).
+BODY_LIMIT = 64 * 1024
+#: Seconds an HTTP probe or hook goes on reading a body once the status line is in
+#: (never past its timeout); a body still streaming then is not a failure.
+BODY_GRACE = 1.0
+#: The longest wait, in seconds (~31.7 years), that a probe or its scheduler computes:
+#: longer or non-finite durations are clamped to it, so that deadline arithmetic never
+#: overflows (``math.ceil(inf)``) whatever the config says.
+MAX_WAIT = 1e9
+
 
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
-    """One probe's answer: ``ok``, a short ``detail`` for messages, ``None`` ok = not yet known."""
+    """One probe's answer.
+
+    Attributes:
+        ok: True healthy, False failed, ``None`` no verdict (not counted either way):
+            the container is still ``starting``, or the daemon could not run the
+            check (``daemon_side``).
+        detail: a short reason for messages (``GET http://...: HTTP 503``).
+        duration: seconds the check took.
+        daemon_side: True when the check could not run for want of a daemon
+            resource (see :func:`daemon_fault`); ``ok`` is then ``None`` and
+            ``detail`` starts with ``daemon out of ...``.
+    """
 
     ok: bool | None
     detail: str = ""
     duration: float = 0.0
+    daemon_side: bool = False
 
 
 class Probe(Protocol):
@@ -66,6 +112,77 @@ class CommandRunner(Protocol):
         service: str,
         timeout: float,
     ) -> Any: ...
+
+
+def bounded_seconds(value: float) -> float:
+    """``value`` seconds clamped to ``[0, MAX_WAIT]``; NaN counts as :data:`MAX_WAIT`.
+
+    Config validation rejects such values; this keeps the arithmetic of a running
+    probe safe whatever reaches it (``1e308``, ``inf``, a negative number).
+    """
+    if math.isnan(value):
+        return MAX_WAIT
+    return min(max(value, 0.0), MAX_WAIT)
+
+
+def next_probe_at(now: float, interval: float) -> float:
+    """The monotonic time of the next probe: ``now + interval``, rounded up to a grid
+    of ``interval / 20`` (at most 50 ms, at least 1 ms) so that many services' probes
+    share one event-loop wakeup (timer coalescing, as systemd's ``AccuracySec=``).
+
+    Args:
+        now: the current ``anyio.current_time()``, seconds.
+        interval: the probe interval, seconds; clamped by :func:`bounded_seconds`.
+
+    Returns:
+        A finite time in ``[now + interval, now + interval + 50 ms]``; never raises.
+    """
+    interval = bounded_seconds(interval)
+    due = now + interval
+    slack = min(0.05, interval / 20)
+    if slack < 0.001 or not math.isfinite(due / slack):
+        return due
+    return max(due, math.ceil(due / slack) * slack)
+
+
+#: errno -> what the daemon is short of; such an error is the daemon's, not the service's.
+_DAEMON_ERRNOS = {
+    errno.EMFILE: "daemon out of file descriptors",
+    errno.ENFILE: "host out of file descriptors",
+    errno.ENOMEM: "daemon out of memory",
+    errno.ENOBUFS: "daemon out of socket buffers",
+}
+
+
+def daemon_fault(exc: BaseException) -> str | None:
+    """What the daemon is short of, if ``exc`` comes from the daemon's own resources.
+
+    Walks ``exc``, its ``__cause__`` and ``__context__`` chain and exception groups
+    (httpx wraps an ``OSError`` in httpcore's and anyio's errors; a spawn's errno is
+    ``SpawnError.errno``) for an errno of EMFILE, ENFILE, ENOMEM or ENOBUFS, or a
+    ``MemoryError``.
+
+    Returns:
+        ``"daemon out of file descriptors: [EMFILE] Too many open files"`` and the
+        like, or ``None`` when the failure is the service's (refused, timed out...).
+    """
+    stack: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while stack and len(seen) < 64:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        code = getattr(current, "errno", None)
+        if isinstance(code, int) and code in _DAEMON_ERRNOS:
+            name = errno.errorcode.get(code, str(code))
+            return f"{_DAEMON_ERRNOS[code]}: [{name}] {os.strerror(code)}"
+        if isinstance(current, MemoryError):
+            return "daemon out of memory: MemoryError"
+        if isinstance(current, BaseExceptionGroup):
+            stack.extend(current.exceptions)
+        stack.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return None
 
 
 def _split_host_port(target: str) -> tuple[str, int]:
@@ -104,6 +221,7 @@ async def probe_tcp(
     IP literal skips name resolution, and a connect that has already completed when
     ``poll(0)`` looks (loopback nearly always) never registers with the event loop.
     """
+    timeout = bounded_seconds(timeout)
     family = family or _ip_literal(host)
     address: tuple[str, int] = (host, port)
     if family is None:
@@ -139,6 +257,68 @@ def tls_context() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certifi.where())
 
 
+#: Seconds left between the end of the body read and an enclosing deadline, so that
+#: the read ends first and the enclosing scope never sees a cancellation of its own.
+_SCOPE_MARGIN = 0.01
+
+
+async def http_status(
+    client: httpx.AsyncClient, url: str, *, method: str = "GET", timeout: float
+) -> int:
+    """Send one request and return its status code, reading little of the body.
+
+    The status line and headers must arrive within ``timeout`` seconds. Then at most
+    :data:`BODY_LIMIT` bytes of the body are read, as they come off the wire (no
+    decompression), for at most :data:`BODY_GRACE` seconds and never past
+    ``timeout`` or an enclosing cancel scope's deadline; then the connection is
+    closed. So an endless event stream or a 100 MiB page costs ~64 KiB and returns
+    in time, and a body cut short does not matter: the status code is the verdict.
+    Used by HTTP probes and by the ``post_start`` HTTP hook.
+
+    Args:
+        client: an ``httpx.AsyncClient`` (its own timeouts apply to each read too).
+        url: the target.
+        method: the HTTP method (``post_start.method``).
+        timeout: seconds for the status line; clamped by :func:`bounded_seconds`.
+
+    Raises:
+        httpx.HTTPError: no status line (refused, reset, not HTTP...).
+        TimeoutError: no status line within ``timeout`` seconds.
+    """
+    timeout = bounded_seconds(timeout)
+    deadline = anyio.current_time() + timeout
+    request = client.build_request(method, url)
+    with anyio.fail_after(timeout):
+        response = await client.send(request, stream=True)
+    try:
+        await _skim_body(response, deadline)
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+            await response.aclose()  # an unfinished response closes its connection
+    return response.status_code
+
+
+async def _skim_body(response: httpx.Response, deadline: float) -> None:
+    import httpx
+
+    now = anyio.current_time()
+    end = min(now + BODY_GRACE, deadline, anyio.current_effective_deadline() - _SCOPE_MARGIN)
+    if end <= now:
+        return
+    read = 0
+    with anyio.move_on_after(end - now):
+        try:
+            # aiter_raw is an async generator: close it here, not in the garbage collector.
+            raw = cast("AsyncGenerator[bytes, None]", response.aiter_raw())
+            async with aclosing(raw) as chunks:
+                async for chunk in chunks:
+                    read += len(chunk)
+                    if read >= BODY_LIMIT:
+                        return
+        except httpx.HTTPError:
+            return  # the body was cut short: the status line is what counts
+
+
 @asynccontextmanager
 async def open_probe(
     spec: HealthCheckSpec,
@@ -149,11 +329,15 @@ async def open_probe(
     run_command: CommandRunner | None = None,
     docker_status: Callable[[], Awaitable[str | None]] | None = None,
 ) -> AsyncIterator[Probe]:
-    """Acquire the probe of ``spec``; each call runs one check bounded by ``spec.timeout`` s.
+    """Acquire the probe of ``spec``; each call runs one check bounded by ``spec.timeout`` s
+    and answers a :class:`ProbeResult` (it never raises for a failing service or for a
+    daemon short of descriptors: the latter is ``ok=None, daemon_side=True``).
 
-    An ``http`` probe keeps one client for its whole life: building an httpx client
-    (its TLS context) costs ~20 ms of CPU, far more than the request. Keep-alive is off,
-    so every check still opens a fresh connection, as a Kubernetes probe does.
+    An ``http`` probe reads its response through :func:`http_status` (at most
+    :data:`BODY_LIMIT` bytes of body) and keeps one client for its whole life: building
+    an httpx client (its TLS context) costs ~20 ms of CPU, far more than the request.
+    Keep-alive is off, so every check still opens a fresh connection, as a Kubernetes
+    probe does.
 
     Args:
         spec: the ``[health]`` table.
@@ -166,7 +350,7 @@ async def open_probe(
         import httpx
 
         client = httpx.AsyncClient(
-            timeout=spec.timeout,
+            timeout=bounded_seconds(spec.timeout),
             follow_redirects=False,
             trust_env=False,
             verify=tls_context(),
@@ -190,33 +374,34 @@ def _build_probe(  # noqa: PLR0917 (private; called once, from open_probe)
     client: Any,
 ) -> Probe:
     kind = spec.kind
+    timeout = bounded_seconds(spec.timeout)
 
     async def check() -> ProbeResult:
         begin = time.perf_counter()
         ok: bool | None
+        daemon_side = False
         try:
-            if kind == "tcp":  # bounds its own waits; skipping the scope saves CPU per probe
-                ok, detail = await tcp()
+            if kind in ("tcp", "http"):
+                # Both bound their own waits: tcp skips a scope to save CPU per probe,
+                # http bounds only the status line (the body read ends by itself).
+                ok, detail = await _checks[kind]()
             else:
-                with anyio.fail_after(spec.timeout):
+                with anyio.fail_after(timeout):
                     ok, detail = await _checks[kind]()
-        except TimeoutError:
-            ok, detail = False, f"{kind} probe timed out after {spec.timeout:g}s"
-        except OSError as exc:
-            ok, detail = False, f"{kind} probe: {exc.strerror or exc}"
         except Exception as exc:  # a probe never takes the supervisor down
-            ok, detail = False, f"{kind} probe: {type(exc).__name__}: {exc}"
-        return ProbeResult(ok, detail, time.perf_counter() - begin)
+            ok, detail, daemon_side = _no_answer(kind, exc, timeout)
+        return ProbeResult(ok, detail, time.perf_counter() - begin, daemon_side)
 
     async def http() -> tuple[bool | None, str]:
         import httpx
 
         assert spec.http is not None and client is not None
         try:
-            response = await client.get(spec.http)
+            code = await http_status(client, spec.http, timeout=timeout)
         except httpx.HTTPError as exc:
+            if daemon_fault(exc) is not None:
+                raise
             return False, f"GET {spec.http}: {type(exc).__name__}: {exc}"
-        code = response.status_code
         good = code in spec.expect_status if spec.expect_status else 200 <= code < 400
         return good, f"GET {spec.http}: HTTP {code}"
 
@@ -225,16 +410,16 @@ def _build_probe(  # noqa: PLR0917 (private; called once, from open_probe)
         tcp_family = _ip_literal(tcp_host)
 
     async def tcp() -> tuple[bool | None, str]:
-        await probe_tcp(tcp_host, tcp_port, timeout=spec.timeout, family=tcp_family)
+        await probe_tcp(tcp_host, tcp_port, timeout=timeout, family=tcp_family)
         return True, f"tcp {spec.tcp} accepted"
 
     async def exec_() -> tuple[bool | None, str]:
         assert spec.exec is not None and run_command is not None
         result = await run_command(
-            spec.exec, cwd=workdir, env=env, service=service, timeout=spec.timeout
+            spec.exec, cwd=workdir, env=env, service=service, timeout=timeout
         )
         if getattr(result, "timed_out", False):
-            return False, f"exec probe timed out after {spec.timeout:g}s"
+            return False, f"exec probe timed out after {timeout:g}s"
         code = getattr(result, "code", None)
         tail = result.tail(3) if hasattr(result, "tail") else ""
         return code == 0, f"exec probe exit {code}" + (f": {tail}" if tail and code else "")
@@ -257,11 +442,29 @@ def _build_probe(  # noqa: PLR0917 (private; called once, from open_probe)
     return check
 
 
+def _no_answer(kind: str, exc: Exception, timeout: float) -> tuple[bool | None, str, bool]:
+    """``(ok, detail, daemon_side)`` for a check that raised ``exc``."""
+    fault = daemon_fault(exc)
+    if fault is not None:
+        return None, f"{fault} ({kind} probe not run; not counted, retried)", True
+    if isinstance(exc, TimeoutError):
+        return False, f"{kind} probe timed out after {timeout:g}s", False
+    if isinstance(exc, OSError):
+        return False, f"{kind} probe: {exc.strerror or exc}", False
+    return False, f"{kind} probe: {type(exc).__name__}: {exc}", False
+
+
 class HealthCounter:
     """Counts probe results in a row and says when health changes.
 
+    The counts saturate at their thresholds, so they stay small however long a
+    service runs (and whatever the thresholds: a float or a huge count compares
+    fine). A result with ``ok is None`` (no verdict) changes nothing: a streak
+    of failures goes on across it.
+
     Args:
-        spec: thresholds and ``start_period`` (seconds).
+        spec: thresholds and ``start_period`` (seconds; clamped by
+            :func:`bounded_seconds`).
         started_at: monotonic time of the spawn; failures before
             ``started_at + start_period`` do not count.
     """
@@ -269,6 +472,7 @@ class HealthCounter:
     def __init__(self, spec: HealthCheckSpec, *, started_at: float) -> None:
         self.spec = spec
         self.started_at = started_at
+        self.grace_until = started_at + bounded_seconds(spec.start_period)
         self.health = Health.UNKNOWN
         self.successes = 0
         self.failures = 0
@@ -282,14 +486,14 @@ class HealthCounter:
             return self.health
         if result.ok:
             self.failures = 0
-            self.successes += 1
+            self.successes = min(self.successes + 1, max(self.spec.success_threshold, 1))
             if self.successes >= self.spec.success_threshold:
                 self.health = Health.HEALTHY
         else:
             self.successes = 0
-            if now < self.started_at + self.spec.start_period and self.health is not Health.HEALTHY:
+            if now < self.grace_until and self.health is not Health.HEALTHY:
                 return self.health
-            self.failures += 1
+            self.failures = min(self.failures + 1, max(self.spec.failure_threshold, 1))
             if self.failures >= self.spec.failure_threshold:
                 self.health = Health.UNHEALTHY
         return self.health

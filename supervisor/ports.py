@@ -18,30 +18,73 @@ On Linux the listening sockets come from ``/proc/net/tcp`` and ``tcp6``
 processes whose descriptors we may read are found (all of them as root, our
 own otherwise). A listener whose process cannot be seen is reported with
 ``pid == 0`` and the socket's uid. Elsewhere psutil's ``net_connections`` is used.
+
+Those scans grow with the host (``/proc/net/tcp`` of 20,000 sockets is ~3 MB, and
+every descriptor of every process is one ``readlink``), so :func:`reclaim` runs them
+in worker threads, at most :data:`SCAN_THREADS` at once for the whole daemon: the
+event loop, and every other service's probes and restarts, never wait on them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TypeVar
 
 import anyio
+import anyio.to_thread
 import psutil
+from anyio.lowlevel import RunVar
 
 from supervisor.drivers.process import MARKER
 from supervisor.reaper import signal_verified, wait_gone
 from supervisor.spec import ReclaimPort, StopSpec
 
-__all__ = ["PortHolder", "ReclaimResult", "find_holders", "is_listening", "reclaim"]
+__all__ = [
+    "SCAN_THREADS",
+    "PortHolder",
+    "ReclaimResult",
+    "find_holders",
+    "is_listening",
+    "is_listening_async",
+    "reclaim",
+]
 
 _TCP_LISTEN = "0A"  # include/net/tcp_states.h: TCP_LISTEN = 10
 #: Seconds to wait for SIGKILLed holders to go.
 _KILL_WAIT = 5.0
+
+#: Worker threads scanning ``/proc`` at once, for the whole daemon (per event loop).
+#: Enough for the loop never to wait on a scan, few enough that 1,000 units starting
+#: together queue for them instead of taking 1,000 threads (and the GIL) at once;
+#: the scans hold the GIL for their parsing, so more threads would not be faster.
+SCAN_THREADS = 2
+
+_T = TypeVar("_T")
+_scan_limiter: RunVar[anyio.CapacityLimiter] = RunVar("hostvisor_proc_scan_limiter")
+
+
+def _limiter() -> anyio.CapacityLimiter:
+    try:
+        return _scan_limiter.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(SCAN_THREADS)
+        _scan_limiter.set(limiter)
+        return limiter
+
+
+async def _in_thread(fn: Callable[[int], _T], port: int) -> _T:
+    """``fn(port)`` in a worker thread, at most :data:`SCAN_THREADS` at once.
+
+    Waiting for a thread is cancellable; a scan that has begun runs to its end
+    (a few hundred ms at most) before the cancellation is delivered.
+    """
+    return await anyio.to_thread.run_sync(fn, port, limiter=_limiter())
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,45 +127,77 @@ class ReclaimResult:
     blocked: list[PortHolder] = field(default_factory=list)
 
 
+def _read_table(path: str) -> bytes | None:
+    """The whole of ``path`` (``/proc/net/tcp`` of 20,000 sockets is ~3 MB), or ``None``."""
+    try:
+        with open(path, "rb") as table:
+            return table.read()
+    except OSError:
+        return None
+
+
 def _listening_inodes(port: int) -> dict[int, int] | None:
-    """Inode -> uid of the sockets listening on ``port``; ``None`` without ``/proc/net``."""
+    """Inode -> uid of the sockets listening on ``port``; ``None`` without ``/proc/net``.
+
+    Blocking (a read of ~3 MB and a few ms of CPU with 20,000 sockets on the host):
+    call it in a worker thread (:func:`_in_thread`). A regular expression finds the
+    candidate lines, so Python code only looks at the few that name the port.
+    """
     found: dict[int, int] = {}
-    suffix = f":{port:04X}"
+    # sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+    candidate = re.compile(rb":%04X [0-9A-F]+:[0-9A-F]{4} %s " % (port, _TCP_LISTEN.encode()))
     seen_table = False
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        data = _read_table(path)
+        if data is None:
             continue
         seen_table = True
-        for line in lines:
-            fields = line.split()
-            # sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
-            if len(fields) > 9 and fields[3] == _TCP_LISTEN and fields[1].endswith(suffix):
+        for match in candidate.finditer(data):
+            begin = data.rfind(b"\n", 0, match.start()) + 1
+            end = data.find(b"\n", match.end())
+            fields = data[begin : end if end >= 0 else len(data)].split()
+            if len(fields) > 9 and fields[3] == _TCP_LISTEN.encode():
+                local = fields[1].decode("ascii", "replace")
                 inode = int(fields[9])
-                if inode:
+                if inode and local.endswith(f":{port:04X}"):
                     found[inode] = int(fields[7])
     return found if seen_table else None
 
 
-def _pids_holding(inodes: Iterable[int]) -> set[int]:
-    """Pids with a descriptor on one of the socket ``inodes`` (``/proc/<pid>/fd``)."""
-    wanted = {f"socket:[{inode}]" for inode in inodes}
-    pids: set[int] = set()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            fds = os.scandir(f"/proc/{entry.name}/fd")
-        except OSError:
-            continue  # gone, or not ours to read
-        with fds:
+def _socket_links(pid: str) -> Iterator[str]:
+    """The targets of ``/proc/<pid>/fd/*``; stops quietly at EACCES (another user's
+    process, unless we are root) and at ENOENT/ESRCH (the process exited meanwhile:
+    reading the directory of a process that is gone fails halfway through)."""
+    try:
+        with os.scandir(f"/proc/{pid}/fd") as fds:
             for fd in fds:
-                with contextlib.suppress(OSError):
-                    if os.readlink(fd.path) in wanted:
-                        pids.add(int(entry.name))
-                        break
-    return pids
+                try:
+                    yield os.readlink(fd.path)
+                except OSError:
+                    continue  # that descriptor was closed meanwhile
+    except OSError:
+        return
+
+
+def _pids_holding(inodes: Iterable[int]) -> dict[int, set[int]]:
+    """Pid -> the socket ``inodes`` it has a descriptor on (``/proc/<pid>/fd``).
+
+    Blocking (one ``readlink`` per descriptor of every process we may read):
+    call it in a worker thread. Processes that vanish mid-scan or that we may not
+    read are skipped, never an error.
+    """
+    wanted = {f"socket:[{inode}]": inode for inode in inodes}
+    held: dict[int, set[int]] = {}
+    try:
+        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return held
+    for name in entries:
+        for link in _socket_links(name):
+            inode = wanted.get(link)
+            if inode is not None:
+                held.setdefault(int(name), set()).add(inode)
+    return held
 
 
 def _holder(pid: int) -> PortHolder | None:
@@ -160,32 +235,50 @@ def _psutil_listener_pids(port: int) -> set[int]:
 
 
 def is_listening(port: int) -> bool:
-    """True if some socket listens on TCP ``port`` (cheap on Linux: two small files)."""
+    """True if some socket listens on TCP ``port``.
+
+    Blocking: reads ``/proc/net/tcp`` and ``tcp6`` (on Linux; psutil elsewhere), which
+    grows with every socket of the host (~3 MB, tens of ms, for 20,000 sockets). From
+    the event loop use :func:`is_listening_async`.
+    """
     inodes = _listening_inodes(port)
     if inodes is not None:
         return bool(inodes)
     return bool(_psutil_listener_pids(port))
 
 
+async def is_listening_async(port: int) -> bool:
+    """:func:`is_listening` in a worker thread of the scan limiter (:data:`SCAN_THREADS`)."""
+    return await _in_thread(is_listening, port)
+
+
 def find_holders(port: int) -> list[PortHolder]:
     """Processes listening on TCP ``port``, IPv4 or IPv6, on any address.
 
+    Blocking: walks ``/proc/*/fd`` (one ``readlink`` per descriptor on the host that
+    we may read); the event loop calls it through :func:`reclaim`, in a worker thread.
+
     Returns:
         One :class:`PortHolder` per process (a socket shared by forked workers
-        gives one per worker), sorted by pid; ``pid == 0`` for a listener whose
-        process cannot be seen. ``[]`` when the port is free.
+        gives one per worker), sorted by pid; then one with ``pid == 0`` per uid
+        owning a listening socket whose process cannot be seen (another user's,
+        another pid namespace's), even when other holders were seen (IPv4 held by
+        one process, IPv6 by another user's). ``[]`` when the port is free.
     """
     inodes = _listening_inodes(port)
+    unseen: list[PortHolder] = []
     if inodes is None:
         pids = _psutil_listener_pids(port)
-        unseen: list[PortHolder] = []
     else:
         if not inodes:
             return []
-        pids = _pids_holding(inodes)
-        unseen = []
-        if not pids:
-            unseen = [PortHolder(0, uid, "", 0.0, None) for uid in sorted(set(inodes.values()))]
+        held = _pids_holding(inodes)
+        pids = set(held)
+        matched: set[int] = set()
+        for held_inodes in held.values():
+            matched |= held_inodes
+        unseen_uids = {uid for inode, uid in inodes.items() if inode not in matched}
+        unseen = [PortHolder(0, uid, "", 0.0, None) for uid in sorted(unseen_uids)]
     holders = [h for h in (_holder(pid) for pid in sorted(pids)) if h is not None]
     return holders + unseen
 
@@ -261,9 +354,9 @@ async def reclaim(
     Returns:
         Whether the port is free, and which holders were killed or left alone.
     """
-    if not is_listening(port):
+    if not await is_listening_async(port):
         return ReclaimResult(free=True)
-    holders = await anyio.to_thread.run_sync(find_holders, port)
+    holders = await _in_thread(find_holders, port)
     known_list = list(known)
     killed: list[PortHolder] = []
     blocked: list[PortHolder] = []
@@ -283,4 +376,5 @@ async def reclaim(
             _send(proc, signal.SIGKILL, service)
         if remaining:
             await wait_gone(remaining, _KILL_WAIT)
-    return ReclaimResult(free=not is_listening(port), killed=killed, blocked=blocked)
+    free = not await is_listening_async(port)
+    return ReclaimResult(free=free, killed=killed, blocked=blocked)
