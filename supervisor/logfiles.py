@@ -526,6 +526,24 @@ class DropReport:
     message: str
     resumed: bool
 
+    def describe(self) -> str:
+        """The event's message: ``cannot write x.log (No space left on device): ...``."""
+        what = f"{self.lines} lines ({self.bytes} bytes)"
+        if self.resumed:
+            return f"writes to {self.path.name} resumed; {what} more were dropped"
+        return f"cannot write {self.path.name} ({self.message}): dropping lines, {what} so far"
+
+    def attributes(self) -> dict[str, str | int | bool]:
+        """The event's attributes (``hostvisor.logs.dropped_bytes`` ... ``error.type``)."""
+        return {
+            "hostvisor.logs.dropped_bytes": self.bytes,
+            "hostvisor.logs.dropped_lines": self.lines,
+            "hostvisor.logs.total_dropped_bytes": self.total_bytes,
+            "hostvisor.logs.resumed": self.resumed,
+            "error.type": self.error,
+            "file.path": str(self.path),
+        }
+
 
 class LogDrops:
     """Counts the lines lost from one log (one per service, kept across its instances).
