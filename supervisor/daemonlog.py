@@ -203,7 +203,7 @@ class DaemonLog:
         self._flush_inbox()
         self._message(level, message, fields)
 
-    def exception(self, message: str, exc: BaseException, **fields: Any) -> None:
+    def write_exception(self, message: str, exc: BaseException, **fields: Any) -> None:
         """Write ``message: Type: text`` at level error, with the traceback (redacted) in
         ``exception.stacktrace`` (OpenTelemetry's attribute names)."""
         text = "".join(traceback.format_exception(exc))[-_TRACEBACK_MAX:]
@@ -297,6 +297,8 @@ class DaemonLog:
         assert self._log is not None
         marker = self.drops.marker() if self._marker_due else b""
         outcome = self._log.append(line.encode("utf-8", "replace") + b"\n", marker)
+        if outcome.marked:
+            self.drops.marked()
         if outcome.error:
             path = self._log.path
             if not self.drops.failing:

@@ -156,15 +156,18 @@ class WriteOutcome:
         error: the errno name (``ENOSPC``, ``EFBIG``, ``EIO``...) or ``refused``
             (the path became unusable: a link...); ``""`` on success.
         message: the reason in words, for people.
+        marked: the marker line asked for was written.
     """
 
     dropped_bytes: int = 0
     dropped_lines: int = 0
     error: str = ""
     message: str = ""
+    marked: bool = False
 
 
 _OK = WriteOutcome()
+_MARKED = WriteOutcome(marked=True)
 
 
 class _File:
@@ -301,14 +304,15 @@ class _File:
                     self.put(b"\n" + marker if self.mid_line else marker)
                 self._kept, started = 0, True
                 self.put(data)
-                return _OK
+                return _MARKED if marker else _OK
             except (OSError, DriverError) as exc:
                 lost = data[self._kept :] if started else data
                 if isinstance(exc, OSError) and exc.errno is not None:
                     name, why = errno.errorcode.get(exc.errno, "EIO"), exc.strerror or str(exc)
                 else:
                     name, why = "refused", str(exc)
-                return WriteOutcome(len(lost), _count_lines(lost), name, why)
+                marked = started and bool(marker)
+                return WriteOutcome(len(lost), _count_lines(lost), name, why, marked)
             finally:
                 self.close_if_retired()
 
@@ -560,7 +564,7 @@ class LogDrops:
         self.on_report = on_report
         self.bytes = self.lines = self.episodes = 0
         self._failing: tuple[str, str] | None = None
-        self._episode = [0, 0]
+        self._unmarked = [0, 0]
         self._unreported = [0, 0]
 
     def __repr__(self) -> str:
@@ -576,8 +580,8 @@ class LogDrops:
         """Count ``nbytes`` in ``nlines`` lost; the first of an episode is reported."""
         self.bytes += nbytes
         self.lines += nlines
-        self._episode[0] += nbytes
-        self._episode[1] += nlines
+        self._unmarked[0] += nbytes
+        self._unmarked[1] += nlines
         if self._failing is None:
             self._failing = (error, message)
             self.episodes += 1
@@ -587,17 +591,21 @@ class LogDrops:
             self._unreported[1] += nlines
 
     def marker(self) -> bytes:
-        """The line left in the file where this episode's lines are missing."""
+        """The line left in the file where lines are missing: those dropped since the
+        last marker (call :meth:`marked` once it is written)."""
         why = self._failing[1] if self._failing else "unknown"
-        lines, size = self._episode[1], self._episode[0]
+        size, lines = self._unmarked
         return f"[hostvisor: {lines} lines ({size} bytes) dropped: {why}]\n".encode()
+
+    def marked(self) -> None:
+        """The :meth:`marker` line is in the file."""
+        self._unmarked = [0, 0]
 
     def resumed(self, path: Path) -> None:
         """Writes succeed again: end the episode (reported)."""
         if self._failing is not None:
             self._report(path, *self._unreported, resumed=True)
             self._failing = None
-            self._episode = [0, 0]
             self._unreported = [0, 0]
 
     def _report(self, path: Path, nbytes: int, nlines: int, *, resumed: bool) -> None:
@@ -711,6 +719,8 @@ class _Writer:
             self.log.append, data, marker, abandon_on_cancel=True, limiter=_write_limiter()
         )
         self._stalled = False
+        if outcome.marked:
+            self.drops.marked()
         if outcome.error:
             path, nbytes, nlines = self.log.path, outcome.dropped_bytes, outcome.dropped_lines
             self.drops.dropped(path, nbytes, nlines, outcome.error, outcome.message)
@@ -865,6 +875,12 @@ class LogFollower(ObjectReceiveStream[str]):
 
     def __repr__(self) -> str:
         return f"<LogFollower {len(self._lines)} lines, {self._bytes}/{self.max_bytes} bytes>"
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes held for the reader (characters plus 64 per line); at most ``max_bytes``
+        plus one line."""
+        return self._bytes
 
     def offer(self, line: str) -> int:
         """Queue ``line``; never blocks. Returns the number of old lines discarded."""
