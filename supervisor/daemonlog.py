@@ -50,7 +50,7 @@ __all__ = ["LEVELS", "STDERR_BUFFER", "DaemonLog", "LibraryLogHandler"]
 #: Numeric ranks of the ``log_level`` values (and of event severities).
 LEVELS = {"debug": 10, "info": 20, "warn": 30, "warning": 30, "error": 40}
 #: Bytes of human lines held for a stderr that is not being read.
-STDERR_BUFFER = 256 << 10
+STDERR_BUFFER = 64 << 10
 #: Records from other threads held for the loop before new ones are dropped.
 _INBOX_MAX = 1000
 #: Characters of a traceback kept in a record (its end).
