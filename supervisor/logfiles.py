@@ -211,6 +211,7 @@ class _File:
             try:
                 info = os.stat(self.path, follow_symlinks=False)
                 if (info.st_dev, info.st_ino) == self.ident:
+                    self.size = info.st_size  # truncated by someone (copytruncate)?
                     return
             except OSError:
                 pass  # removed (or its folder): reopen
