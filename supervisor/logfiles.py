@@ -660,6 +660,8 @@ class _Writer:
         self._closing = False
         self._stalled = False
         self._marker_due = False
+        self._scope: anyio.CancelScope | None = None
+        self._abandoned = False  # closing, a write was left hanging: drop the rest
 
     async def room(self) -> None:
         """Wait while the queue is full and the disk is still taking writes."""
@@ -681,9 +683,13 @@ class _Writer:
         self._wake.set()
 
     def close(self) -> None:
-        """Write what is queued, then let :meth:`run` return."""
+        """Write what is queued, then let :meth:`run` return; a write that takes longer
+        than :data:`WRITE_STALL` seconds from now is abandoned (a hung disk must not
+        keep the instance's drain alive) and the rest dropped."""
         self._closing = True
         self._wake.set()
+        if self._scope is not None:
+            self._scope.deadline = min(self._scope.deadline, anyio.current_time() + WRITE_STALL)
 
     async def run(self) -> None:
         try:
@@ -716,9 +722,17 @@ class _Writer:
 
     async def _write(self, data: bytes) -> None:
         marker = self.drops.marker() if self._marker_due else b""
-        outcome = await anyio.to_thread.run_sync(
-            self.log.append, data, marker, abandon_on_cancel=True, limiter=_write_limiter()
-        )
+        why = f"the disk took no write for {WRITE_STALL:g} s"
+        outcome = WriteOutcome(len(data), _count_lines(data), "backlog", why)
+        if not self._abandoned:
+            with anyio.CancelScope() as self._scope:
+                if self._closing:
+                    self._scope.deadline = anyio.current_time() + WRITE_STALL
+                outcome = await anyio.to_thread.run_sync(
+                    self.log.append, data, marker, abandon_on_cancel=True, limiter=_write_limiter()
+                )
+            self._abandoned = self._scope.cancelled_caught
+            self._scope = None
         self._stalled = False
         if outcome.marked:
             self.drops.marked()

@@ -53,7 +53,7 @@ def test_unread_stderr_never_freezes_the_daemon(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, f"restarts seen: {restarts[-5:]}"
             doc = client.call("status", {}, timeout=5)
             restarts.append(sum(s["restarts"] for s in doc["services"]))
-        # The reader comes back: first the notice, then the lines of the shutdown.
+        # The reader comes back: it reads how many lines were dropped.
         assert daemon.stderr is not None
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.extend(map(bytes.decode, daemon.stderr)))
@@ -69,5 +69,4 @@ def test_unread_stderr_never_freezes_the_daemon(tmp_path: Path) -> None:
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait()
-    assert sum("log lines dropped" in line for line in lines) >= 1
-    assert any("hostvisor.daemon.stopping" in line for line in lines)
+    assert sum("log lines dropped: stderr was not being read" in line for line in lines) >= 1
