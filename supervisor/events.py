@@ -15,6 +15,7 @@ publishes is never slowed by a slow sink.
 from __future__ import annotations
 
 import math
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -28,7 +29,11 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 __all__ = [
     "EVENT_NAMES",
+    "LOGS_DROPPED",
+    "LOGS_DROPPED_BYTES",
+    "LOGS_DROPPED_LINES",
     "SEVERITY",
+    "SHORT_SECRET",
     "Event",
     "EventBus",
     "Redactor",
@@ -53,6 +58,12 @@ PORT_BLOCKED: Final = "hostvisor.port.blocked"
 POST_START_FAILED: Final = "hostvisor.post_start.failed"
 DOCKER_DISCONNECTED: Final = "hostvisor.docker.disconnected"
 DOCKER_RECONNECTED: Final = "hostvisor.docker.reconnected"
+LOGS_DROPPED: Final = "hostvisor.logs.dropped"
+
+#: Attributes of ``hostvisor.logs.dropped`` (see :class:`supervisor.logfiles.DropReport`):
+#: bytes and lines dropped since the previous report of the same log.
+LOGS_DROPPED_BYTES: Final = "hostvisor.logs.dropped_bytes"
+LOGS_DROPPED_LINES: Final = "hostvisor.logs.dropped_lines"
 
 #: Severity of each event (OpenTelemetry severity text; the daemon log's ``level``).
 SEVERITY: Final[Mapping[str, str]] = {
@@ -74,9 +85,16 @@ SEVERITY: Final[Mapping[str, str]] = {
     POST_START_FAILED: "WARN",
     DOCKER_DISCONNECTED: "ERROR",
     DOCKER_RECONNECTED: "INFO",
+    LOGS_DROPPED: "WARN",
 }
 
 EVENT_NAMES: Final[frozenset[str]] = frozenset(SEVERITY)
+
+#: Secrets of at least this many characters are redacted wherever they occur;
+#: shorter ones only as whole tokens (see :class:`Redactor`).
+SHORT_SECRET: Final = 8
+#: Secrets shorter than this are not redacted at all (see :class:`Redactor`).
+_TINY_SECRET: Final = 3
 
 AttributeValue = str | int | float | bool | list[str] | None
 
@@ -116,22 +134,36 @@ class Event:
 class Redactor:
     """Replaces secret values (from ``env`` and ``env_files``) with ``***``.
 
+    A value of :data:`SHORT_SECRET` characters or more is replaced wherever it
+    occurs. A shorter one (``PIN=4821``, ``MYSQL_PWD=hunter2``) only where it is a
+    whole token, not next to a letter, digit or ``_``: ``pin 4821`` becomes
+    ``pin ***`` but pid ``14821`` stays. Values of one or two characters are
+    never redacted: they cannot be secret (at most a few thousand guesses), and
+    hiding ``1`` would hide every exit code. Which values are secret is
+    :meth:`supervisor.spec.ServiceSpec.secret_values`'s choice.
+
     The set of secrets is replaced wholesale at every (re)load, so a value that
     is no longer configured is no longer hidden.
     """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self._secrets: tuple[str, ...] = ()
+        self._short: re.Pattern[str] | None = None
         self.update(secrets)
 
     def update(self, secrets: Iterable[str]) -> None:
         """Set the secrets; longest first so that no partial secret is left behind."""
-        self._secrets = tuple(sorted(set(secrets), key=len, reverse=True))
+        kept = sorted({s for s in secrets if len(s) >= _TINY_SECRET}, key=len, reverse=True)
+        self._secrets = tuple(s for s in kept if len(s) >= SHORT_SECRET)
+        short = [re.escape(s) for s in kept if len(s) < SHORT_SECRET]
+        self._short = re.compile(rf"(?<!\w)(?:{'|'.join(short)})(?!\w)") if short else None
 
     def __call__(self, text: str) -> str:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, "***")
+        if self._short is not None:
+            text = self._short.sub("***", text)
         return text
 
     def value(self, value: AttributeValue) -> AttributeValue:

@@ -28,6 +28,11 @@ hostvisor.service.state (1)       gauge            hostvisor.service.name,
                                                    state, 0 for the others (like hw.status)
 hostvisor.health_check.duration   histogram        hostvisor.service.name,
 (s)                                                hostvisor.health_check.success (bool)
+hostvisor.logs.dropped (By)       counter          hostvisor.service.name (none for the
+                                                   daemon's own log), error.type (ENOSPC,
+                                                   EFBIG, EIO, backlog...); log bytes
+                                                   dropped, from the
+                                                   ``hostvisor.logs.dropped`` events
 hostvisor.telemetry.dropped       counter          error.type: ``bus_overflow`` (the bus
 ({record})                                         dropped events for us), ``queue_full``,
                                                    ``export_failed``, ``emit_failed``
@@ -66,7 +71,14 @@ from anyio.abc import ObjectReceiveStream
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from supervisor.errors import ConfigError, ConfigIssue
-from supervisor.events import SERVICE_BACKOFF, SERVICE_EXITED, Event, EventBus
+from supervisor.events import (
+    LOGS_DROPPED,
+    LOGS_DROPPED_BYTES,
+    SERVICE_BACKOFF,
+    SERVICE_EXITED,
+    Event,
+    EventBus,
+)
 from supervisor.spec import TelemetrySpec
 from supervisor.states import Health, ServiceState
 
@@ -104,6 +116,7 @@ UP: Final = "hostvisor.service.up"
 STATE: Final = "hostvisor.service.state"
 PROBE_DURATION: Final = "hostvisor.health_check.duration"
 DROPPED: Final = "hostvisor.telemetry.dropped"
+LOG_BYTES_DROPPED: Final = "hostvisor.logs.dropped"
 _SERVICE: Final = "hostvisor.service.name"
 
 
@@ -288,6 +301,9 @@ class Telemetry:
             explicit_bucket_boundaries_advisory=_BUCKETS,
         )
         self._dropped = meter.create_counter(DROPPED, "{record}", "Telemetry records dropped")
+        self._log_drops = meter.create_counter(
+            LOG_BYTES_DROPPED, "By", "Log bytes dropped (disk full, file size limit, hung disk)"
+        )
         meter.create_observable_gauge(
             UP, [self._observe_up], "1", "1 when running and not unhealthy"
         )
@@ -356,6 +372,11 @@ class Telemetry:
                 if event.attributes.get(key) is not None:
                     attributes[key] = event.attributes[key]
             self._exits.add(1, attributes)
+        elif event.event == LOGS_DROPPED:
+            size = event.attributes.get(LOGS_DROPPED_BYTES)
+            if isinstance(size, int) and size > 0:
+                kind = event.attributes.get("error.type")
+                self._log_drops.add(size, {**service, "error.type": str(kind or "unknown")})
 
     def _drop(self, reason: str, count: int) -> None:
         with self._lock:

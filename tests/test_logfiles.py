@@ -162,13 +162,22 @@ class TestDrain:
 
 
 class TestLogHub:
-    async def test_full_subscriber_drops_instead_of_blocking(self) -> None:
-        """publish() never blocks: a follower that does not read loses lines."""
+    async def test_full_subscriber_skips_ahead_instead_of_blocking(self) -> None:
+        """publish() never blocks: a follower over its byte bound loses its oldest
+        lines and reads a marker saying how many, then the newest lines."""
         hub = LogHub()
-        async with hub.subscribe(None, buffer=2) as lines:
-            hub.publish(None, ["a", "b", "c", "d"])
+        async with hub.subscribe(None, max_bytes=3 * (100 + 64)) as lines:
+            hub.publish(None, [c * 100 for c in "abcde"])
             assert hub.dropped == 2
-            assert [lines.receive_nowait(), lines.receive_nowait()] == ["a", "b"]
+            got = [lines.receive_nowait() for _ in range(4)]
+            assert got == [
+                "[hostvisor: 2 lines skipped, follower too slow]",
+                "c" * 100,
+                "d" * 100,
+                "e" * 100,
+            ]
+            with pytest.raises(anyio.WouldBlock):
+                lines.receive_nowait()
 
     def test_publish_without_subscribers_is_a_no_op(self) -> None:
         """Nobody listening: nothing kept, nothing dropped."""

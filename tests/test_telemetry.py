@@ -195,6 +195,28 @@ class TestMetrics:
         }
         assert probes == {True: (1, 0.02), False: (1, 0.5)}
 
+    async def test_dropped_log_bytes_are_counted_per_service(self, receiver: Receiver) -> None:
+        """hostvisor.logs.dropped (By) sums the bytes of the hostvisor.logs.dropped events,
+        per service and error.type."""
+        bus = EventBus()
+        async with telemetry_to(receiver.endpoint, receiver.protocol, bus=bus):
+            for size, resumed in ((120, False), (4000, True)):
+                bus.publish(
+                    "hostvisor.logs.dropped",
+                    service="api",
+                    attributes={
+                        "hostvisor.logs.dropped_bytes": size,
+                        "hostvisor.logs.dropped_lines": 3,
+                        "error.type": "ENOSPC",
+                        "hostvisor.logs.resumed": resumed,
+                    },
+                )
+            await receiver.wait(lambda: "hostvisor.logs.dropped" in receiver.metric_names())
+        assert receiver.unit("hostvisor.logs.dropped") == "By"
+        assert receiver.points("hostvisor.logs.dropped") == [
+            ({"hostvisor.service.name": "api", "error.type": "ENOSPC"}, 4120)
+        ]
+
     async def test_gauges_follow_the_snapshot(self, receiver: Receiver) -> None:
         """After an event, the up gauge reports the snapshot as it is now."""
         bus = EventBus()
