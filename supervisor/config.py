@@ -210,6 +210,8 @@ def _load(path: Path, environ: Mapping[str, str] | None) -> tuple[Loaded | None,
         _parse_unit(defaults_table, "defaults", ctx, partial=True)
     services = _load_units(daemon.units_dir, defaults, ctx) if units_ok else {}
     issues = list(dict.fromkeys(ctx.issues))  # a bad default is reported once
+    if len(issues) > values.MAX_ISSUES:
+        issues = [*issues[: values.MAX_ISSUES], values.MORE_ISSUES]
     if issues:
         return None, issues
     return Loaded(daemon=daemon, services=services), []

@@ -19,12 +19,10 @@ Conventions:
 - Env files follow docker's ``--env-file`` and python-dotenv: ``KEY=VALUE``,
   ``#`` comments, optional ``export``, ``"..."`` with escapes, ``'...'`` literal.
 
-Bounds (issue 9: what ``check`` accepts must run): a duration is at most
-:data:`MAX_DURATION` (365 days, far inside what float seconds on anyio's
-monotonic clock can add), a size at most :data:`MAX_SIZE` (1 TiB), a count at
-most :data:`MAX_COUNT`; inf and NaN are never accepted; no string may hold a
-NUL character (it cannot be a path, an argument or an environment value); a
-file read for the config is a regular file of at most :data:`MAX_FILE_SIZE`.
+Bounds (issue 9: what ``check`` accepts must run): durations <= 365 days (far
+inside what float seconds on anyio's clock can add), sizes <= 1 TiB, counts <=
+1,000,000; never inf or NaN; no NUL in a string (no path, argument or env value
+can hold one); files read are regular files of at most 1 MiB.
 """
 
 from __future__ import annotations
@@ -48,11 +46,11 @@ from supervisor.errors import ConfigError, ConfigIssue
 from supervisor.states import DependencyCondition
 
 __all__ = [
-    "MAX_COUNT", "MAX_DURATION", "MAX_FILE_SIZE", "MAX_SIZE", "IssueSink", "Key", "TableReader",
-    "argv", "boolean", "choice", "depends_on", "describe_value", "env_table", "host_port",
-    "http_method", "http_url", "integer", "list_of", "nonempty", "number", "parse_duration",
-    "parse_env_file", "parse_signal", "parse_size", "positive_duration", "read_env_file",
-    "read_file", "string",
+    "MAX_COUNT", "MAX_DURATION", "MAX_FILE_SIZE", "MAX_ISSUES", "MAX_SIZE", "MORE_ISSUES",
+    "IssueSink", "Key", "TableReader", "argv", "boolean", "choice", "depends_on",
+    "describe_value", "env_table", "host_port", "http_method", "http_url", "integer", "list_of",
+    "nonempty", "number", "parse_duration", "parse_env_file", "parse_signal", "parse_size",
+    "positive_duration", "read_env_file", "read_file", "string",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -67,6 +65,9 @@ MAX_SIZE = 1024**4
 MAX_COUNT = 1_000_000
 #: The largest config.toml, unit or env file read, in bytes (1 MiB).
 MAX_FILE_SIZE = 1024**2
+#: Issues kept by one load; then one "more issues" line (a reload's answer stays small).
+MAX_ISSUES = 100
+MORE_ISSUES = ConfigIssue("...", "", f"more issues not shown (the first {MAX_ISSUES} are)")
 _NUL = "must not contain a NUL character (\\u0000); remove it"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -149,22 +150,18 @@ def parse_size(value: object) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"must not be negative, got {describe_value(value)}")
-        return _at_most_a_tib(value, value)
-    if not isinstance(value, str):
+        size: float = value
+    elif not isinstance(value, str):
         raise ValueError(f"{_SIZE_HINT}, got {describe_value(value)}")
-    if value.strip().startswith("-"):
+    elif value.strip().startswith("-"):
         raise ValueError(f"must not be negative, got {describe_value(value)}")
-    match = _SIZE.fullmatch(value)
-    if match is None or match.group(2).lower() not in _SIZE_UNITS:
+    elif (match := _SIZE.fullmatch(value)) is None or match[2].lower() not in _SIZE_UNITS:
         raise ValueError(f"{_SIZE_HINT}, got {describe_value(value)}")
-    size = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
-    return _at_most_a_tib(round(size) if size <= MAX_SIZE else MAX_SIZE + 1, value)
-
-
-def _at_most_a_tib(size: int, value: object) -> int:
+    else:
+        size = min(float(match[1]) * _SIZE_UNITS[match[2].lower()], MAX_SIZE + 1)
     if size > MAX_SIZE:
         raise ValueError(f'must be at most 1 TiB ("1TiB"), got {describe_value(value)}')
-    return size
+    return round(size)
 
 
 def parse_signal(value: object) -> int:
@@ -454,11 +451,7 @@ def parse_env_file(data: bytes, path: Path) -> dict[str, str]:
     Blank lines and lines starting with ``#`` are skipped; ``export KEY=VALUE``
     is accepted. A value in ``"..."`` understands ``\\\\ \\" \\n \\t \\$``; one
     in ``'...'`` is literal; an unquoted value is stripped and loses a trailing
-    `` # comment``. Nothing is expanded.
-
-    Args:
-        data: the file's bytes.
-        path: the file, for messages.
+    `` # comment``. Nothing is expanded. ``path`` is for messages.
 
     Returns:
         The variables, in file order (a later line wins).
@@ -532,7 +525,9 @@ class IssueSink:
         inherited: keys (as tuples, ``("health", "interval")``) that came from
             config.toml's ``[defaults]``: an issue under one of them is reported
             against ``defaults_file`` as ``defaults.<key>``.
-        count: issues added through this sink.
+        count: issues added through this sink, kept or not: an issue already
+            in ``issues`` is not added again, and past :data:`MAX_ISSUES` only
+            :data:`MORE_ISSUES` is.
     """
 
     issues: list[ConfigIssue]
@@ -548,7 +543,13 @@ class IssueSink:
         else:
             issue = ConfigIssue(self.file, ".".join(key), message)
         self.count += 1
-        self.issues.append(issue)
+        if not self.full and issue not in self.issues:
+            self.issues.append(issue if len(self.issues) < MAX_ISSUES else MORE_ISSUES)
+
+    @property
+    def full(self) -> bool:
+        """Whether no more issues are kept (what they say need not be worked out)."""
+        return len(self.issues) > MAX_ISSUES
 
 
 class TableReader:
@@ -562,7 +563,7 @@ class TableReader:
         self.sink, self.data, self.path = sink, data, path
         for key in data:
             if key not in known:
-                sink.add((*path, key), _unknown_key(key, known))
+                sink.add((*path, key), "" if sink.full else _unknown_key(key, known))
 
     def get(self, key: str, convert: Callable[[Any], T], default: D) -> T | D:
         """The converted value, or ``default`` when absent or invalid (an issue is added)."""

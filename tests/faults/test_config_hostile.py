@@ -296,3 +296,15 @@ class TestReloadSurvivesHostileUnits:
                 assert INTERNAL_ERROR not in rejected["message"]
             assert d.proc is not None and d.proc.poll() is None
             assert d.status("a")["pid"] == pid and d.status("a")["state"] == "running"
+
+
+class TestIssueFlood:
+    def test_a_flood_of_bad_keys_is_cut_at_100_issues(self, tree: Tree) -> None:
+        """A 1 MiB unit of unknown keys gave ~100,000 issues on 0.1.0: one reload answer of
+        megabytes (over the control protocol's 1 MiB line) and seconds of did-you-mean."""
+        tree.unit('command = "x"\n' + "".join(f"k{i} = 1\n" for i in range(20_000)))
+        for i in range(150):
+            tree.unit("restart = 1", name=f"bad{i:03}")
+        issues = tree.issues()
+        assert len(issues) == 101
+        assert issues[-1].message == "more issues not shown (the first 100 are)"
