@@ -18,16 +18,24 @@ Conventions:
 - Signals are named as ``kill -l`` does, with or without ``SIG``, or by number.
 - Env files follow docker's ``--env-file`` and python-dotenv: ``KEY=VALUE``,
   ``#`` comments, optional ``export``, ``"..."`` with escapes, ``'...'`` literal.
+
+Bounds (issue 9: what ``check`` accepts must run): durations <= 365 days (far
+inside what float seconds on anyio's clock can add), sizes <= 1 TiB, counts <=
+1,000,000; never inf or NaN; no NUL in a string (no path, argument or env value
+can hold one); files read are regular files of at most 1 MiB.
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import json
 import math
+import os
 import re
 import shlex
 import signal
+import stat
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,50 +46,36 @@ from supervisor.errors import ConfigError, ConfigIssue
 from supervisor.states import DependencyCondition
 
 __all__ = [
-    "IssueSink",
-    "Key",
-    "TableReader",
-    "argv",
-    "boolean",
-    "choice",
-    "depends_on",
-    "describe_value",
-    "env_table",
-    "host_port",
-    "http_method",
-    "http_url",
-    "integer",
-    "list_of",
-    "nonempty",
-    "number",
-    "parse_duration",
-    "parse_signal",
-    "parse_size",
-    "positive_duration",
-    "read_env_file",
-    "string",
-]
+    "MAX_COUNT", "MAX_DURATION", "MAX_FILE_SIZE", "MAX_ISSUES", "MAX_SIZE", "MORE_ISSUES",
+    "IssueSink", "Key", "TableReader", "argv", "boolean", "choice", "depends_on",
+    "describe_value", "env_table", "host_port", "http_method", "http_url", "integer", "list_of",
+    "nonempty", "number", "parse_duration", "parse_env_file", "parse_signal", "parse_size",
+    "positive_duration", "read_env_file", "read_file", "string",
+]  # fmt: skip
 
 T = TypeVar("T")
 D = TypeVar("D")
 #: A dotted key as a tuple: ``("health", "interval")``.
 Key = tuple[str, ...]
+#: The longest duration any key accepts: 365 days, in seconds.
+MAX_DURATION = 365 * 86400.0
+#: The largest size any key accepts: 1 TiB, in bytes.
+MAX_SIZE = 1024**4
+#: The largest count any key accepts (thresholds, give_up_after).
+MAX_COUNT = 1_000_000
+#: The largest config.toml, unit or env file read, in bytes (1 MiB).
+MAX_FILE_SIZE = 1024**2
+#: Issues kept by one load; then one "more issues" line (a reload's answer stays small).
+MAX_ISSUES = 100
+MORE_ISSUES = ConfigIssue("...", "", f"more issues not shown (the first {MAX_ISSUES} are)")
+_NUL = "must not contain a NUL character (\\u0000); remove it"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h|d)\s*")
 _DURATION_HINT = 'expected a duration like "30s", "250ms", "5m", "1h" or a number of seconds'
 
-_SIZE_UNITS = {
-    "b": 1,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-}
+_SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+               "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}  # fmt: skip
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*([a-zA-Z]+)\s*")
 _SIGNAL_HINT = 'expected a signal name like "SIGTERM" or a number'
 _SIZE_HINT = 'expected a size like "10MiB", "500KB", "512B" or a number of bytes'
@@ -95,24 +89,28 @@ def parse_duration(value: object) -> float:
             ``"1d"``, ``"1m30s"``) or an int/float number of seconds.
 
     Returns:
-        Seconds, a finite float >= 0.
+        Seconds, a finite float in ``[0, MAX_DURATION]`` (365 days).
 
     Raises:
-        ValueError: not a duration, negative, or not finite; the message says
-            what is expected.
+        ValueError: not a duration, negative, over 365 days, or not finite;
+            the message says what is expected.
     """
     if isinstance(value, bool):
         raise ValueError(f"{_DURATION_HINT}, got {describe_value(value)}")
-    if isinstance(value, int | float):
+    if isinstance(value, int) and value > MAX_DURATION:  # float() of a huge int overflows
+        seconds = math.inf
+    elif isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
         seconds = _duration_from_text(value)
     else:
         raise ValueError(f"{_DURATION_HINT}, got {describe_value(value)}")
-    if not math.isfinite(seconds):
+    if math.isnan(seconds) or (seconds == math.inf and isinstance(value, float)):
         raise ValueError(f"{_DURATION_HINT}, got {describe_value(value)}")
     if seconds < 0:
         raise ValueError(f"must not be negative, got {describe_value(value)}")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"must be at most 365d (a year), got {describe_value(value)}")
     return seconds
 
 
@@ -141,25 +139,29 @@ def parse_size(value: object) -> int:
             case-insensitive) or an int number of bytes.
 
     Returns:
-        Bytes, an int >= 0 (fractions are rounded to the nearest byte).
+        Bytes, an int in ``[0, MAX_SIZE]`` (1 TiB; fractions are rounded to
+        the nearest byte).
 
     Raises:
-        ValueError: not a size, or negative.
+        ValueError: not a size, negative, or over 1 TiB.
     """
     if isinstance(value, bool):
         raise ValueError(f"{_SIZE_HINT}, got {describe_value(value)}")
     if isinstance(value, int):
         if value < 0:
-            raise ValueError(f"must not be negative, got {value}")
-        return value
-    if not isinstance(value, str):
+            raise ValueError(f"must not be negative, got {describe_value(value)}")
+        size: float = value
+    elif not isinstance(value, str):
         raise ValueError(f"{_SIZE_HINT}, got {describe_value(value)}")
-    if value.strip().startswith("-"):
+    elif value.strip().startswith("-"):
         raise ValueError(f"must not be negative, got {describe_value(value)}")
-    match = _SIZE.fullmatch(value)
-    if match is None or match.group(2).lower() not in _SIZE_UNITS:
+    elif (match := _SIZE.fullmatch(value)) is None or match[2].lower() not in _SIZE_UNITS:
         raise ValueError(f"{_SIZE_HINT}, got {describe_value(value)}")
-    return round(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    else:
+        size = min(float(match[1]) * _SIZE_UNITS[match[2].lower()], MAX_SIZE + 1)
+    if size > MAX_SIZE:
+        raise ValueError(f'must be at most 1 TiB ("1TiB"), got {describe_value(value)}')
+    return round(size)
 
 
 def parse_signal(value: object) -> int:
@@ -180,7 +182,7 @@ def parse_signal(value: object) -> int:
         try:
             return int(signal.Signals(value))
         except ValueError:
-            raise ValueError(f"unknown signal number {value}") from None
+            raise ValueError(f"unknown signal number {describe_value(value)}") from None
     if not isinstance(value, str):
         raise ValueError(f"{_SIGNAL_HINT}, got {describe_value(value)}")
     name = value.strip().upper()
@@ -193,11 +195,17 @@ def parse_signal(value: object) -> int:
 
 
 def describe_value(value: object) -> str:
-    """A value as TOML would show it, for messages: ``"30 sec"``, ``1``, ``true``, ``a list``."""
+    """A value as TOML would show it, for messages: ``"30 sec"``, ``1``, ``true``, ``a list``.
+
+    Strings and numbers longer than 60 characters are cut with ``...``.
+    """
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+        text = json.dumps(value[:61], ensure_ascii=False)
+        return text if len(value) <= 60 else f'{text[:-2]}..."'
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, int) and abs(value) >= 10**60:
+        return f"an integer of {len(str(abs(value)))} digits"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, dict):
@@ -211,9 +219,11 @@ def describe_value(value: object) -> str:
 
 
 def string(value: object) -> str:
-    """A TOML string."""
+    """A TOML string without NUL characters (no path, argument or env value can hold one)."""
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {describe_value(value)}")
+    if "\0" in value:
+        raise ValueError(_NUL)
     return value
 
 
@@ -231,25 +241,32 @@ def boolean(value: object) -> bool:
     return value
 
 
-def integer(low: int, high: int | None = None) -> Callable[[object], int]:
-    """A converter for an integer in ``[low, high]`` (no upper bound when ``high`` is None)."""
+def integer(low: int, high: int = MAX_COUNT) -> Callable[[object], int]:
+    """A converter for an integer in ``[low, high]`` (``high`` defaults to :data:`MAX_COUNT`)."""
 
     def convert(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"expected an integer, got {describe_value(value)}")
-        if value < low or (high is not None and value > high):
-            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-            raise ValueError(f"must be {bound}, got {value}")
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {describe_value(value)}")
         return value
 
     return convert
 
 
-def number(value: object) -> float:
-    """An integer or a float, as a float."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"expected a number, got {describe_value(value)}")
-    return float(value)
+def number(low: float, high: float) -> Callable[[object], float]:
+    """A converter for a finite number in ``[low, high]`` (an int or a float), as a float."""
+
+    def convert(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"expected a number, got {describe_value(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {describe_value(value)}")
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low:g} and {high:g}, got {describe_value(value)}")
+        return float(value)
+
+    return convert
 
 
 def positive_duration(value: object) -> float:
@@ -302,21 +319,36 @@ def argv(value: object) -> tuple[str, ...]:
         raise ValueError(f"expected a string or a list of strings, got {describe_value(value)}")
     if not argv or not argv[0]:
         raise ValueError("must name a program (an empty command)")
+    if any("\0" in arg for arg in argv):
+        raise ValueError(_NUL)
     return argv
 
 
 def http_url(value: object) -> str:
-    """An ``http://`` or ``https://`` URL with a host."""
-    parts = urlsplit(string(value))
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an http:// or https:// URL, got {describe_value(value)}")
-    return cast(str, value)
+    """An ``http://`` or ``https://`` URL with a host, and a port in 1-65535 if it has one."""
+    text = string(value)
+    try:
+        parts = urlsplit(text)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        valid = valid and parts.port != 0  # .port raises on "Port out of range"
+    except ValueError as exc:  # "Invalid IPv6 URL", "Port could not be cast" ...
+        valid, why = False, f" ({exc})"
+    else:
+        why = ""
+    if not valid:
+        raise ValueError(f"expected an http:// or https:// URL{why}, got {describe_value(text)}")
+    return text
 
 
 def host_port(value: object) -> str:
     """``host:port`` (``[::1]:6379`` for IPv6) with a port in 1-65535."""
     host, sep, port = string(value).rpartition(":")
-    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+    if (
+        not sep
+        or not host.strip("[]")
+        or not re.fullmatch("[0-9]{1,5}", port)
+        or not (0 < int(port) < 65536)
+    ):
         raise ValueError(f'expected "host:port" with a port 1-65535, got {describe_value(value)}')
     return cast(str, value)
 
@@ -336,10 +368,15 @@ def env_table(value: object) -> dict[str, str]:
         raise ValueError(f"expected a table of NAME = value, got {describe_value(value)}")
     result: dict[str, str] = {}
     for name, item in value.items():
-        if not name or "=" in name or "\0" in name or "\0" in str(item):
-            raise ValueError(f'invalid variable "{name}" (no "=" in names, no NUL anywhere)')
+        if not name or "=" in name or "\0" in name:
+            shown = describe_value(name)
+            raise ValueError(f'invalid variable name {shown} (not empty, no "=", no NUL)')
         if isinstance(item, bool) or not isinstance(item, str | int | float):
             raise ValueError(f"{name}: expected a string or a number, got {describe_value(item)}")
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{name}: expected a finite number, got {describe_value(item)}")
+        if isinstance(item, str) and "\0" in item:
+            raise ValueError(f"{name}: {_NUL}")  # never echo the value: it may be a secret
         result[name] = str(item)
     return result
 
@@ -364,24 +401,67 @@ def depends_on(value: object) -> dict[str, DependencyCondition]:
     )
 
 
+def read_file(path: Path, *, limit: int = MAX_FILE_SIZE) -> tuple[bytes, os.stat_result]:
+    """The bytes of a regular file of at most ``limit`` bytes, and its ``fstat`` (links followed).
+
+    Opened with ``O_NONBLOCK``, so that a FIFO in place of a file cannot hang the loader.
+
+    Raises:
+        OSError: it cannot be opened or read (``ENOENT``, ``EACCES``,
+            ``ELOOP`` ...), it is not a regular file (``EINVAL``, with a
+            ``strerror`` naming what it is), or it is larger than ``limit``
+            (``EFBIG``). ``strerror`` is always set.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except ValueError:  # a NUL in the path: the OS could not even be asked
+        raise OSError(errno.EINVAL, "the path contains a NUL character") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO, socket or device"
+            raise OSError(errno.EINVAL, f"not a regular file ({kind})")
+        chunks, size = [], 0
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise OSError(errno.EFBIG, f"larger than {limit} bytes")
+        return b"".join(chunks), info
+    finally:
+        os.close(fd)
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     """Read ``KEY=VALUE`` lines (the docker/systemd/dotenv env-file convention).
+
+    :func:`read_file` then :func:`parse_env_file`.
+
+    Raises:
+        OSError: the file cannot be read (see :func:`read_file`).
+        ConfigError: see :func:`parse_env_file`.
+    """
+    return parse_env_file(read_file(path)[0], path)
+
+
+def parse_env_file(data: bytes, path: Path) -> dict[str, str]:
+    """Parse the ``KEY=VALUE`` lines of an env file's bytes.
 
     Blank lines and lines starting with ``#`` are skipped; ``export KEY=VALUE``
     is accepted. A value in ``"..."`` understands ``\\\\ \\" \\n \\t \\$``; one
     in ``'...'`` is literal; an unquoted value is stripped and loses a trailing
-    `` # comment``. Nothing is expanded.
+    `` # comment``. Nothing is expanded. ``path`` is for messages.
 
     Returns:
         The variables, in file order (a later line wins).
 
     Raises:
-        OSError: the file cannot be read.
-        ConfigError: not UTF-8, or some lines are malformed (one issue per line,
-            keyed ``line N``).
+        ConfigError: not UTF-8, or some lines are malformed or hold a NUL
+            (one issue per line, keyed ``line N``; values are never echoed).
     """
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(
             [ConfigIssue(str(path), "", f"not UTF-8 text (byte {exc.start})")]
@@ -405,6 +485,8 @@ def _parse_env_line(line: str) -> tuple[str, str] | None:
     stripped = line.strip()
     if not stripped or stripped.startswith("#"):
         return None
+    if "\0" in stripped:
+        raise ValueError(_NUL)
     if stripped.startswith("export ") or stripped.startswith("export\t"):
         stripped = stripped[7:].lstrip()
     key, sep, raw = stripped.partition("=")
@@ -443,7 +525,9 @@ class IssueSink:
         inherited: keys (as tuples, ``("health", "interval")``) that came from
             config.toml's ``[defaults]``: an issue under one of them is reported
             against ``defaults_file`` as ``defaults.<key>``.
-        count: issues added through this sink.
+        count: issues added through this sink, kept or not: an issue already
+            in ``issues`` is not added again, and past :data:`MAX_ISSUES` only
+            :data:`MORE_ISSUES` is.
     """
 
     issues: list[ConfigIssue]
@@ -459,7 +543,13 @@ class IssueSink:
         else:
             issue = ConfigIssue(self.file, ".".join(key), message)
         self.count += 1
-        self.issues.append(issue)
+        if not self.full and issue not in self.issues:
+            self.issues.append(issue if len(self.issues) < MAX_ISSUES else MORE_ISSUES)
+
+    @property
+    def full(self) -> bool:
+        """Whether no more issues are kept (what they say need not be worked out)."""
+        return len(self.issues) > MAX_ISSUES
 
 
 class TableReader:
@@ -473,7 +563,7 @@ class TableReader:
         self.sink, self.data, self.path = sink, data, path
         for key in data:
             if key not in known:
-                sink.add((*path, key), _unknown_key(key, known))
+                sink.add((*path, key), "" if sink.full else _unknown_key(key, known))
 
     def get(self, key: str, convert: Callable[[Any], T], default: D) -> T | D:
         """The converted value, or ``default`` when absent or invalid (an issue is added)."""

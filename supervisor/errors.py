@@ -27,6 +27,7 @@ lines on stderr.
 from __future__ import annotations
 
 import errno as _errno
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -54,9 +55,21 @@ class HostvisorError(Exception):
     """Base of every error hostvisor raises on purpose."""
 
 
+#: Control characters, line and paragraph separators, lone surrogates (undecodable file names).
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _printable(text: str) -> str:
+    """``text`` with what would break a line or a terminal escaped (``\\n``, ``\\x1b``)."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
 @dataclass(frozen=True, slots=True)
 class ConfigIssue:
-    """One problem in one file: printed as ``file: key: message``.
+    """One problem in one file: printed as ``file: key: message``, on one line.
+
+    Control characters of a file name, a key or a message are printed escaped
+    (``\\n``), so that one issue is always one line of a terminal.
 
     Attributes:
         file: the path as the user would recognise it.
@@ -70,8 +83,8 @@ class ConfigIssue:
 
     def __str__(self) -> str:
         if self.key:
-            return f"{self.file}: {self.key}: {self.message}"
-        return f"{self.file}: {self.message}"
+            return _printable(f"{self.file}: {self.key}: {self.message}")
+        return _printable(f"{self.file}: {self.message}")
 
 
 class ConfigError(HostvisorError):

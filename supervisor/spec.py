@@ -180,7 +180,11 @@ class ServiceSpec:
         name: the unit file's stem.
         target: a :class:`ProcessSpec` or a :class:`ContainerSpec`.
         workdir: absolute folder for the process, preflight, probes and hooks.
-        env: ``env_files`` then ``env`` merged (later wins); never logged.
+        env: ``env_files``, ``secret_env_files``, then ``env`` merged (later
+            wins); never logged.
+        env_files, secret_env_files: the paths as written in the unit.
+        secret_env_names: the variables set by ``secret_env_files``: their
+            values are secret whatever their names.
         depends_on: dependency name -> condition.
         restart: the restart policy.
         start_seconds: without a probe, seconds up that count as RUNNING.
@@ -194,6 +198,8 @@ class ServiceSpec:
     workdir: Path
     env: Mapping[str, str] = field(default_factory=dict)
     env_files: tuple[str, ...] = ()
+    secret_env_files: tuple[str, ...] = ()
+    secret_env_names: frozenset[str] = frozenset()
     autostart: bool = True
     restart: Restart = Restart.ALWAYS
     depends_on: Mapping[str, DependencyCondition] = field(default_factory=dict)
@@ -213,14 +219,19 @@ class ServiceSpec:
         return "container" if isinstance(self.target, ContainerSpec) else "process"
 
     def secret_values(self) -> frozenset[str]:
-        """Values from ``env`` and ``env_files`` that must never appear in output.
+        """Values from ``env`` and the env files that must never appear in output.
 
-        Every value of a key that names a secret (``*TOKEN*``, ``*PASSWORD*``,
-        ``*SECRET*``, ``*KEY*`` ...) of 3 characters or more, and every other value of
-        8 characters or more that is not a plain number or IP address. Redacting
-        ``host`` or ``1`` everywhere would make every message unreadable.
+        Every non-empty value of a variable in ``secret_env_names`` (set by
+        ``secret_env_files``), however short (``PIN=4821``); every value of a
+        key that names a secret (``*TOKEN*``, ``*PASSWORD*``, ``*SECRET*``,
+        ``*KEY*`` ...) of 3 characters or more; and every other value of 8
+        characters or more that is not a plain number or IP address. Redacting
+        ``host`` or ``1`` everywhere would make every message unreadable: mark
+        such a value secret only by putting it in a ``secret_env_files`` file.
         """
-        return frozenset(v for k, v in self.env.items() if _is_secret(k, v))
+        return frozenset(
+            v for k, v in self.env.items() if (k in self.secret_env_names and v) or _is_secret(k, v)
+        )
 
 
 _SECRET_KEY = re.compile(

@@ -368,7 +368,7 @@ BAD_UNITS = [
     ("command = 'x'\nstop_signal = 999", "stop_signal", "unknown signal number"),
     ("command = 'x'\nstop_timeout = '10 sec'", "stop_timeout", "expected a duration"),
     ("command = 'x'\nstart_seconds = -1", "start_seconds", "must not be negative"),
-    ("command = 'x'\ngive_up_after = -1", "give_up_after", "at least 0"),
+    ("command = 'x'\ngive_up_after = -1", "give_up_after", "between 0 and 1000000"),
     ("command = 'x'\ndepends_on = 'db'", "depends_on", "expected a list of names or a table"),
     ("command = 'x'\ndepends_on = { db = 'ready' }", "depends_on", '"started" | "healthy"'),
     ("command = 'x'\nhealth = 'http://x'", "health", "expected a table"),
@@ -382,12 +382,12 @@ BAD_UNITS = [
     ("command = 'x'\n[health]\nhttp = 'http://a/'\nexpect_status = ['200']",
      "health.expect_status", "expected a list of HTTP statuses"),
     ("command = 'x'\n[health]\ntcp = 'a:1'\nfailure_threshold = 0", "health.failure_threshold",
-     "at least 1"),
+     "between 1 and 1000000"),
     ("command = 'x'\n[health]\ntcp = 'a:1'\nsuccess_threshold = 0", "health.success_threshold",
-     "at least 1"),
+     "between 1 and 1000000"),
     ("command = 'x'\n[health]\ntcp = 'a:1'\ninterval = '0s'", "health.interval",
      "more than 0"),
-    ("command = 'x'\n[backoff]\nmultiplier = 0.5", "backoff.multiplier", "at least 1"),
+    ("command = 'x'\n[backoff]\nmultiplier = 0.5", "backoff.multiplier", "between 1 and 100"),
     ("command = 'x'\n[backoff]\njitter = 1.0", "backoff.jitter", "[0, 1)"),
     ("command = 'x'\n[backoff]\njitter = -0.1", "backoff.jitter", "[0, 1)"),
     ("command = 'x'\n[backoff]\ninitial = '10s'\nmax = '1s'", "backoff.max", "at least initial"),
@@ -399,7 +399,7 @@ BAD_UNITS = [
      "HTTP method"),
     ("command = 'x'\n[logs]\nmax_size = '10 parsecs'", "logs.max_size", "expected a size"),
     ("command = 'x'\n[logs]\nmax_size = 0", "logs.max_size", "more than 0"),
-    ("command = 'x'\n[logs]\nbackups = -1", "logs.backups", "at least 0"),
+    ("command = 'x'\n[logs]\nbackups = -1", "logs.backups", "between 0 and 1000"),
     ("description = 'nothing to run'", "command", "exactly one of command"),
     ("command = 'x'\ncontainer = 'y'", "command", "exactly one of command"),
     ("command = 'x'\nrecreate_command = 'up'", "recreate_command", "only for container units"),
@@ -727,3 +727,84 @@ class TestSizes:
         """Anything else is a ValueError whose message says what is expected."""
         with pytest.raises(ValueError, match=message):
             parse_size(value)
+
+
+class TestSecretEnvFiles:
+    def test_every_value_of_a_secret_env_file_is_secret_whatever_its_name(
+        self, project: Project
+    ) -> None:
+        """`PIN=4821` and `MYSQL_PWD=hunter2` leak through name-based redaction; marked files do not."""
+        write(project.root / "plain.env", "PIN_HINT=4821-hint\nHOST=db.internal\n")
+        write(project.root / "secret.env", "PIN=4821\nMYSQL_PWD=hunter2\nX=1\nEMPTY=\n")
+        project.unit(
+            "web",
+            'command = "x"\nenv_files = ["plain.env"]\nsecret_env_files = ["secret.env", '
+            '"-absent.env"]\nenv = { ROLE = "web" }',
+        )
+        spec = project.load().services["web"]
+        assert spec.env == {"PIN_HINT": "4821-hint", "HOST": "db.internal", "PIN": "4821",
+                            "MYSQL_PWD": "hunter2", "X": "1", "EMPTY": "", "ROLE": "web"}  # fmt: skip
+        assert spec.secret_env_files == ("secret.env", "-absent.env")
+        assert spec.secret_env_names == {"PIN", "MYSQL_PWD", "X", "EMPTY"}
+        secrets = spec.secret_values()
+        assert {"4821", "hunter2", "1"} <= secrets
+        assert "" not in secrets  # an empty secret would make the redactor mark every gap
+        assert "web" not in secrets and "db.internal" in secrets  # name rule: 8+ chars
+
+    def test_the_redactor_hides_short_values_of_secret_files(self, project: Project) -> None:
+        """What the daemon does with secret_values(): Redactor(...) over event text."""
+        from supervisor.events import Redactor
+
+        write(project.root / "secret.env", "PIN=4821\n")
+        project.unit("web", 'command = "x"\nsecret_env_files = ["secret.env"]')
+        redact = Redactor(project.load().services["web"].secret_values())
+        assert redact("login with pin 4821 failed") == "login with pin *** failed"
+
+    def test_env_overrides_a_secret_file_and_stays_secret(self, project: Project) -> None:
+        """Order: env_files, secret_env_files, env; a name from a secret file stays secret."""
+        write(project.root / "a.env", "PIN=1111\n")
+        write(project.root / "secret.env", "PIN=2222\n")
+        project.unit(
+            "web",
+            'command = "x"\nenv_files = ["a.env"]\nsecret_env_files = ["secret.env"]\n'
+            'env = { PIN = "3333" }',
+        )
+        spec = project.load().services["web"]
+        assert spec.env["PIN"] == "3333" and "3333" in spec.secret_values()
+
+    def test_secret_env_files_follow_the_env_files_rules(self, project: Project) -> None:
+        """Missing (without "-"), writable by others, malformed: the same issues as env_files."""
+        write(project.root / "open.env", "A=1\n", mode=0o666)
+        bad = write(project.root / "bad.env", "not a pair\n")
+        project.unit("web", 'command = "x"\nsecret_env_files = ["nope.env", "open.env", "bad.env"]')
+        lines = project.lines()
+        assert any("secret_env_files: env file" in line and "not found" in line for line in lines)
+        assert any("open.env: file is group/world-writable" in line for line in lines)
+        assert f"{bad}: line 1: expected KEY=VALUE with KEY made of letters, digits and _" in lines
+
+    def test_secret_env_files_from_defaults(self, project: Project) -> None:
+        write(project.root / "secret.env", "PIN=4821\n")
+        project.config('[defaults]\nsecret_env_files = ["secret.env"]\n')
+        project.unit("web", 'command = "x"')
+        assert "4821" in project.load().services["web"].secret_values()
+
+
+class TestPorts:
+    def test_two_units_with_one_port_are_an_error_naming_both(self, project: Project) -> None:
+        """Issue 9, item 11: both would fight over the port at every start."""
+        a = project.unit("api", 'command = "x"\nport = 8000')
+        b = project.unit("web", 'command = "y"\nport = 8000')
+        project.unit("db", 'command = "z"\nport = 5432')
+        lines = project.lines()
+        message = "port 8000 is set by 2 units (api, web); give each unit its own port"
+        assert lines == [f"{a}: port: {message}", f"{b}: port: {message}"]
+
+    def test_a_port_in_defaults_shared_by_units_is_reported_once(self, project: Project) -> None:
+        project.config("[defaults]\nport = 80\n")
+        project.unit("a", 'command = "x"')
+        project.unit("b", 'command = "x"')
+        project.unit("c", 'command = "x"\nport = 81')
+        assert project.lines() == [
+            f"{project.config_path}: defaults.port: port 80 is set by 2 units (a, b); "
+            "give each unit its own port"
+        ]
