@@ -76,9 +76,9 @@ def _configured_socket(config: Path) -> Path | None:
     try:
         with open(config, "rb") as file:
             raw = tomllib.load(file).get("daemon", {}).get("socket", "")
-    except (OSError, ValueError, AttributeError):
+    except Exception:  # unreadable, invalid, nested too deeply...: not the client's job
         return None
-    if not isinstance(raw, str) or not raw:
+    if not isinstance(raw, str) or not raw or "\0" in raw:
         return None
     text = os.path.expandvars(os.path.expanduser(raw))
     return Path(os.path.abspath(config.parent / text))

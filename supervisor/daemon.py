@@ -40,7 +40,7 @@ from supervisor.errors import (
     UnknownService,
 )
 from supervisor.events import EventBus, Redactor
-from supervisor.logfiles import LogHub, RotatingLog
+from supervisor.logfiles import DropReport, LogDrops, LogHub, RotatingLog, reopen_all
 from supervisor.paths import log_dir, resolve_socket_path, resolve_state_dir, service_log_path
 from supervisor.reaper import Reaper
 from supervisor.service import Broadcast, ServiceSupervisor, exception_leaves
@@ -131,8 +131,10 @@ class Daemon:
         self.loghub = LogHub()
         self.changed = Broadcast()
         self.reaper = Reaper()
+        #: service name -> lines its drains dropped (full disk...), kept across instances.
+        self.log_drops: dict[str, LogDrops] = {}
         self.process_driver = ProcessDriver(
-            state_dir=state_dir, reaper=self.reaper, loghub=self.loghub
+            state_dir=state_dir, reaper=self.reaper, loghub=self.loghub, log_drops=self.drops_for
         )
         self.docker_driver: Any = None
         self.supervisors: dict[str, ServiceSupervisor] = {}
@@ -154,6 +156,22 @@ class Daemon:
     def _secrets(loaded: Loaded) -> set[str]:
         return {v for spec in loaded.services.values() for v in spec.secret_values()}
 
+    def drops_for(self, service: str) -> LogDrops:
+        """The drop counter of ``service``'s log (created on first use)."""
+        drops = self.log_drops.get(service)
+        if drops is None:
+            drops = LogDrops(on_report=lambda report: self._log_dropped(service, report))
+            self.log_drops[service] = drops
+        return drops
+
+    def _log_dropped(self, service: str | None, report: DropReport) -> None:
+        self.bus.publish(
+            ev.LOGS_DROPPED,
+            service=service,
+            message=report.describe(),
+            attributes=report.attributes(),
+        )
+
     # ------------------------------------------------------------ ControlTarget
 
     def status(self, names: Sequence[str] | None = None) -> dict[str, Any]:
@@ -166,8 +184,14 @@ class Daemon:
                 "uptime_seconds": round(time.monotonic() - self.started_at, 3),
                 "config": str(self.loaded.daemon.config_path),
             },
-            "services": [self.supervisors[name].status_entry() for name in chosen],
+            "services": [self._entry(name) for name in chosen],
         }
+
+    def _entry(self, name: str) -> dict[str, Any]:
+        entry = self.supervisors[name].status_entry()
+        drops = self.log_drops.get(name)
+        entry["logs_dropped_bytes"] = drops.bytes if drops is not None else 0
+        return entry
 
     def _resolve(self, names: Names) -> list[str]:
         if names == "all":
@@ -221,7 +245,7 @@ class Daemon:
                         for sup, gen in gens:
                             waits.start_soon(sup.wait_settled, gen, targets)
                     tg.cancel_scope.cancel()
-        return {"services": [sup.status_entry() for sup in chosen]}
+        return {"services": [self._entry(sup.name) for sup in chosen]}
 
     def log_path(self, service: str | None) -> Path:
         """``<state>/logs/<service>.log``, or the daemon's log for None; raises UnknownService."""
@@ -339,11 +363,11 @@ class Daemon:
             self._scopes[sup.name] = scope
             await sup.run(task_status=task_status)
 
-    def _supervisor_crashed(self, service: str, message: str, trace: str) -> None:
+    def _supervisor_crashed(self, service: str, message: str, exc: BaseException) -> None:
         """A bug in one supervisor was caught (it restarts itself): the traceback goes to
-        the daemon log, once per crash."""
+        the daemon log (redacted), once per crash."""
         if self.log is not None:
-            self.log.write("error", f"{service}: {message}", traceback=trace)
+            self.log.write_exception(f"{service}: {message}", exc)
 
     async def _retire(self, name: str) -> None:
         """Stop a service gracefully and forget its supervisor (reload: removed or changed)."""
@@ -413,6 +437,8 @@ class Daemon:
             ),
             level=spec.log_level,
             hub=self.loghub,
+            redactor=self.redactor,
+            drops=LogDrops(on_report=lambda report: self._log_dropped(None, report)),
         )
         library_logs = LibraryLogHandler(self.log)
         for name in ("asyncio", "opentelemetry", "supervisor"):
@@ -436,9 +462,12 @@ class Daemon:
 
         spec = self.loaded.daemon
         # Signals first: a SIGTERM during start-up must still stop the children in order.
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        watched = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+        with anyio.open_signal_receiver(*watched) as signals:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                assert self.log is not None
+                await tg.start(self.log.run)
                 await tg.start(self._pump_log)
                 # Subreaper on Linux; elsewhere the reaper still reaps our own untracked children.
                 self.reaper.enable_subreaper()
@@ -458,12 +487,12 @@ class Daemon:
 
         cause = next(exception_leaves(exc), exc)
         text = f"internal error, stopping every service: {type(cause).__name__}: {cause}"
-        trace = "".join(traceback.format_exception(exc))
         self.exit_code = EXIT_SOFTWARE
         try:
             assert self.log is not None
-            self.log.write("error", text, traceback=trace)
+            self.log.write_exception(text, exc)
         except Exception:  # the log itself is what broke: stderr is all that is left
+            trace = "".join(traceback.format_exception(exc))
             with contextlib.suppress(Exception):
                 os.write(2, f"hostvisor: {text}\n{trace}".encode(errors="replace"))
 
@@ -520,6 +549,11 @@ class Daemon:
                 assert self._tg is not None
                 self._tg.start_soon(self._reload_on_signal, notifier)  # SIGTERM stays heard
                 continue
+            if signum == signal.SIGUSR1:  # logrotate's postrotate, as nginx does
+                count = reopen_all()
+                if self.log is not None:
+                    self.log.write("info", f"reopened {count} log files (SIGUSR1)")
+                continue
             break
         self.bus.publish(ev.DAEMON_STOPPING, message=f"stopping on {signal.Signals(signum).name}")
         notifier.stopping()
@@ -556,9 +590,14 @@ class Daemon:
     async def _pump_log(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with self.bus.subscribe(buffer=10_000) as events:
             task_status.started()
-            async for event in events:
-                if self.log is not None:
-                    self.log.event(event)
+            try:
+                async for event in events:
+                    if self.log is not None:
+                        self.log.event(event)
+            finally:  # a quick shutdown must not lose the last events (stopping, stopped)
+                with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
+                    while self.log is not None:
+                        self.log.event(events.receive_nowait())
 
     async def _notify_status(self, notifier: Any) -> None:
         from supervisor.notify import summary
@@ -586,6 +625,9 @@ def run_daemon(*, config_path: Path, socket_option: str | None = None) -> int:
     socket_path = resolve_socket_path(socket_option, loaded.daemon.socket)
     lock_fd = acquire_lock(state_dir)
     fdlimits.raise_nofile()
+    # At a file size limit (RLIMIT_FSIZE) a write fails with EFBIG instead of killing us;
+    # children get the default back (Popen's restore_signals).
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     daemon = Daemon(loaded, state_dir=state_dir, socket_path=socket_path)
     try:
         anyio.run(daemon.main)

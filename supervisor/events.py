@@ -24,8 +24,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import anyio
-from anyio.abc import ObjectReceiveStream
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 __all__ = [
     "EVENT_NAMES",
@@ -242,7 +241,9 @@ class EventBus:
         return events
 
     @asynccontextmanager
-    async def subscribe(self, *, buffer: int = 1024) -> AsyncIterator[ObjectReceiveStream[Event]]:
+    async def subscribe(
+        self, *, buffer: int = 1024
+    ) -> AsyncIterator[MemoryObjectReceiveStream[Event]]:
         """Receive every event published while the context is open.
 
         Args:

@@ -55,6 +55,7 @@ import anyio.lowlevel
 from anyio.abc import ObjectReceiveStream
 
 from supervisor.errors import DriverError
+from supervisor.fdlimits import relocate
 
 __all__ = [
     "CAPTURE_LIMIT",
@@ -129,7 +130,7 @@ def _open_append(path: Path) -> int:
     if problem:
         os.close(fd)
         raise DriverError(f"refusing log file {path}: {problem} (remove it)")
-    return fd
+    return relocate(fd)  # long-lived: above the children's descriptor limit
 
 
 def _make_dirs(folder: Path) -> None:

@@ -13,9 +13,8 @@ health-check restart go through the same backoff path.
 from __future__ import annotations
 
 import contextlib
-import math
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -26,12 +25,12 @@ from supervisor.backoff import Backoff
 from supervisor.drivers.base import Driver, Handle
 from supervisor.errors import DockerUnavailable, DriverError, SpawnError
 from supervisor.events import EventBus
-from supervisor.fdlimits import DAEMON_ERRNOS
-from supervisor.health import CommandRunner, HealthCounter, Probe, open_probe, tls_context
+from supervisor.health import CommandRunner
+from supervisor.instance import readiness
+from supervisor.prestart import daemon_trouble, prepare
 from supervisor.spec import ServiceSpec
 from supervisor.states import (
     Decision,
-    DependencyCondition,
     ExitStatus,
     Health,
     ServiceState,
@@ -74,7 +73,7 @@ class ServiceSupervisor:
         run_command: runs preflight, exec probes and command hooks.
         rng: randomness for backoff jitter.
         on_probe: called with (service, seconds, ok) after each health probe.
-        on_crash: called with (service, message, traceback text) when a bug in this
+        on_crash: called with (service, message, exception) when a bug in this
             supervisor was caught (see :meth:`run`).
     """
 
@@ -89,7 +88,7 @@ class ServiceSupervisor:
         run_command: CommandRunner | None = None,
         rng: random.Random | None = None,
         on_probe: Callable[[str, float, bool], None] | None = None,
-        on_crash: Callable[[str, str, str], None] | None = None,
+        on_crash: Callable[[str, str, BaseException], None] | None = None,
     ) -> None:
         self.spec = spec
         self.driver = driver
@@ -275,12 +274,10 @@ class ServiceSupervisor:
 
     async def _recover(self, exc: Exception) -> None:
         """After a bug: stop the instance we lost track of, tell, and back off."""
-        import traceback
-
         cause = next(exception_leaves(exc), exc)
         text = f"internal error in the supervisor: {type(cause).__name__}: {cause}"
         if self._on_crash is not None:
-            self._on_crash(self.spec.name, text, traceback.format_exc())
+            self._on_crash(self.spec.name, text, exc)
         handle, self.handle = self.handle, None
         if handle is not None and self.spec.kind == "process":
             # A container is left to the engine: the next attempt adopts it.
@@ -330,7 +327,7 @@ class ServiceSupervisor:
         handle: Handle | None = None
         failure: str | None = None
         with self._open_scope():
-            failure = await self._prepare()
+            failure = await prepare(self)
             if failure is None:
                 handle, failure = await self._spawn()
         self._scope = None
@@ -344,17 +341,6 @@ class ServiceSupervisor:
             # give_up_after.
             counted, self._not_counted = not self._not_counted, False
             self._after_failure(None, failed_start=counted, message=failure or "start failed")
-
-    async def _prepare(self) -> str | None:
-        """Dependencies, preflight, port. Returns why the start cannot go ahead, or None."""
-        await self._wait_dependencies()
-        if self.spec.preflight is not None:
-            failure = await self._preflight()
-            if failure:
-                return failure
-        if self.spec.port is not None and self.spec.kind == "process":
-            return await self._reclaim_port()
-        return None
 
     async def _spawn(self) -> tuple[Handle | None, str | None]:
         self._set_message("")
@@ -371,7 +357,7 @@ class ServiceSupervisor:
             self._not_counted = True
             return None, str(exc)
         except (SpawnError, DriverError, OSError) as exc:
-            self._not_counted = _daemon_trouble(exc)
+            self._not_counted = daemon_trouble(exc)
             return None, str(exc)
         return handle, None
 
@@ -393,7 +379,7 @@ class ServiceSupervisor:
         with self._open_scope():
             async with anyio.create_task_group() as tg:
                 tg.start_soon(watch_exit, tg)
-                tg.start_soon(self._readiness, handle, tg)
+                tg.start_soon(readiness, self, handle, tg)
         self._scope = None
         if status is None:
             # Interrupted by a command or by failing health checks: stop it ourselves,
@@ -454,10 +440,10 @@ class ServiceSupervisor:
     async def _until_engine_back(self) -> None:
         """Wait until the driver reports its engine reachable again (re-checked at least every
         5 s, in case it has not noticed the outage yet)."""
-        if getattr(self.driver, "connected", True):
+        if self.driver.connected:
             with anyio.move_on_after(5):
                 await self.changed.wait()
-        while not getattr(self.driver, "connected", True):
+        while not self.driver.connected:
             await self.changed.wait()
 
     def _exit_message(self, status: ExitStatus | None) -> str:
@@ -475,119 +461,6 @@ class ServiceSupervisor:
         if handle.container_id:
             attrs["container.id"] = handle.container_id
         self._publish(ev.SERVICE_EXITED, status.describe(), **attrs)
-
-    async def _readiness(self, handle: Handle, tg: TaskGroup) -> None:
-        """Promote to RUNNING (after start_seconds, or the first healthy probe), then keep
-        checking health, run post_start once and reset the backoff after reset_after."""
-        if self.spec.health is None:
-            await anyio.sleep(self.spec.start_seconds)
-            self._promote(handle, tg)
-            await anyio.sleep_forever()
-        else:
-            await self._health_loop(handle, tg)
-
-    def _promote(self, handle: Handle, tg: TaskGroup) -> None:
-        if self.state is not S.STARTING:
-            return
-        self.failed_starts = 0
-        self._reached_running = True
-        self._remember(handle)
-        self._set_state(S.RUNNING, "")
-        self._publish(
-            ev.SERVICE_RUNNING, f"running (pid {handle.pid})", **{"process.pid": handle.pid}
-        )
-        if self.spec.post_start is not None:
-            tg.start_soon(self._post_start)
-        tg.start_soon(self._reset_backoff_later)
-
-    async def _reset_backoff_later(self) -> None:
-        await anyio.sleep(self.spec.backoff.reset_after)
-        if self.state is S.RUNNING and self.health is not Health.UNHEALTHY:
-            self.backoff.reset()
-
-    async def _health_loop(self, handle: Handle, tg: TaskGroup) -> None:
-        spec = self.spec.health
-        assert spec is not None
-        docker_status = getattr(handle, "health_status", None)
-        async with open_probe(
-            spec,
-            service=self.spec.name,
-            workdir=self.spec.workdir,
-            env=self.spec.env,
-            run_command=self._run_command,
-            docker_status=docker_status,
-        ) as probe:
-            await self._probe_forever(probe, handle, tg)
-
-    async def _probe_forever(self, probe: Probe, handle: Handle, tg: TaskGroup) -> None:
-        spec = self.spec.health
-        assert spec is not None
-        started = anyio.current_time()
-        counter = HealthCounter(spec, started_at=started)
-        last_counted = started
-        fast = min(spec.interval, 0.25)
-        while True:
-            result = await probe()
-            if getattr(self.driver, "connected", True) is False:
-                # Docker engine unreachable (issue 5): health stays "unknown" as the daemon set
-                # it; no result counts, so no flip to healthy and no health restart storm.
-                await anyio.sleep(spec.interval)
-                continue
-            now = anyio.current_time()
-            if self._on_probe is not None and result.ok is not None:
-                self._on_probe(self.spec.name, result.duration, bool(result.ok))
-            ever_healthy = counter.health is Health.HEALTHY or counter.successes > 0
-            # Until the first success, probe fast but count at most one failure per interval,
-            # so a slow starter gets failure_threshold * interval seconds, as with Kubernetes.
-            if result.ok is False and not ever_healthy and now - last_counted < spec.interval:
-                pass
-            else:
-                if result.ok is False:
-                    last_counted = now
-                previous = counter.health
-                health = counter.record(result, now=now)
-                if health is not previous or health is not self.health:
-                    self._health_changed(health, result.detail)
-            if counter.health is Health.HEALTHY:
-                self._promote(handle, tg)
-            elif counter.health is Health.UNHEALTHY:
-                self._publish(
-                    ev.HEALTH_CHECK_RESTART,
-                    f"{counter.failures} health checks failed in a row: {result.detail}",
-                    **{"hostvisor.health.failures": counter.failures},
-                )
-                self._health_restart = True
-                tg.cancel_scope.cancel()
-                return
-            elif result.ok is False:
-                self._set_message(f"health: {result.detail}")
-            if ever_healthy:
-                # Round the next probe up to a grid of interval/20 (at most 50 ms), so that
-                # many services' probes share one event-loop wakeup (timer coalescing, as
-                # systemd's AccuracySec=); the interval stretches by at most that slack.
-                slack = min(0.05, spec.interval / 20)
-                due = now + spec.interval
-                await anyio.sleep_until(math.ceil(due / slack) * slack)
-            else:
-                await anyio.sleep(fast)
-
-    def _health_changed(self, health: Health, detail: str) -> None:
-        previous = self.health
-        self.health = health
-        if health is Health.HEALTHY:
-            self.message = ""
-        elif health is Health.UNHEALTHY:
-            self.message = f"unhealthy: {detail}"
-        self.changed.fire()
-        if health in (Health.HEALTHY, Health.UNHEALTHY):
-            self._publish(
-                ev.HEALTH_CHANGED,
-                f"{previous} -> {health}: {detail}",
-                **{
-                    "hostvisor.health.previous": str(previous),
-                    "hostvisor.health.state": str(health),
-                },
-            )
 
     # ---------------------------------------------------------------- after an instance
 
@@ -630,152 +503,6 @@ class ServiceSupervisor:
                 "hostvisor.backoff.attempt": self.backoff.attempt,
             },
         )
-
-    # ---------------------------------------------------------------- steps before spawn
-
-    async def _wait_dependencies(self) -> None:
-        deps: Mapping[str, DependencyCondition] = self.spec.depends_on
-        while True:
-            waiting = [
-                f"{name} ({cond})" for name, cond in deps.items() if not self._dep_ok(name, cond)
-            ]
-            if not waiting:
-                return
-            self._set_message(f"waiting for {', '.join(waiting)}")
-            await self.changed.wait()
-
-    def _dep_ok(self, name: str, condition: DependencyCondition) -> bool:
-        peer = self._peers(name)
-        if peer is None:
-            # Not launched yet (the daemon launches units in name order; config checked that
-            # every dependency exists): wait for it, it fires ``changed`` when it starts.
-            return False
-        if condition is DependencyCondition.HEALTHY:
-            return peer.state is S.RUNNING and peer.health in (Health.HEALTHY, Health.NONE)
-        return peer.state is S.RUNNING or (peer.state is S.STARTING and peer.handle is not None)
-
-    async def _run_in_unit(self, argv: Sequence[str], timeout: float) -> Any:
-        """Run a preflight or hook command in the unit's workdir and env (``timeout`` s)."""
-        assert self._run_command is not None
-        return await self._run_command(
-            argv, cwd=self.spec.workdir, env=self.spec.env, service=self.spec.name, timeout=timeout
-        )
-
-    async def _preflight(self) -> str | None:
-        spec = self.spec.preflight
-        assert spec is not None and self._run_command is not None
-        self._set_message("preflight")
-        try:
-            result = await self._run_in_unit(spec.command, spec.timeout)
-        except (SpawnError, OSError) as exc:  # cannot even start it (EMFILE, ENOENT ...)
-            self._not_counted = _daemon_trouble(exc)
-            kind = type(exc).__name__
-            self._publish(ev.PREFLIGHT_FAILED, f"preflight: {exc}", **{"error.type": kind})
-            return f"preflight: {exc}"
-        if result.timed_out:
-            why = f"preflight timed out after {spec.timeout:g}s"
-        elif result.code != 0:
-            why = (
-                f"preflight failed: exit code {result.code}"
-                if result.code is not None
-                else (f"preflight killed by signal {result.signal}")
-            )
-        else:
-            return None
-        tail = result.tail(5)
-        self._publish(
-            ev.PREFLIGHT_FAILED,
-            f"{why}" + (f": {tail}" if tail else ""),
-            **{"process.exit.code": result.code, "hostvisor.preflight.stderr": tail},
-        )
-        return why
-
-    async def _reclaim_port(self) -> str | None:
-        from supervisor import ports
-
-        port = self.spec.port
-        assert port is not None
-        result = await ports.reclaim(
-            port.number,
-            policy=port.reclaim,
-            service=self.spec.name,
-            known=self._known,
-            stop=self.spec.stop,
-        )
-        for holder in result.killed:
-            self._publish(
-                ev.PORT_RECLAIMED,
-                f"port {port.number}: killed stale holder pid {holder.pid} ({holder.cmdline})",
-                **{
-                    "process.pid": holder.pid,
-                    "hostvisor.port": port.number,
-                    "process.command_line": holder.cmdline,
-                },
-            )
-        if result.free:
-            return None
-        blockers = ", ".join(f"pid {h.pid} ({h.cmdline})" for h in result.blocked) or "unknown"
-        why = f"port {port.number} is held by {blockers}"
-        self._publish(
-            ev.PORT_BLOCKED,
-            why,
-            **{
-                "hostvisor.port": port.number,
-                "process.pid": result.blocked[0].pid if result.blocked else None,
-                "process.command_line": result.blocked[0].cmdline if result.blocked else None,
-            },
-        )
-        return why
-
-    def _remember(self, handle: Handle) -> None:
-        """Record (pid, start time) of a running instance, for ``reclaim_port = "own"``.
-
-        Read once RUNNING, not at spawn: reading a process's start time while its exec
-        settles costs about half a millisecond on the restart path.
-        """
-        create_time = getattr(handle, "create_time", None)
-        if self.spec.port is None or handle.pid is None or not isinstance(create_time, float):
-            return
-        self._known = [*self._known[-7:], (handle.pid, create_time)]
-
-    # ---------------------------------------------------------------- post_start
-
-    async def _post_start(self) -> None:
-        """Run the hook once; a failure is a ``post_start.failed`` event whose ``error.type``
-        is the HTTP status, ``exit_code``, ``timeout`` or the exception's class (OTel)."""
-        spec = self.spec.post_start
-        assert spec is not None
-        error: str | None = None
-        kind = ""
-        try:
-            with anyio.fail_after(spec.timeout):
-                if spec.http is not None:
-                    import httpx
-
-                    async with httpx.AsyncClient(
-                        timeout=spec.timeout, trust_env=False, verify=tls_context()
-                    ) as client:
-                        response = await client.request(spec.method, spec.http)
-                    if response.status_code >= 400:
-                        kind = str(response.status_code)
-                        error = f"{spec.method} {spec.http}: HTTP {response.status_code}"
-                elif spec.command is not None and self._run_command is not None:
-                    result = await self._run_in_unit(spec.command, spec.timeout)
-                    if result.timed_out or result.code != 0:
-                        kind = "timeout" if result.timed_out else "exit_code"
-                        error = f"post_start command failed: exit {result.code}: {result.tail(3)}"
-        except TimeoutError:
-            kind, error = "timeout", f"post_start timed out after {spec.timeout:g}s"
-        except Exception as exc:  # a hook failure is an event, never a crash
-            kind, error = type(exc).__name__, f"post_start: {type(exc).__name__}: {exc}"
-        if error:
-            self._publish(ev.POST_START_FAILED, error, **{"error.type": kind})
-
-
-def _daemon_trouble(exc: Exception) -> bool:
-    """True for the daemon's own shortage (EMFILE, ENFILE, ENOMEM, ENOBUFS), which is not
-    the service's failure."""
-    return getattr(exc, "errno", None) in DAEMON_ERRNOS
 
 
 def exception_leaves(exc: BaseException) -> Iterator[BaseException]:

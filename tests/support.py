@@ -119,7 +119,7 @@ async def supervising(
     tmp_path: Path,
     *specs: ServiceSpec,
     driver: ProcessDriver | None = None,
-    on_crash: Callable[[str, str, str], None] | None = None,
+    on_crash: Callable[[str, str, BaseException], None] | None = None,
 ) -> AsyncIterator[Harness]:
     """Run a supervisor per spec over the real ProcessDriver (or ``driver``, a subclass of
     it); stop them all at the end."""

@@ -49,6 +49,12 @@ class Handle(Protocol):
 class Driver(Protocol):
     """Starts instances of one kind of service."""
 
+    @property
+    def connected(self) -> bool:
+        """False while the driver's engine is unreachable (a Docker outage): nothing the
+        service does then counts (health results, failed starts). Always True for processes."""
+        ...
+
     async def start(self, spec: ServiceSpec, *, task_group: TaskGroup) -> Handle:
         """Start one instance of ``spec``; helper tasks (log drains) run in ``task_group``.
 

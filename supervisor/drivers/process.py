@@ -40,6 +40,7 @@ from supervisor.errors import DriverError, SpawnError
 from supervisor.fdlimits import child_limits, fd_headroom_ok, limits, relocate
 from supervisor.logfiles import (
     CAPTURE_LIMIT,
+    LogDrops,
     LogHub,
     RotatingLog,
     capture,
@@ -334,11 +335,16 @@ class ProcessHandle:
         await self._drained.wait()
 
     async def _drain(
-        self, fds: Sequence[int], log: RotatingLog, hub: LogHub | None, release: Callable[[], None]
+        self,
+        fds: Sequence[int],
+        log: RotatingLog,
+        hub: LogHub | None,
+        drops: LogDrops | None,
+        release: Callable[[], None],
     ) -> None:
         try:
             with anyio.CancelScope() as self._drain_scope:
-                await drain_all(fds, log, hub=hub, key=self.service)
+                await drain_all(fds, log, hub=hub, key=self.service, drops=drops)
         finally:
             release()
             self._drained.set()
@@ -410,6 +416,8 @@ class ProcessDriver:
         reaper: the daemon's reaper; spawned pids are tracked in it so that it
             never reaps them, and its notifications speed up group checks.
         loghub: live log followers, fed by the drains.
+        log_drops: service name -> its :class:`~supervisor.logfiles.LogDrops` (lines a
+            full disk made us drop, kept across instances); ``None``: not counted.
         base_env: the environment children start from (default ``os.environ``),
             copied at construction.
     """
@@ -420,11 +428,13 @@ class ProcessDriver:
         state_dir: Path,
         reaper: Reaper | None = None,
         loghub: LogHub | None = None,
+        log_drops: Callable[[str], LogDrops] | None = None,
         base_env: Mapping[str, str] | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.reaper = reaper
         self.loghub = loghub
+        self.log_drops = log_drops
         # Copied once, without the stripped variables: spawning then only merges.
         self.base_env: dict[str, str] = build_env(
             os.environ if base_env is None else base_env, {}, ""
@@ -439,6 +449,11 @@ class ProcessDriver:
 
     def __repr__(self) -> str:
         return f"<ProcessDriver {self.state_dir} live={len(self._live)}>"
+
+    @property
+    def connected(self) -> bool:
+        """Always True: there is no engine between us and a process."""
+        return True
 
     def _pipe(self, size: int) -> tuple[int, int, int]:
         if self._pipe_bytes + size > self._pipe_budget:
@@ -504,7 +519,8 @@ class ProcessDriver:
         def release() -> None:
             self._pipe_bytes -= granted
 
-        task_group.start_soon(handle._drain, (out_r, err_r), log, self.loghub, release)
+        drops = self.log_drops(spec.name) if self.log_drops is not None else None
+        task_group.start_soon(handle._drain, (out_r, err_r), log, self.loghub, drops, release)
         return handle
 
     def _open_log(self, spec: ServiceSpec) -> RotatingLog:

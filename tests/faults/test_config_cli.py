@@ -74,11 +74,6 @@ def test_run_refuses_to_start_with_the_same_lines(tmp_path: Path, case: str) -> 
     assert_issue_lines(result.stderr, tmp_path, tmp_path / relative, key)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py _configured_socket catches (OSError, ValueError, AttributeError), not "
-    "RecursionError: client verbs die with a traceback on a deeply nested config.toml",
-)
 def test_a_client_verb_with_a_deeply_nested_config_has_no_traceback(tmp_path: Path) -> None:
     relative, text, _ = HOSTILE["deep-config"]
     config = tree(tmp_path, relative, text)

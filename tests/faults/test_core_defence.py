@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ class TestSupervisorBug:
     ) -> None:
         """The instance the bug lost track of is stopped, a backoff event names the error,
         the traceback is handed over, and a fresh instance runs (0.1: FATAL forever)."""
-        crashes: list[tuple[str, str, str]] = []
+        crashes: list[tuple[str, str, BaseException]] = []
         driver = BuggyDriver(state_dir=tmp_path / "state")
         spec = make_spec(tmp_path, "b", program("svc_sleep"))
         async with supervising(
@@ -65,7 +66,7 @@ class TestSupervisorBug:
                 psutil.Process(first.pid).status() == psutil.STATUS_ZOMBIE
             )
             assert h["b"].handle is second and psutil.pid_exists(second.pid)
-            assert crashes and "RuntimeError: planted bug" in crashes[0][2]
+            assert crashes and "planted bug" in "".join(traceback.format_exception(crashes[0][2]))
 
     async def test_stop_reaches_a_supervisor_that_keeps_crashing(self, tmp_path: Path) -> None:
         """A supervisor whose every start hits a bug still answers `stop` at once."""
@@ -111,7 +112,7 @@ class TestDaemonBug:
         assert proc.returncode == 70, stderr
         lines = (d.state / "logs" / "hostvisor.log").read_text().splitlines()
         errors = [e for e in map(json.loads, lines) if "planted bug" in e.get("message", "")]
-        assert len(errors) == 1 and "RuntimeError" in errors[0]["traceback"]
+        assert len(errors) == 1 and "RuntimeError" in errors[0]["exception.stacktrace"]
         pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
         assert len(pids) == 2
         assert not any(

@@ -54,12 +54,15 @@ class TestStderrNotRead:
         assert child.returncode == 0, err[-2000:]
         lines = err.decode().splitlines()
         notices = [n for n, line in enumerate(lines) if "log lines dropped" in line]
-        assert [lines[n] for n in notices] == [
-            f"{int(dropped)} log lines dropped: stderr was not being read"
-        ]
-        kept = [int(line.split()[3]) for line in lines[: notices[0]]]
-        assert kept == list(range(len(kept)))  # the oldest lines, in order, none torn
-        assert lines[notices[0] + 1 :] == [lines[-1]]
+        # The writer thread may get a few lines through a pipe that still had room, so
+        # the drops can come as more than one episode; each is reported where it happened.
+        assert notices and all(
+            lines[n].endswith(" log lines dropped: stderr was not being read") for n in notices
+        )
+        assert sum(int(lines[n].split()[0]) for n in notices) == int(dropped)
+        kept = [int(line.split()[3]) for n, line in enumerate(lines[:-1]) if n not in notices]
+        assert kept == sorted(kept) and kept[0] == 0  # oldest first, in order, none torn
+        assert lines[notices[-1] + 1 :] == [lines[-1]]
         assert lines[-1].endswith("after the reader came back")
 
 

@@ -96,11 +96,6 @@ class TestCounterBounds:
             assert counter.record(ProbeResult(t % 2 == 0), now=t) is Health.UNKNOWN
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs supervisor/service.py _probe_forever to sleep until health.next_probe_at() "
-    "(lead's file); remove this marker with that change",
-)
 async def test_scheduler_survives_interval_1e308(tmp_path: Path) -> None:
     """[health] interval = 1e308: the service becomes healthy and stays RUNNING once
     the scheduler has computed the next probe after a success (0.1.0: OverflowError
