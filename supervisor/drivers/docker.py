@@ -13,6 +13,25 @@ and every tracked container is inspected. One the restart left exited (the seed
 incident: ``kill -9 dockerd`` leaves ``Exited (137)``) ends its handle, and the
 service layer starts it again.
 
+Which run an event belongs to (issue 9 item 10). Events carry the engine's wall
+clock (``time``/``timeNano``), which can be stepped (NTP, a VM resumed, an
+operator) and is replayed when the stream reconnects ``since`` an earlier
+moment. So no event is ever filtered, de-duplicated or matched to a run by its
+time: a lifecycle event (``die``, ``start``, ``restart``, ``pause``,
+``unpause``) only asks for a fresh ``docker inspect`` of that container, and a
+handle ends when an inspect shows its run is over: ``State.StartedAt`` differs
+from the one the handle was born with (the engine writes it once per run, so it
+names the run), or ``State.Running`` is false. A replayed or late ``die`` of an
+earlier run finds the fresh run still running and changes nothing; a ``die``
+stamped an hour "in the past" by a stepped clock is acted on at once. Inspect
+answers are applied in the order they were asked (an older answer overtaken by
+a newer one is dropped). Only ``destroy`` is final by itself (container ids are
+never reused). Applying an event twice is harmless, so a replay needs no
+de-duplication, and ``since`` is only the time of the last event as the same
+engine stamped it (never the host's clock). Every ``ping_interval`` the tracked
+containers are inspected as well, so even an event stream that stays open but
+goes silent cannot hide a ``die`` for longer than that.
+
 Container states are Docker's (``created``, ``running``, ``paused``,
 ``restarting``, ``removing``, ``exited``, ``dead``), and ``removed`` once gone.
 """
@@ -20,17 +39,17 @@ Container states are Docker's (``created``, ``running``, ``paused``,
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 import threading
-import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from datetime import datetime
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 import docker
 import docker.errors
@@ -50,6 +69,10 @@ T = TypeVar("T")
 RECREATE_TIMEOUT = 300.0
 #: Exit code reported for a container removed under us with no ``die`` seen (it was killed).
 REMOVED_EXIT_CODE = 137
+#: Longest engine event (one JSON line) read, in bytes; a longer line is skipped.
+MAX_EVENT_BYTES = 1 << 20
+#: Events that may change whether a run goes on: each asks for a fresh inspect.
+_LIFECYCLE = frozenset({"start", "die", "restart", "pause", "unpause", "stop", "kill", "oom"})
 
 _TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
 # requests' errors (ConnectionError, ReadTimeout) are OSErrors; so is docker's APIError,
@@ -75,13 +98,33 @@ RunCommand = Callable[..., Awaitable[CommandOutcome]]
 
 def docker_time_ns(text: str) -> int:
     """Nanoseconds since the epoch of an engine timestamp (RFC 3339 with up to 9
-    fractional digits, e.g. ``State.StartedAt``); 0 for Docker's zero time."""
+    fractional digits, e.g. ``State.StartedAt``); 0 for Docker's zero time or an
+    unreadable one."""
     match = _TIME.match(text or "")
     if match is None or text.startswith("0001-"):
         return 0
     main, frac, zone = match.groups()
-    moment = datetime.fromisoformat(main + ("+00:00" if zone == "Z" else zone))
+    try:
+        moment = datetime.fromisoformat(main + ("+00:00" if zone == "Z" else zone))
+    except ValueError:  # month 13 and the like
+        return 0
     return int(moment.timestamp()) * 1_000_000_000 + int((frac or "0").ljust(9, "0")[:9])
+
+
+def _int(value: object) -> int | None:
+    """An integer from an engine field (int or decimal string), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and 0 < len(value) <= 20 and value.lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def _state_of(info: Mapping[str, Any]) -> Mapping[str, Any]:
+    state = info.get("State")
+    return state if isinstance(state, Mapping) else {}
 
 
 class _Record:
@@ -94,36 +137,50 @@ class _Record:
         self.exit_code: int | None = None
         self.health: str | None = None
         self.handles: set[ContainerHandle] = set()
-        self.dies: deque[tuple[int, int]] = deque(maxlen=8)  # (time ns, exit code)
+        self.started_at = ""  # State.StartedAt of the freshest inspect: names the run
+        self.running = False
+        self.seen = 0  # number of the freshest inspect applied (inspects are numbered)
+        self.last_die: int | None = None  # exitCode of the last die event, in stream order
+        self.gone = False
+        self.dirty = False  # an event asked for a fresh inspect
+        self.confirming = False
 
-    def apply_inspect(self, info: Mapping[str, Any]) -> None:
-        state = info.get("State") or {}
+    def apply_inspect(self, info: Mapping[str, Any], seq: int) -> None:
+        """Apply inspect answer number ``seq``; an answer older than one applied is dropped."""
+        if seq < self.seen:
+            return
+        self.seen = seq
+        state = _state_of(info)
         self.name = str(info.get("Name") or self.name).lstrip("/")
         self.state = str(state.get("Status") or "unknown")
-        self.exit_code = int(state.get("ExitCode", 0)) if self.state != "running" else None
-        self.health = (state.get("Health") or {}).get("Status")
-        for handle in tuple(self.handles):
-            if not (state.get("StartedAt") == handle.started_at and state.get("Running")):
-                handle._end(self.code_after(handle.started_ns))
+        self.running = bool(state.get("Running"))
+        self.started_at = str(state.get("StartedAt") or "")
+        self.exit_code = None if self.state == "running" else (_int(state.get("ExitCode")) or 0)
+        health = state.get("Health")
+        self.health = health.get("Status") if isinstance(health, Mapping) else None
+        self.end_finished()
 
-    def code_after(self, started_ns: int) -> int:
-        """The exit code of the run started at ``started_ns``: its ``die``, else the last seen."""
-        for time_ns, code in self.dies:
-            if time_ns >= started_ns:
-                return code
+    def current(self, handle: ContainerHandle) -> bool:
+        """True while the freshest inspect shows ``handle``'s run going on."""
+        return not self.gone and self.running and self.started_at == handle.started_at
+
+    def code_for(self, handle: ContainerHandle) -> int:
+        """The exit code of ``handle``'s ended run: ``State.ExitCode`` if the container
+        still shows that run, else the last ``die`` seen, else the last code known."""
+        if not self.gone and self.started_at == handle.started_at and self.exit_code is not None:
+            return self.exit_code
+        if self.last_die is not None:
+            return self.last_die
         return self.exit_code if self.exit_code is not None else REMOVED_EXIT_CODE
 
-    def died(self, time_ns: int, code: int) -> None:
-        self.state, self.exit_code = "exited", code
-        self.dies.append((time_ns, code))
+    def end_finished(self) -> None:
         for handle in tuple(self.handles):
-            if time_ns >= handle.started_ns:
-                handle._end(code)
+            if not self.current(handle):
+                handle._end(self.code_for(handle))
 
     def removed(self) -> None:
-        self.state = "removed"
-        for handle in tuple(self.handles):
-            handle._end(self.code_after(handle.started_ns))
+        self.state, self.gone = "removed", True
+        self.end_finished()
 
 
 class ContainerHandle:
@@ -131,27 +188,33 @@ class ContainerHandle:
 
     Attributes:
         started_at: the run's ``State.StartedAt`` as the engine wrote it.
-        started_ns: the same, in nanoseconds since the epoch.
+        started_ns: the same, in nanoseconds since the epoch (engine clock; shown, never
+            compared with event times).
     """
 
     def __init__(
-        self, driver: DockerDriver, record: _Record, info: Mapping[str, Any], service: str
+        self,
+        driver: DockerDriver,
+        record: _Record,
+        info: Mapping[str, Any],
+        service: str,
+        *,
+        seq: int,
     ) -> None:
-        state = info.get("State") or {}
+        state = _state_of(info)
         self._driver = driver
         self._record = record
         self.service = service
-        self.started_at = str(state.get("StartedAt", ""))
+        self.started_at = str(state.get("StartedAt") or "")
         self.started_ns = docker_time_ns(self.started_at)
-        self._pid: int | None = int(state.get("Pid") or 0) or None
+        self._pid: int | None = _int(state.get("Pid")) or None
         self._ended = anyio.Event()
         self._exit: ExitStatus | None = None
         record.handles.add(self)
-        for time_ns, code in record.dies:  # a die dispatched before this handle existed
-            if time_ns >= self.started_ns:
-                self._end(code)
         if not state.get("Running"):
-            self._end(int(state.get("ExitCode", 0)))
+            self._end(_int(state.get("ExitCode")) or 0)
+        elif record.gone or (record.seen > seq and not record.current(self)):
+            self._end(record.code_for(self))  # a newer inspect (or destroy) saw this run end
 
     def __repr__(self) -> str:
         return f"<ContainerHandle {self._record.name} {self._record.id[:12]}: {self.state}>"
@@ -194,9 +257,10 @@ class ContainerHandle:
         return self._exit is not None
 
     async def wait(self) -> ExitStatus:
-        """Return ``ExitStatus(code=State.ExitCode)`` once this run ended: a ``die``,
-        ``stop`` or ``destroy`` event, or a reconcile that found it not running. It
-        does not return while the engine is unreachable (the unit keeps its state)."""
+        """Return ``ExitStatus(code=State.ExitCode)`` once this run ended: an inspect
+        (after a ``die``, ``stop`` ... event, a reconnect or the periodic check) that
+        shows another ``StartedAt`` or a container not running, or its ``destroy``.
+        It does not return while the engine is unreachable (the unit keeps its state)."""
         await self._ended.wait()
         assert self._exit is not None
         return self._exit
@@ -210,18 +274,11 @@ class ContainerHandle:
         Raises:
             DockerUnavailable: the engine did not answer within
                 ``stop.timeout + call_timeout`` seconds.
+            DriverError: the engine refused (message from the engine).
         """
         if self._exit is not None:
             return self._exit
-        seconds = max(0, math.ceil(stop.timeout))
-        api = self._driver._api()
-        try:
-            await self._driver._call(
-                lambda: api.stop(self.container_id, timeout=seconds), timeout=seconds
-            )
-        except docker.errors.NotFound:
-            self._record.removed()
-        await self._driver.refresh(self._record)
+        await self._driver._stop_container(self._record, stop)
         if self._exit is None:  # running again (a restart policy): this run still ended
             self._end(self._record.exit_code or 0)
         assert self._exit is not None
@@ -251,13 +308,15 @@ class DockerDriver:
         reconnect_initial, reconnect_max: the reconnect delay in seconds,
             doubling from ``reconnect_initial`` up to ``reconnect_max``.
         ping_interval: seconds between liveness pings while streaming events, so
-            that a hung engine (no closed socket) is noticed too.
+            that a hung engine (no closed socket) is noticed too; each ping is
+            followed by an inspect of every tracked container.
 
     Attributes:
         connected: the engine answered and the event stream is open.
         on_connection_change: called on the event loop with the new value of
             ``connected`` when it flips (and with ``False`` when the first
             connection fails).
+        malformed_events: engine events skipped because they could not be read.
     """
 
     def __init__(
@@ -280,13 +339,17 @@ class DockerDriver:
         self.ping_interval = ping_interval
         self.connected = False
         self.on_connection_change: Callable[[bool], None] | None = None
+        self.malformed_events = 0
         self._announced: bool | None = None
         self._client: Any = None
         self._records: dict[str, _Record] = {}
-        self._last_ns = 0  # engine time of the last event applied, for ``since``
-        self._floor_ns = 0  # local time of the first connection: ``since`` before any event
-        self._last_keys: set[tuple[str, str]] = set()  # events applied at exactly _last_ns
-        self._stream_limiter = anyio.CapacityLimiter(1)
+        self._last_ns = 0  # engine time of the last event received: ``since`` of a reconnect
+        self._inspects = 0  # inspects asked so far: numbers their answers
+        self._stream_gen = 0  # events of an abandoned stream are dropped
+        self._tg: TaskGroup | None = None
+        self._confirming = 0
+        self._idle = anyio.Event()
+        self._idle.set()
 
     def __repr__(self) -> str:
         where = self.base_url or "DOCKER_HOST/context"
@@ -300,7 +363,9 @@ class DockerDriver:
 
     async def _call(self, fn: Callable[[], T], *, timeout: float = 0.0) -> T:
         """Run one blocking SDK call in a worker thread, bounded by
-        ``timeout + call_timeout`` seconds; engine failures become DockerUnavailable."""
+        ``timeout + call_timeout`` seconds. Engine failures become DockerUnavailable,
+        ``docker.errors.APIError`` is re-raised for the caller, anything else the SDK
+        raises (a malformed answer) becomes DriverError."""
         limit = timeout + self.call_timeout
         try:
             with anyio.fail_after(limit + 0.5):
@@ -311,23 +376,39 @@ class DockerDriver:
             raise
         except (docker.errors.DockerException, *_UNAVAILABLE) as exc:
             raise DockerUnavailable(f"the Docker engine is not reachable: {exc}") from exc
+        except Exception as exc:  # urllib3/http.client internals, a JSON error: never a crash
+            raise DriverError(f"the Docker SDK failed: {type(exc).__name__}: {exc}") from exc
 
-    async def _inspect(self, ref: str) -> dict[str, Any] | None:
+    async def _inspect(self, ref: str) -> tuple[int, dict[str, Any]] | None:
+        """``(number, docker inspect ref)``, or ``None`` if no such container.
+
+        Raises:
+            DockerUnavailable: the engine did not answer.
+            DriverError: it refused, or answered something that is not a container.
+        """
         api = self._api()
+        self._inspects += 1
+        seq = self._inspects
         try:
             info = await self._call(lambda: api.inspect_container(ref))
         except docker.errors.NotFound:
             return None
         except docker.errors.APIError as exc:
             raise DriverError(f"docker inspect {ref!r}: {exc.explanation or exc}") from exc
-        return cast(dict[str, Any], info)
+        if not (
+            isinstance(info, dict)
+            and isinstance(info.get("Id"), str)
+            and isinstance(info.get("State"), Mapping)
+        ):
+            raise DriverError(f"docker inspect {ref!r}: the engine's answer is not a container")
+        return seq, info
 
-    def _record_for(self, info: Mapping[str, Any]) -> _Record:
+    def _record_for(self, info: Mapping[str, Any], seq: int) -> _Record:
         cid = str(info["Id"])
         record = self._records.get(cid)
         if record is None:
             record = self._records[cid] = _Record(cid, str(info.get("Name", cid)).lstrip("/"))
-        record.apply_inspect(info)
+        record.apply_inspect(info, seq)
         return record
 
     async def refresh(self, record: _Record) -> None:
@@ -335,12 +416,30 @@ class DockerDriver:
 
         Raises:
             DockerUnavailable: the engine did not answer.
+            DriverError: the engine refused or answered nonsense.
         """
-        info = await self._inspect(record.id)
-        if info is None:
+        found = await self._inspect(record.id)
+        if found is None:
             record.removed()
         else:
-            record.apply_inspect(info)
+            record.apply_inspect(found[1], found[0])
+
+    async def _stop_container(self, record: _Record, stop: StopSpec) -> None:
+        """``docker stop -t ceil(stop.timeout)`` of a tracked container, then an inspect."""
+        seconds = max(0, math.ceil(stop.timeout))
+        api = self._api()
+        try:
+            await self._call(lambda: api.stop(record.id, timeout=seconds), timeout=seconds)
+        except docker.errors.NotFound:
+            record.removed()
+        except docker.errors.APIError as exc:
+            raise DriverError(f"docker stop {record.name!r}: {exc.explanation or exc}") from exc
+        await self.refresh(record)
+
+    async def wait_idle(self) -> None:
+        """Return once every inspect asked for by an event has been applied."""
+        while self._confirming:
+            await self._idle.wait()
 
     # ------------------------------------------------------------- Driver
     async def adopt(self, spec: ServiceSpec, *, task_group: TaskGroup) -> ContainerHandle | None:
@@ -348,11 +447,13 @@ class DockerDriver:
 
         Raises:
             DockerUnavailable: the engine did not answer.
+            DriverError: the engine refused or answered nonsense.
         """
-        info = await self._inspect(_target(spec).name)
-        if info is None or not (info.get("State") or {}).get("Running"):
+        found = await self._inspect(_target(spec).name)
+        if found is None or not _state_of(found[1]).get("Running"):
             return None
-        return ContainerHandle(self, self._record_for(info), info, spec.name)
+        seq, info = found
+        return ContainerHandle(self, self._record_for(info, seq), info, spec.name, seq=seq)
 
     async def start(self, spec: ServiceSpec, *, task_group: TaskGroup) -> ContainerHandle:
         """Make the unit's container run and return a handle on that run.
@@ -362,33 +463,66 @@ class DockerDriver:
         unpaused. A missing one is created by ``recreate_command`` (in
         ``spec.workdir`` with ``spec.env``, up to 5 minutes) when the unit has one.
 
+        Cancelled (a ``stop`` or ``restart`` arrived meanwhile), it leaves the
+        container stopped, never running and untracked: an engine call in flight
+        is let finish (up to ``call_timeout``), a ``recreate_command`` in flight
+        gets ``spec.stop.timeout`` more seconds and is then killed, and whatever
+        runs under the container's name is stopped (``docker stop -t``), all
+        shielded and bounded; then the cancellation goes on.
+
         Raises:
             SpawnError: the container does not exist (and could not be recreated),
                 or the engine refused to start it (message from the engine).
             DockerUnavailable: the engine is unreachable or did not answer in time.
+            DriverError: the engine answered nonsense.
         """
         target = _target(spec)
-        info = await self._inspect(target.name)
-        if info is None and target.recreate_command:
-            await self._recreate(spec, target.name, target.recreate_command)
-            info = await self._inspect(target.name)
-            if info is None:
+        try:
+            return await self._start(spec, target)
+        except anyio.get_cancelled_exc_class():
+            bound = spec.stop.timeout + 2 * self.call_timeout + 1
+            with anyio.move_on_after(bound, shield=True):
+                await self._stop_after_cancel(target.name, spec.stop)
+            raise
+
+    async def _start(self, spec: ServiceSpec, target: ContainerSpec) -> ContainerHandle:
+        found = await self._inspect(target.name)
+        if found is None and target.recreate_command:
+            argv = target.recreate_command
+            await _finish_on_cancel(
+                lambda: self._recreate(spec, target.name, argv), grace=spec.stop.timeout
+            )
+            found = await self._inspect(target.name)
+            if found is None:
                 raise SpawnError(
                     f"container {target.name!r} does not exist after recreate_command ran"
                 )
-        if info is None:
+        if found is None:
             raise SpawnError(
                 f"container {target.name!r} does not exist and the unit has no recreate_command"
             )
-        record = self._record_for(info)  # tracked before starting: no event is missed
-        status = str((info.get("State") or {}).get("Status"))
+        seq, info = found
+        record = self._record_for(info, seq)  # tracked before starting: no event is missed
+        status = str(_state_of(info).get("Status"))
         if status != "running":
-            await self._start_container(target.name, record.id, status)
-            info = await self._inspect(record.id)
-            if info is None:
+            await _finish_on_cancel(
+                lambda: self._start_container(target.name, record.id, status),
+                grace=self.call_timeout + 1,
+            )
+            found = await self._inspect(record.id)
+            if found is None:
                 raise SpawnError(f"container {target.name!r} was removed while starting")
-            record.apply_inspect(info)
-        return ContainerHandle(self, record, info, spec.name)
+            seq, info = found
+            record.apply_inspect(info, seq)
+        return ContainerHandle(self, record, info, spec.name, seq=seq)
+
+    async def _stop_after_cancel(self, name: str, stop: StopSpec) -> None:
+        """After a cancelled start: stop the container ``name`` if it runs (best effort:
+        an engine that does not answer cannot be helped)."""
+        with contextlib.suppress(DriverError):
+            found = await self._inspect(name)
+            if found is not None and _state_of(found[1]).get("Running"):
+                await self._stop_container(self._record_for(found[1], found[0]), stop)
 
     async def _start_container(self, name: str, cid: str, status: str) -> None:
         if status in ("restarting", "removing"):
@@ -430,36 +564,59 @@ class DockerDriver:
 
         Reports readiness (``task_group.start``) after the first connection
         attempt, successful or not, so a daemon does not wait for an absent engine.
+        A stream that ends within ``reconnect_max`` seconds of opening (an engine
+        that accepts and hangs up at once) is retried at the reconnect backoff.
         """
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            try:
+                await self._connect_forever(task_status)
+            finally:
+                self._tg = None
+
+    async def _connect_forever(self, task_status: TaskStatus[None]) -> None:
         started, attempt = False, 0
         while True:
-            try:
-                client, stream = await self._open()
-            except DockerUnavailable as exc:
-                self._set_connected(False, str(exc))
-                client = stream = None
-            if client is not None:
-                attempt, reconnecting = 0, self._announced is not None
-                if self._client is not None:
-                    self._client.close()
-                self._client = client
-                self._set_connected(True, "")
-                if reconnecting:
-                    await self._reconcile()
+            stream = await self._connect()
             if not started:
                 started = True
                 task_status.started()
-            if stream is None:
-                await anyio.sleep(min(self.reconnect_max, self.reconnect_initial * 2**attempt))
-                attempt += 1
-            else:
+            if stream is not None:
+                opened = anyio.current_time()
                 await self._stream(stream)
-                self.connected = False  # retry at once; the next round reports an outage
+                self.connected = False  # the next round reports an outage if there is one
+                if anyio.current_time() - opened >= self.reconnect_max:
+                    attempt = 0
+                    continue  # a stream that lived: reconnect at once
+            await anyio.sleep(self._delay(attempt))
+            attempt += 1
+
+    def _delay(self, attempt: int) -> float:
+        """The reconnect delay in seconds; ``attempt`` is capped so it never overflows."""
+        return min(self.reconnect_max, self.reconnect_initial * 2.0 ** min(attempt, 64))
+
+    async def _connect(self) -> Any:
+        """Open a client and its event stream; ``None`` if the engine is unreachable."""
+        try:
+            client, stream = await self._open()
+        except DriverError as exc:
+            self._set_connected(False, str(exc))
+            return None
+        reconnecting = self._announced is not None
+        previous, self._client = self._client, client
+        if previous is not None:
+            _close_quietly(previous)
+        self._set_connected(True, "")
+        if reconnecting:
+            await self._reconcile()
+        return stream
 
     async def _open(self) -> tuple[Any, Any]:
         """A new client and its event stream, ``since`` the last event seen."""
         gate, abandoned = threading.Lock(), threading.Event()
         opened: list[tuple[Any, Any]] = []
+        ns = self._last_ns  # the engine's own clock, never the host's
+        since = f"{ns // 10**9}.{ns % 10**9:09d}" if ns > 0 else None
 
         def connect() -> tuple[Any, Any]:
             timeout = math.ceil(self.call_timeout)
@@ -467,12 +624,10 @@ class DockerDriver:
                 client = docker.from_env(timeout=timeout)
             else:
                 client = docker.DockerClient(base_url=self.base_url, timeout=timeout)
-            ns = self._last_ns or self._floor_ns
-            since = f"{ns // 10**9}.{ns % 10**9:09d}" if ns else None
             try:
-                stream = client.api.events(since=since, filters={"type": "container"}, decode=True)
+                stream = client.api.events(since=since, filters={"type": "container"})
             except BaseException:
-                client.close()
+                _close_quietly(client)
                 raise
             with gate:  # a late answer after the caller gave up: nobody else would close it
                 opened.append((client, stream))
@@ -480,9 +635,8 @@ class DockerDriver:
                     _close(opened)
             return client, stream
 
-        floor = time.time_ns()
         try:
-            result = await self._call(connect)
+            return await self._call(connect)
         except BaseException as exc:
             with gate:
                 abandoned.set()
@@ -492,18 +646,31 @@ class DockerDriver:
                     f"the Docker engine refused the event stream: {exc}"
                 ) from exc
             raise
-        self._floor_ns = self._floor_ns or floor
-        return result
 
     async def _stream(self, stream: Any) -> None:
-        """Apply events until the stream ends or a liveness ping fails."""
+        """Apply events until the stream ends or a liveness ping fails.
+
+        The stream is read by a thread of its own (not anyio's pool: a reader that
+        cannot be unblocked must not hold up the next stream). It hands one event
+        at a time to the loop (at most one in flight, so nothing queues up), and any
+        failure of the stream, of any type, ends it; :meth:`run` reconnects.
+        """
+        self._stream_gen += 1
+        gen, token, ended = self._stream_gen, anyio.lowlevel.current_token(), anyio.Event()
+
+        def deliver(item: object) -> None:
+            if gen == self._stream_gen:
+                self._apply_event(item)
 
         def pump() -> None:
             try:
-                for item in stream:
-                    anyio.from_thread.run_sync(self._apply_event, item)
-            except (RuntimeError, *_UNAVAILABLE):  # loop gone, or the engine went away
-                return
+                for item in _decode_events(stream):
+                    anyio.from_thread.run_sync(deliver, item, token=token)
+            except Exception:  # the engine went away, the loop is gone, or garbage
+                pass
+            finally:
+                with contextlib.suppress(Exception):
+                    anyio.from_thread.run_sync(ended.set, token=token)
 
         async def watchdog(scope: anyio.CancelScope) -> None:
             api = self._client.api
@@ -511,19 +678,20 @@ class DockerDriver:
                 await anyio.sleep(self.ping_interval)
                 try:
                     await self._call(api.ping)
-                except (DockerUnavailable, docker.errors.APIError):
+                except (DriverError, docker.errors.APIError):
                     scope.cancel("Docker engine stopped answering pings")
                     return
+                await self._reconcile()  # a silent stream hides no die for long
 
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(watchdog, tg.cancel_scope)
-                await anyio.to_thread.run_sync(
-                    pump, abandon_on_cancel=True, limiter=self._stream_limiter
-                )
+                threading.Thread(target=pump, name="hostvisor-docker-events", daemon=True).start()
+                await ended.wait()
                 tg.cancel_scope.cancel("event stream ended")
         finally:
-            stream.close()  # unblocks the reader thread if it was abandoned
+            self._stream_gen += 1  # late events of this stream are dropped
+            _close_quietly(stream)  # unblocks the reader thread
 
     def _set_connected(self, connected: bool, reason: str) -> None:
         self.connected = connected
@@ -545,52 +713,163 @@ class DockerDriver:
             self.on_connection_change(connected)
 
     async def _reconcile(self) -> None:
-        """Inspect every container with a live handle after a reconnect."""
+        """Inspect every container with a live handle; forget the removed ones (whose
+        ``destroy`` was missed). A record without handles is kept: a ``start()`` in
+        progress holds it before its handle exists."""
 
         async def refresh(record: _Record) -> None:
             with contextlib.suppress(DriverError):  # gone again: the next reconnect reconciles
                 await self.refresh(record)
 
+        for cid in [c for c, r in self._records.items() if r.gone]:
+            del self._records[cid]
         async with anyio.create_task_group() as tg:
             for record in [r for r in self._records.values() if r.handles]:
                 tg.start_soon(refresh, record)
 
-    def _apply_event(self, item: Mapping[str, Any]) -> None:
-        """Apply one engine event (on the event loop); replays after ``since`` are skipped."""
-        actor = item.get("Actor") or {}
-        cid = str(actor.get("ID") or item.get("id") or "")
-        action = str(item.get("Action") or item.get("status") or "")
-        time_ns = int(item.get("timeNano") or int(item.get("time") or 0) * 10**9)
-        key = (cid, action)
-        if time_ns < self._last_ns or (time_ns == self._last_ns and key in self._last_keys):
+    # ------------------------------------------------------------- events
+    def _apply_event(self, item: object) -> None:
+        """Apply one engine event (on the event loop); never raises.
+
+        Nothing is filtered or matched by the event's time (see the module
+        docstring): a lifecycle event of a tracked container asks for a fresh
+        inspect, which decides; ``destroy`` ends its handles; ``health_status``
+        updates the health last seen. An event that cannot be read is skipped and
+        counted in :attr:`malformed_events`.
+        """
+        parsed = _parse_event(item)
+        if parsed is None:
+            self.malformed_events += 1
             return
-        if time_ns > self._last_ns:
-            self._last_ns, self._last_keys = time_ns, set()
-        self._last_keys.add(key)
+        cid, action, time_ns, attrs = parsed
+        if time_ns > 0:
+            self._last_ns = time_ns  # the latest in stream order, even if the clock went back
         record = self._records.get(cid)
         if record is None:
             return
-        attrs = actor.get("Attributes") or {}
-        if action == "die":
-            record.died(time_ns, int(attrs.get("exitCode") or 0))
-        elif action == "destroy":
+        if action == "destroy":
             record.removed()
             del self._records[cid]
-        elif action == "start":
-            record.state, record.exit_code = "running", None
-            if record.health is not None:
-                record.health = "starting"
-        elif action.startswith("health_status:"):
-            record.health = action.partition(":")[2].strip()
-        elif action in ("pause", "unpause"):
-            record.state = "paused" if action == "pause" else "running"
+        elif action.startswith("health_status"):
+            record.health = action.partition(":")[2].strip() or record.health
+        elif action in _LIFECYCLE:
+            if action == "die":
+                record.last_die = _int(attrs.get("exitCode"))
+            self._confirm(record)
+
+    def _confirm(self, record: _Record) -> None:
+        """Inspect ``record`` soon (coalesced: one inspect in flight per container)."""
+        record.dirty = True
+        if record.confirming or self._tg is None:
+            return
+        record.confirming = True
+        self._confirming += 1
+        self._idle = anyio.Event()
+        self._tg.start_soon(self._confirmer, record)
+
+    async def _confirmer(self, record: _Record) -> None:
+        delay = self.reconnect_initial
+        try:
+            while record.dirty and not record.gone:
+                record.dirty = False
+                try:
+                    await self.refresh(record)
+                except DriverError:
+                    if not self.connected:
+                        return  # the reconnect inspects every tracked container
+                    record.dirty = True  # a refusal (500) or a timeout: try again
+                    await anyio.sleep(delay)
+                    delay = min(self.reconnect_max, delay * 2)
+        finally:
+            record.confirming = False
+            self._confirming -= 1
+            if not self._confirming:
+                self._idle.set()
+
+
+async def _finish_on_cancel(fn: Callable[[], Awaitable[T]], *, grace: float) -> T:
+    """Await ``fn()``; if the caller is cancelled meanwhile, let ``fn`` go on (shielded)
+    for ``grace`` more seconds, then cancel it, and re-raise the caller's cancellation.
+
+    For steps that change the engine (``docker start``, ``recreate_command``): cut off
+    mid-way, the engine may still carry them out after the caller has looked.
+    """
+    results: list[T] = []
+    failures: list[Exception] = []
+    inner = anyio.CancelScope(shield=True)
+    done = anyio.Event()
+
+    async def work() -> None:
+        with inner:
+            try:
+                results.append(await fn())
+            except Exception as exc:  # handed to the caller, not to the task group
+                failures.append(exc)
+        done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(work)
+        try:
+            await done.wait()
+        except anyio.get_cancelled_exc_class():
+            inner.deadline = min(inner.deadline, anyio.current_time() + grace)
+            raise
+    if failures:
+        raise failures[0]
+    return results[0]
+
+
+def _parse_event(item: object) -> tuple[str, str, int, Mapping[str, Any]] | None:
+    """``(container id, action, time ns, attributes)`` of an engine event, or ``None``."""
+    if not isinstance(item, Mapping):
+        return None
+    actor = item.get("Actor")
+    actor = actor if isinstance(actor, Mapping) else {}
+    cid = actor.get("ID") or item.get("id")
+    action = item.get("Action") or item.get("status")
+    if not (isinstance(cid, str) and cid and isinstance(action, str)):
+        return None
+    attrs = actor.get("Attributes")
+    nanos = _int(item.get("timeNano"))
+    if nanos is None:
+        nanos = (_int(item.get("time")) or 0) * 10**9
+    return cid, action, nanos, attrs if isinstance(attrs, Mapping) else {}
+
+
+def _decode_events(chunks: Iterable[bytes | str]) -> Iterator[object]:
+    """Engine events from the raw ``/events`` body: one JSON value per line (what the
+    engine's ``json.Encoder`` writes). A line that is not JSON yields ``None``; a line
+    longer than :data:`MAX_EVENT_BYTES` is skipped whole (memory stays bounded)."""
+    buffer, skipping = b"", False
+    for chunk in chunks:
+        buffer += chunk.encode() if isinstance(chunk, str) else chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if skipping:
+                skipping = False
+                yield None
+                continue
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except (ValueError, RecursionError):
+                    yield None
+        if len(buffer) > MAX_EVENT_BYTES:
+            buffer, skipping = b"", True
+
+
+def _close_quietly(thing: Any) -> None:
+    """``close()`` a stream or client; a failure to close (a socket already gone, an SSH
+    transport that cannot cancel) must not take the driver down."""
+    with contextlib.suppress(Exception):
+        thing.close()
 
 
 def _close(opened: list[tuple[Any, Any]]) -> None:
     while opened:
         client, stream = opened.pop()
-        stream.close()
-        client.close()
+        _close_quietly(stream)
+        _close_quietly(client)
 
 
 def _target(spec: ServiceSpec) -> ContainerSpec:
