@@ -40,7 +40,9 @@ from supervisor.errors import (
     UnknownService,
 )
 from supervisor.events import EventBus, Redactor
-from supervisor.logfiles import DropReport, LogDrops, LogHub, RotatingLog, reopen_all
+from supervisor.logfile import RotatingLog, reopen_all
+from supervisor.logfiles import DropReport, LogDrops
+from supervisor.loghub import LogHub
 from supervisor.paths import log_dir, resolve_socket_path, resolve_state_dir, service_log_path
 from supervisor.reaper import Reaper
 from supervisor.service import Broadcast, ServiceSupervisor, exception_leaves

@@ -43,7 +43,9 @@ import anyio
 import anyio.abc
 
 from supervisor.events import Event
-from supervisor.logfiles import LogDrops, LogHub, RotatingLog
+from supervisor.logfile import RotatingLog
+from supervisor.logfiles import LogDrops
+from supervisor.loghub import LogHub
 
 __all__ = ["LEVELS", "STDERR_BUFFER", "DaemonLog", "LibraryLogHandler"]
 

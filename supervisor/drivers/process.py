@@ -38,16 +38,16 @@ from anyio.abc import TaskGroup
 
 from supervisor.errors import DriverError, SpawnError
 from supervisor.fdlimits import child_limits, fd_headroom_ok, limits, relocate
+from supervisor.logfile import RotatingLog
 from supervisor.logfiles import (
     CAPTURE_LIMIT,
     LogDrops,
-    LogHub,
-    RotatingLog,
     capture,
     drain_all,
     open_pipe,
     pipe_budget,
 )
+from supervisor.loghub import LogHub
 from supervisor.paths import log_dir, service_log_path
 from supervisor.reaper import (
     Reaper,
