@@ -3,6 +3,7 @@ nothing of an instance outlives it (group members, escapees, drains, descriptors
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -65,3 +66,39 @@ class TestMainProcessExit:
             escapee = logged_pid(d, "esc", "grandchild")
             d.wait_state("esc", "exited", timeout=15)
             d.wait_for(lambda: gone(escapee), timeout=10, what="the escapee to be stopped")
+
+
+class TestNothingAccumulates:
+    def test_restarts_leave_the_daemons_descriptors_flat(self, tmp_path: Path) -> None:
+        """300 restarts of crash-looping units (with setsid escapees holding their pipes)
+        leave the daemon with the descriptors it had: no pipe, log file, pidfd or drain
+        outlives its instance."""
+        crash = (
+            f"command = {py_cmd('proc_daemonize', 'exit')}\n"
+            'start_seconds = "0.01s"\ngive_up_after = 0\nstop_timeout = "1s"\n'
+            '[backoff]\ninitial = "0.01s"\nmax = "0.02s"\njitter = 0\n'
+        )
+        names = ["c0", "c1", "c2"]
+        with daemon(tmp_path, units=dict.fromkeys(names, crash)) as d:
+            assert d.proc is not None
+            d.wait_for(lambda: d.status("c0")["restarts"] >= 2, timeout=30)
+            d.call("stop", services=names, wait=True)
+            before = len(os.listdir(f"/proc/{d.proc.pid}/fd"))
+            d.call("start", services=names, wait=False)
+
+            def restarted() -> bool:
+                doc = d.call("status")
+                return sum(s["restarts"] for s in doc["services"]) >= 300
+
+            d.wait_for(restarted, timeout=120, what="300 restarts")
+            d.call("stop", services=names, wait=True)
+            d.wait_for(lambda: not marked_any(names), timeout=15, what="escapees gone")
+            after = len(os.listdir(f"/proc/{d.proc.pid}/fd"))
+            assert abs(after - before) <= 2, (before, after)
+
+
+def marked_any(names: list[str]) -> bool:
+    """True while a process marked as one of ``names`` runs anywhere."""
+    from tests.support import marked
+
+    return any(marked(name, anywhere=True) for name in names)
