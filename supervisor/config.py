@@ -21,7 +21,8 @@ Choices where the contract is silent:
 - Files whose name starts with ``.`` in the units folder are ignored (editor
   lock files such as ``.#web.toml``).
 - Config, unit and env files are regular files of at most 1 MiB, not
-  group/world-writable, owned by the daemon's user or root (links followed).
+  group/world-writable, owned by the daemon's user or root (links followed);
+  :mod:`supervisor.configfiles` reads them.
 - ``secret_env_files`` are read like ``env_files``, after them and before
   ``env``; every variable they set is secret whatever its name.
 - Two units with the same ``port`` are an error naming both.
@@ -33,29 +34,23 @@ Choices where the contract is silent:
 from __future__ import annotations
 
 import difflib
-import errno
-import itertools
 import math
 import os
 import re
-import stat
-import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
 from supervisor import durations as values
+from supervisor.configfiles import read_env_file, read_env_files, read_toml
 from supervisor.durations import (
     IssueSink,
     Key,
     TableReader,
     parse_duration,
-    parse_env_file,
     parse_signal,
     parse_size,
-    read_env_file,
-    read_file,
 )
 from supervisor.errors import ConfigError, ConfigIssue, SocketPathError
 from supervisor.paths import check_socket_path
@@ -76,9 +71,6 @@ from supervisor.spec import (
     TelemetrySpec,
 )
 from supervisor.states import DependencyCondition, Restart
-
-# Over STYLE's 600 lines by about 30: the file-reading half (_read_toml to _unsafe, and
-# _read_env_files) is the seam for a module of its own (issue 9 kept this change to config.py).
 
 __all__ = ["SERVICE_NAME", "check", "load", "parse_duration", "parse_size", "read_env_file"]
 
@@ -198,7 +190,7 @@ class _Context:
 
 def _load(path: Path, environ: Mapping[str, str] | None) -> tuple[Loaded | None, list[ConfigIssue]]:
     ctx = _Context(Path(os.path.abspath(path)), os.environ if environ is None else environ)
-    data = _read_toml(ctx.config, ctx.issues, missing="file not found (create it, or pass -c PATH)")
+    data = read_toml(ctx.config, ctx.issues, missing="file not found (create it, or pass -c PATH)")
     if data is None:
         return None, ctx.issues
     sink = IssueSink(ctx.issues, str(ctx.config))
@@ -215,73 +207,6 @@ def _load(path: Path, environ: Mapping[str, str] | None) -> tuple[Loaded | None,
     if issues:
         return None, issues
     return Loaded(daemon=daemon, services=services), []
-
-
-def _read_toml(path: Path, issues: list[ConfigIssue], *, missing: str = "") -> Table | None:
-    """The parsed file, or ``None`` (with an issue) when missing, unsafe, unreadable or not TOML.
-
-    ``missing`` replaces the message for a file that does not exist.
-    """
-    try:
-        data, info = read_file(path)
-    except OSError as exc:
-        lost = exc.errno == errno.ENOENT and missing
-        issues.append(ConfigIssue(str(path), "", lost or f"cannot read: {exc.strerror or exc}"))
-        return None
-    if problem := _unsafe(info, path):
-        issues.append(ConfigIssue(str(path), "", problem))
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        issues.append(ConfigIssue(str(path), "", f"not UTF-8 text (byte {exc.start})"))
-        return None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        where = re.search(r"line (\d+)", str(exc))
-        key = f"line {where.group(1)}" if where else ""
-        issues.append(ConfigIssue(str(path), key, f"invalid TOML: {exc}"))
-    except ValueError as exc:  # Python's limit on int digits (4300), past tomllib's own checks
-        issues.append(_huge_integer(text, path, exc))
-    except RecursionError:
-        deep = "arrays or tables nested too deeply for tomllib; no key needs more than 2 levels"
-        issues.append(ConfigIssue(str(path), _deep_line(text), deep))
-    return None
-
-
-def _huge_integer(text: str, path: Path, exc: ValueError) -> ConfigIssue:
-    """The issue for an integer of more than 4300 digits: its dotted key if plain, its line."""
-    digits = re.search(r"[0-9_]{4301,}", text)
-    if digits is None:
-        return ConfigIssue(str(path), "", f"invalid TOML: {exc}")
-    begin = text.rfind("\n", 0, digits.start()) + 1
-    line = text.count("\n", 0, begin) + 1
-    name = re.fullmatch(r"[ \t]*([\w.-]+)[ \t]*=[ \t]*[+-]?", text[begin : digits.start()])
-    table = re.findall(r"(?m)^[ \t]*\[+[ \t]*([\w.-]+)[ \t]*\]", text[:begin])
-    key = ".".join([*table[-1:], name.group(1)]) if name else f"line {line}"
-    return ConfigIssue(str(path), key, (
-        f"an integer of {len(digits.group())} digits (line {line}); no key takes one that large: "
-        "ports are 1-65535, counts at most 1000000, sizes at most 1 TiB"))  # fmt: skip
-
-
-def _deep_line(text: str) -> str:
-    """``line N`` where ``[`` and ``{`` first nest 100 deep (strings are not skipped)."""
-    depth = itertools.accumulate(int(c in "[{") - int(c in "]}") for c in text)
-    at = next((i for i, d in enumerate(depth) if d > 100), None)
-    return "" if at is None else f"line {text.count(chr(10), 0, at) + 1}"
-
-
-def _unsafe(info: os.stat_result, path: Path) -> str | None:
-    """Why the file ``info`` describes must not be trusted (others can write it), or ``None``."""
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o022:
-        return f"file is group/world-writable (mode {mode:04o}); run chmod go-w {path}"
-    if info.st_uid not in (os.geteuid(), 0):
-        return (
-            f"file is owned by uid {info.st_uid}, not by this user (uid {os.geteuid()}) "
-            f"or root; run chown {os.geteuid()} {path}"
-        )
-    return None
 
 
 def _parse_daemon(top: TableReader, ctx: _Context) -> tuple[DaemonSpec, bool]:
@@ -355,7 +280,7 @@ def _load_units(folder: Path, defaults: Table, ctx: _Context) -> dict[str, Servi
                 f"must match {SERVICE_NAME.pattern}")  # fmt: skip
             ctx.issues.append(ConfigIssue(str(path), "name", f'service name "{name}" {why}'))
             continue
-        data = _read_toml(path, ctx.issues)
+        data = read_toml(path, ctx.issues)
         graph[name] = (IssueSink(ctx.issues, str(path)), {})
         if data is None:
             continue
@@ -414,8 +339,10 @@ def _parse_unit(
         unit.fail("recreate_command", "only for container units (set container)")
     env_files = unit.get("env_files", values.list_of(values.nonempty, "paths"), ())
     secret_files = unit.get("secret_env_files", values.list_of(values.nonempty, "paths"), ())
-    env = _read_env_files(env_files, unit, ctx, key="env_files")
-    secret_env = _read_env_files(secret_files, unit, ctx, key="secret_env_files")
+    env = read_env_files(env_files, unit, key="env_files", resolve=ctx.path, issues=ctx.issues)
+    secret_env = read_env_files(
+        secret_files, unit, key="secret_env_files", resolve=ctx.path, issues=ctx.issues
+    )
     env.update(secret_env)
     env.update(unit.get("env", values.env_table, {}))
     deps = unit.get("depends_on", values.depends_on, {})
@@ -451,38 +378,6 @@ def _parse_unit(
     target = ProcessSpec(command=command) if command is not None else ContainerSpec(
         name=cast(str, container), recreate_command=recreate)  # fmt: skip
     return ServiceSpec(name=name, target=target, **fields), deps
-
-
-def _read_env_files(
-    files: Iterable[str], unit: TableReader, ctx: _Context, *, key: str
-) -> dict[str, str]:
-    """``env_files`` (or ``secret_env_files``, named by ``key``) merged in order.
-
-    A leading ``-`` marks a file that may be missing. Files are read again for
-    each unit (they are small); a problem in a file is reported against the
-    file and deduplicated by :func:`_load`.
-    """
-    env: dict[str, str] = {}
-    for raw in files:
-        optional = raw.startswith("-")
-        path = ctx.path(raw[1:] if optional else raw)
-        try:
-            data, info = read_file(path)
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                if not optional:
-                    unit.fail(key, f"env file {path} not found (prefix it with - if optional)")
-            else:
-                unit.fail(key, f"cannot read env file {path}: {exc.strerror or exc}")
-            continue
-        if problem := _unsafe(info, path):
-            ctx.issues.append(ConfigIssue(str(path), "", problem))
-            continue
-        try:
-            env.update(parse_env_file(data, path))
-        except ConfigError as exc:
-            ctx.issues.extend(exc.issues)
-    return env
 
 
 def _parse_preflight(unit: TableReader, *, partial: bool) -> PreflightSpec | None:

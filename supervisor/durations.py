@@ -5,7 +5,8 @@ the specs hold (float seconds, int bytes, int signal number, argv tuple), or
 raises :class:`ValueError` whose message says what is expected; the loader in
 :mod:`supervisor.config` turns that message into a ``file: key: message`` issue.
 :class:`TableReader` applies converters to the keys of one table and records
-every problem in an :class:`IssueSink`; :func:`read_env_file` parses env files.
+every problem in an :class:`IssueSink`. Reading the files themselves (env files
+too) is :mod:`supervisor.configfiles`.
 
 Conventions:
 
@@ -16,8 +17,6 @@ Conventions:
   SI decimal prefixes for ``KB``/``MB``/``GB``/``TB`` (1000), as systemd and
   Docker do; a bare integer is bytes.
 - Signals are named as ``kill -l`` does, with or without ``SIG``, or by number.
-- Env files follow docker's ``--env-file`` and python-dotenv: ``KEY=VALUE``,
-  ``#`` comments, optional ``export``, ``"..."`` with escapes, ``'...'`` literal.
 
 Bounds (issue 9: what ``check`` accepts must run): durations <= 365 days (far
 inside what float seconds on anyio's clock can add), sizes <= 1 TiB, counts <=
@@ -28,29 +27,25 @@ can hold one); files read are regular files of at most 1 MiB.
 from __future__ import annotations
 
 import difflib
-import errno
 import json
 import math
-import os
 import re
 import shlex
 import signal
-import stat
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
-from supervisor.errors import ConfigError, ConfigIssue
+from supervisor.errors import ConfigIssue
 from supervisor.states import DependencyCondition
 
 __all__ = [
     "MAX_COUNT", "MAX_DURATION", "MAX_FILE_SIZE", "MAX_ISSUES", "MAX_SIZE", "MORE_ISSUES",
     "IssueSink", "Key", "TableReader", "argv", "boolean", "choice", "depends_on",
     "describe_value", "env_table", "host_port", "http_method", "http_url", "integer", "list_of",
-    "nonempty", "number", "parse_duration", "parse_env_file", "parse_signal", "parse_size",
-    "positive_duration", "read_env_file", "read_file", "string",
+    "nonempty", "number", "parse_duration", "parse_signal", "parse_size",
+    "positive_duration", "string",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -69,7 +64,6 @@ MAX_FILE_SIZE = 1024**2
 MAX_ISSUES = 100
 MORE_ISSUES = ConfigIssue("...", "", f"more issues not shown (the first {MAX_ISSUES} are)")
 _NUL = "must not contain a NUL character (\\u0000); remove it"
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h|d)\s*")
 _DURATION_HINT = 'expected a duration like "30s", "250ms", "5m", "1h" or a number of seconds'
@@ -399,117 +393,6 @@ def depends_on(value: object) -> dict[str, DependencyCondition]:
         'expected a list of names or a table like { db = "healthy" }, '
         f"got {describe_value(value)}"
     )
-
-
-def read_file(path: Path, *, limit: int = MAX_FILE_SIZE) -> tuple[bytes, os.stat_result]:
-    """The bytes of a regular file of at most ``limit`` bytes, and its ``fstat`` (links followed).
-
-    Opened with ``O_NONBLOCK``, so that a FIFO in place of a file cannot hang the loader.
-
-    Raises:
-        OSError: it cannot be opened or read (``ENOENT``, ``EACCES``,
-            ``ELOOP`` ...), it is not a regular file (``EINVAL``, with a
-            ``strerror`` naming what it is), or it is larger than ``limit``
-            (``EFBIG``). ``strerror`` is always set.
-    """
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
-    try:
-        fd = os.open(path, flags)
-    except ValueError:  # a NUL in the path: the OS could not even be asked
-        raise OSError(errno.EINVAL, "the path contains a NUL character") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO, socket or device"
-            raise OSError(errno.EINVAL, f"not a regular file ({kind})")
-        chunks, size = [], 0
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                raise OSError(errno.EFBIG, f"larger than {limit} bytes")
-        return b"".join(chunks), info
-    finally:
-        os.close(fd)
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """Read ``KEY=VALUE`` lines (the docker/systemd/dotenv env-file convention).
-
-    :func:`read_file` then :func:`parse_env_file`.
-
-    Raises:
-        OSError: the file cannot be read (see :func:`read_file`).
-        ConfigError: see :func:`parse_env_file`.
-    """
-    return parse_env_file(read_file(path)[0], path)
-
-
-def parse_env_file(data: bytes, path: Path) -> dict[str, str]:
-    """Parse the ``KEY=VALUE`` lines of an env file's bytes.
-
-    Blank lines and lines starting with ``#`` are skipped; ``export KEY=VALUE``
-    is accepted. A value in ``"..."`` understands ``\\\\ \\" \\n \\t \\$``; one
-    in ``'...'`` is literal; an unquoted value is stripped and loses a trailing
-    `` # comment``. Nothing is expanded. ``path`` is for messages.
-
-    Returns:
-        The variables, in file order (a later line wins).
-
-    Raises:
-        ConfigError: not UTF-8, or some lines are malformed or hold a NUL
-            (one issue per line, keyed ``line N``; values are never echoed).
-    """
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            [ConfigIssue(str(path), "", f"not UTF-8 text (byte {exc.start})")]
-        ) from None
-    result: dict[str, str] = {}
-    issues: list[ConfigIssue] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        try:
-            parsed = _parse_env_line(line)
-        except ValueError as exc:
-            issues.append(ConfigIssue(str(path), f"line {lineno}", str(exc)))
-            continue
-        if parsed is not None:
-            result[parsed[0]] = parsed[1]
-    if issues:
-        raise ConfigError(issues)
-    return result
-
-
-def _parse_env_line(line: str) -> tuple[str, str] | None:
-    stripped = line.strip()
-    if not stripped or stripped.startswith("#"):
-        return None
-    if "\0" in stripped:
-        raise ValueError(_NUL)
-    if stripped.startswith("export ") or stripped.startswith("export\t"):
-        stripped = stripped[7:].lstrip()
-    key, sep, raw = stripped.partition("=")
-    key = key.strip()
-    if not sep or not _ENV_NAME.fullmatch(key):
-        raise ValueError("expected KEY=VALUE with KEY made of letters, digits and _")
-    raw = raw.strip()
-    if raw[:1] not in ("'", '"'):
-        return key, re.split(r"\s+#", raw, maxsplit=1)[0].rstrip()
-    quote, value, index, escapes = raw[0], [], 1, {"n": "\n", "t": "\t"}
-    while index < len(raw) and raw[index] != quote:
-        char = raw[index]
-        if quote == '"' and char == "\\" and index + 1 < len(raw):
-            index += 1
-            char = escapes.get(raw[index], raw[index])
-        value.append(char)
-        index += 1
-    if index >= len(raw):
-        raise ValueError(f"unterminated {quote} quote")
-    rest = raw[index + 1 :].strip()
-    if rest and not rest.startswith("#"):
-        raise ValueError("unexpected text after the closing quote")  # never echo a secret
-    return key, "".join(value)
 
 
 # ---------------------------------------------------------------------------- tables
