@@ -163,8 +163,10 @@ def remember(sup: ServiceSupervisor, handle: Handle) -> None:
     Read once RUNNING, not at spawn: reading a process's start time while its exec
     settles costs about half a millisecond on the restart path.
     """
+    if sup.spec.port is None or handle.pid is None:
+        return
     create_time = getattr(handle, "create_time", None)
-    if sup.spec.port is None or handle.pid is None or not isinstance(create_time, float):
+    if not isinstance(create_time, float):
         return
     sup._known = [*sup._known[-7:], (handle.pid, create_time)]
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import stat
 import threading
@@ -294,8 +295,15 @@ _live: dict[str, _File] = {}
 _live_lock = threading.Lock()
 
 
+@functools.lru_cache(maxsize=64)
+def _real_folder(folder: str) -> str:
+    # realpath costs an lstat per path component; a log folder's real path does not
+    # change under a running daemon often enough to pay that at every spawn.
+    return os.path.realpath(folder)
+
+
 def _acquire(path: Path, max_size: int, backups: int) -> _File:
-    key = os.path.join(os.path.realpath(path.parent), path.name)
+    key = os.path.join(_real_folder(str(path.parent)), path.name)
     with _live_lock:
         file = _live.get(key)
         if file is None or file.retired:

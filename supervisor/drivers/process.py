@@ -48,7 +48,7 @@ from supervisor.logfiles import (
     pipe_budget,
 )
 from supervisor.loghub import LogHub
-from supervisor.paths import log_dir, service_log_path
+from supervisor.paths import service_log_path
 from supervisor.reaper import (
     Reaper,
     WaitThread,
@@ -134,7 +134,7 @@ class ProcessHandle:
         self._group_gone = False
         self._lock = anyio.Lock()
         self._drained = anyio.Event()
-        self._drain_scope: anyio.CancelScope | None = None
+        self._swept = anyio.Event()
         self._create_time: float | None = None
 
     def __repr__(self) -> str:
@@ -278,33 +278,38 @@ class ProcessHandle:
 
         Also the sweep after the leader exited on its own (systemd's
         ``KillMode=control-group``): the remaining members and marked escapees get the
-        same treatment; with nothing left it returns at once. Ends with the log drains:
-        output still held open by a process we could not recognise is cut off after
-        :data:`DRAIN_GRACE` seconds, so no pipe, log descriptor or task outlives the
-        instance. Returns the leader's exit status.
+        same treatment; with nothing left it returns at once. The log drains go on until
+        EOF, but output still held open by a process we could not recognise is cut off
+        :data:`DRAIN_GRACE` seconds after this returns, so no pipe, log descriptor or task
+        outlives the instance. Returns the leader's exit status.
         """
         deadline = anyio.current_time() + stop.timeout
         escaped = await self._find_escapees()
         for proc in escaped:
             signal_verified(proc, stop.signal)
-        if self.signal_group(stop.signal):
+        signalled = self.signal_group(stop.signal)
+        if signalled:
             with anyio.move_on_after(stop.timeout):
                 await self.wait_group()
             if not self._group_gone:
                 self.signal_group(signal.SIGKILL)
         status = await self.wait_group()
-        # Escapees made or reparented to us meanwhile get the same treatment.
-        known = {(p.pid, p.create_time()) for p in escaped}
-        for proc in await self._find_escapees():
-            if (proc.pid, proc.create_time()) not in known:
-                signal_verified(proc, stop.signal)
-                escaped.append(proc)
-        remaining = await wait_gone(escaped, max(0.0, deadline - anyio.current_time()))
-        for proc in remaining:
-            signal_verified(proc, signal.SIGKILL)
-        if remaining:
-            await wait_gone(remaining, ESCAPEE_KILL_WAIT)
-        await self._end_drains()
+        if signalled or escaped:
+            # Escapees made or reparented to us meanwhile get the same treatment. (With
+            # nothing signalled and no await since the first walk, it would find the same.)
+            known = {(p.pid, p.create_time()) for p in escaped}
+            for proc in await self._find_escapees():
+                if (proc.pid, proc.create_time()) not in known:
+                    signal_verified(proc, stop.signal)
+                    escaped.append(proc)
+        if escaped:
+            left = max(0.0, deadline - anyio.current_time())
+            remaining = await wait_gone(escaped, left)
+            for proc in remaining:
+                signal_verified(proc, signal.SIGKILL)
+            if remaining:
+                await wait_gone(remaining, ESCAPEE_KILL_WAIT)
+        self._swept.set()  # the drains may now be cut off after DRAIN_GRACE (see _drain)
         return status
 
     async def _find_escapees(self) -> list[psutil.Process]:
@@ -315,13 +320,6 @@ class ProcessHandle:
         return await anyio.to_thread.run_sync(
             lambda: find_marked(roots, MARKER, self.service, skip_pgid=self.pgid)
         )
-
-    async def _end_drains(self) -> None:
-        with anyio.move_on_after(DRAIN_GRACE):
-            await self._drained.wait()
-        if self._drain_scope is not None and not self._drained.is_set():
-            self._drain_scope.cancel()  # closes the pipes and the log file
-            await self._drained.wait()
 
     def _escape_roots(self) -> list[int]:
         # Escaped descendants are below the leader while it lives, or were
@@ -343,8 +341,18 @@ class ProcessHandle:
         release: Callable[[], None],
     ) -> None:
         try:
-            with anyio.CancelScope() as self._drain_scope:
+            async with anyio.create_task_group() as tg:
+
+                async def cut_off_later() -> None:
+                    # Output still held open DRAIN_GRACE s after the instance was swept
+                    # belongs to a process we could not recognise: stop reading it.
+                    await self._swept.wait()
+                    await anyio.sleep(DRAIN_GRACE)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(cut_off_later)
                 await drain_all(fds, log, hub=hub, key=self.service, drops=drops)
+                tg.cancel_scope.cancel()
         finally:
             release()
             self._drained.set()
@@ -526,7 +534,7 @@ class ProcessDriver:
     def _open_log(self, spec: ServiceSpec) -> RotatingLog:
         path = service_log_path(self.state_dir, spec.name)
         try:
-            log_dir(self.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+            # RotatingLog creates a missing logs folder itself (0700).
             return RotatingLog(path, max_size=spec.logs.max_size, backups=spec.logs.backups)
         except DriverError as exc:
             raise SpawnError(str(exc), errno=errno.ELOOP, path=str(path)) from exc
