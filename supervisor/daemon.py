@@ -13,13 +13,12 @@ SIGKILL; exit 0); a second SIGINT forces it at once; SIGHUP reloads.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,7 +31,6 @@ from supervisor.daemonlog import DaemonLog, LibraryLogHandler
 from supervisor.drivers.base import Driver
 from supervisor.drivers.process import ProcessDriver
 from supervisor.errors import (
-    AlreadyRunning,
     ConfigError,
     ConfigRejected,
     ControlError,
@@ -40,9 +38,11 @@ from supervisor.errors import (
     UnknownService,
 )
 from supervisor.events import EventBus, Redactor
+from supervisor.lock import acquire_lock
 from supervisor.logfile import RotatingLog, reopen_all
 from supervisor.logfiles import DropReport, LogDrops
 from supervisor.loghub import LogHub
+from supervisor.ordering import in_stop_order
 from supervisor.paths import log_dir, resolve_socket_path, resolve_state_dir, service_log_path
 from supervisor.reaper import Reaper
 from supervisor.service import Broadcast, ServiceSupervisor, exception_leaves
@@ -56,61 +56,6 @@ S = ServiceState
 EXIT_SOFTWARE = 70
 _DOCKER_DOWN = "docker engine unreachable; keeping the last known state"
 Names = Sequence[str] | Literal["all"]
-
-
-def acquire_lock(state_dir: Path) -> int:
-    """Take ``<state>/hostvisor.lock`` (flock) and write our pid in it; return the fd.
-
-    Raises:
-        AlreadyRunning: another daemon holds it (its pid in the message).
-    """
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = state_dir / "hostvisor.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise AlreadyRunning(int(text) if text.isdigit() else None, str(path)) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def _dependents_order(services: Mapping[str, ServiceSpec]) -> dict[str, set[str]]:
-    """name -> the services that depend on it."""
-    dependents: dict[str, set[str]] = {name: set() for name in services}
-    for name, spec in services.items():
-        for dep in spec.depends_on:
-            if dep in dependents:
-                dependents[dep].add(name)
-    return dependents
-
-
-async def _in_stop_order(
-    names: Sequence[str],
-    services: Mapping[str, ServiceSpec],
-    stop: Callable[[str], Awaitable[None]],
-) -> None:
-    """Run ``stop(name)`` for every name, concurrently, but each only after the named
-    services that depend on it (by ``services``' ``depends_on``) are done: dependents
-    first, as systemd orders stop jobs in reverse of ``After=``."""
-    dependents = _dependents_order(services)
-    done = {name: anyio.Event() for name in names}
-
-    async def one(name: str) -> None:
-        try:
-            for other in dependents.get(name, ()):
-                if other in done:
-                    await done[other].wait()
-            await stop(name)
-        finally:
-            done[name].set()
-
-    async with anyio.create_task_group() as tg:
-        for name in names:
-            tg.start_soon(one, name)
 
 
 class Daemon:
@@ -294,7 +239,7 @@ class Daemon:
         self.redactor.update(self._secrets(new))
         self.loaded = new
         # Dependents first, as at shutdown: by the graph of the config being replaced.
-        await _in_stop_order(removed + changed, old, self._retire)
+        await in_stop_order(removed + changed, old, self._retire)
         for name in changed + added:
             if not self.shutting_down:  # a shutdown began meanwhile: launch nothing new
                 await self._launch(new.services[name])
@@ -412,7 +357,7 @@ class Daemon:
                 await sup.wait_settled(gen, frozenset({S.STOPPED}))
 
         with anyio.move_on_after(self.loaded.daemon.shutdown_timeout):
-            await _in_stop_order(list(self.supervisors), self.loaded.services, stop_one)
+            await in_stop_order(list(self.supervisors), self.loaded.services, stop_one)
         await self._force_kill()
 
     async def _force_kill(self) -> None:
@@ -515,7 +460,7 @@ class Daemon:
             async with anyio.create_task_group() as tg:
                 await tg.start(self.reaper.run)
                 with anyio.move_on_after(self.loaded.daemon.shutdown_timeout):
-                    await _in_stop_order(list(self.supervisors), self.loaded.services, stop_one)
+                    await in_stop_order(list(self.supervisors), self.loaded.services, stop_one)
                 await self._force_kill()
                 tg.cancel_scope.cancel()
 

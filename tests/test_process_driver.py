@@ -280,7 +280,7 @@ class TestWithoutPidfd:
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Where pidfds are missing, a thread waits; a cancelled wait() loses nothing."""
-        import supervisor.drivers.process as process
+        import supervisor.drivers.process_handle as process
 
         monkeypatch.setattr(process, "open_pidfd", lambda pid: None)
         async with supervising(tmp_path) as sup, sup.hub.subscribe("np") as lines:

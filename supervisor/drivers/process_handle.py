@@ -1,0 +1,314 @@
+"""One running process group of a service: waiting for its main process, signalling its
+group, sweeping what is left of it (members, escaped descendants), ending its log drains.
+
+How a reused pid is never signalled:
+
+- the leader is waited on and signalled through a pidfd (``pidfd_open(2)``)
+  opened while it was our unreaped child, so it names that process forever;
+- its process group is signalled with ``killpg`` only while the leader is
+  unreaped (an unreaped leader pins its pid, hence the group number), or right
+  after ``killpg(pgid, 0)`` showed the group non-empty, with no ``await`` in
+  between: Linux never hands out a number still used as a pgid, and with the
+  daemon as subreaper the last member's zombie is reaped by our reaper, in this
+  same thread, so the group cannot empty between the check and the signal;
+- any other process (an escaped descendant) is signalled through a pidfd after
+  checking that its start time still matches (``psutil.Process.is_running``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Sequence
+
+import anyio
+import psutil
+
+from supervisor.fdlimits import relocate
+from supervisor.logfile import RotatingLog
+from supervisor.logfiles import LogDrops, drain_all
+from supervisor.loghub import LogHub
+from supervisor.reaper import (
+    Reaper,
+    WaitThread,
+    child_pids,
+    find_marked,
+    open_pidfd,
+    signal_verified,
+    wait_gone,
+    waitpid_blocking,
+)
+from supervisor.spec import StopSpec
+from supervisor.states import ExitStatus
+
+__all__ = ["DRAIN_GRACE", "MARKER", "ProcessHandle"]
+
+#: The variable that marks a process as one of ours; its value is the service name.
+MARKER = "HOSTVISOR_SERVICE"
+#: Seconds between re-checks of a group whose leader exited (see _wait_group_gone).
+GROUP_RECHECK = 1.0
+#: Seconds to wait for SIGKILLed escaped descendants to go.
+ESCAPEE_KILL_WAIT = 5.0
+#: (a process we could not recognise may hold the pipes open).
+DRAIN_GRACE = 1.0
+
+
+class ProcessHandle:
+    """One running process group; satisfies :class:`~supervisor.drivers.base.Handle`.
+
+    Attributes:
+        pid: the leader's pid, which is also the group and session id.
+        pgid: the process group id (= ``pid``).
+        started_at: ``anyio.current_time()`` just before the spawn (monotonic seconds).
+        service: the service name (the ``HOSTVISOR_SERVICE`` marker).
+    """
+
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        *,
+        service: str,
+        started_at: float,
+        reaper: Reaper | None,
+        live: set[int],
+    ) -> None:
+        self._popen = popen
+        self.pid: int = popen.pid
+        self.pgid: int = popen.pid
+        self.service = service
+        self.started_at = started_at
+        self._reaper = reaper
+        self._live = live
+        live.add(self.pid)
+        # Our unreaped child: the pidfd cannot name another process.
+        pidfd = open_pidfd(self.pid)
+        self._pidfd = relocate(pidfd) if pidfd is not None else None
+        self._leader: ExitStatus | None = None
+        self._waiter: WaitThread | None = None
+        self._group_gone = False
+        self._lock = anyio.Lock()
+        self._drained = anyio.Event()
+        self._swept = anyio.Event()
+        self._create_time: float | None = None
+
+    def __repr__(self) -> str:
+        state = self._leader.describe() if self._leader else "running"
+        return f"<ProcessHandle {self.service} pid={self.pid}: {state}>"
+
+    @property
+    def create_time(self) -> float | None:
+        """The leader's start time as psutil reports it (epoch seconds), to recognise
+        it later by ``(pid, create_time)``; ``None`` once it has been reaped.
+
+        Read on first access and kept: reading ``/proc/<pid>/stat`` right after
+        the spawn would wait for the exec to settle (~0.6 ms on every restart).
+        """
+        if self._create_time is None and self._leader is None:
+            with contextlib.suppress(psutil.Error):
+                self._create_time = psutil.Process(self.pid).create_time()
+        return self._create_time
+
+    @property
+    def container_id(self) -> None:
+        """Always ``None``: a process is not a container."""
+        return None
+
+    @property
+    def status(self) -> ExitStatus | None:
+        """The main process's exit status once it has been reaped; else ``None``."""
+        return self._leader
+
+    @property
+    def leader_exited(self) -> bool:
+        """True once the leader has been reaped (members of its group may remain)."""
+        return self._leader is not None
+
+    async def wait(self) -> ExitStatus:
+        """Wait until the main process (the group leader) has exited; return its status.
+
+        As systemd's main process (``systemd.service(5)``, ``KillMode=control-group``):
+        its exit is the instance's exit, even while other members of its group or
+        escaped descendants still run; :meth:`stop` then sweeps those. Idempotent and
+        safe to call from several tasks; cancelling one waiter leaves the others waiting.
+        """
+        if self._leader is not None:
+            return self._leader
+        async with self._lock:
+            if self._leader is None:
+                self._leader = await self._wait_leader()
+        return self._leader
+
+    @property
+    def group_gone(self) -> bool:
+        """True once :meth:`wait_group` has seen the leader and its whole group gone."""
+        return self._group_gone
+
+    async def wait_group(self) -> ExitStatus:
+        """Wait until the leader has exited AND no process of its group remains;
+        return the leader's status."""
+        status = await self.wait()
+        if not self._group_gone:
+            await self._wait_group_gone()
+            self._group_gone = True
+        return status
+
+    async def _wait_leader(self) -> ExitStatus:
+        if self._pidfd is not None:
+            # Readable once the leader has exited: no polling, no thread.
+            await anyio.wait_readable(self._pidfd)
+            raw = waitpid_blocking(self.pid)
+        else:
+            # No pidfd (macOS, Linux < 5.3): one thread blocks in waitpid for the
+            # leader's whole life. A cancelled wait() leaves it running and the
+            # next wait() takes its result (a second waitpid would find nothing).
+            if self._waiter is None:
+                self._waiter = WaitThread(self.pid)
+            raw = await self._waiter.result()
+        return self._reaped(raw)
+
+    def _reaped(self, raw: int | None) -> ExitStatus:
+        # None only if something outside this driver reaped our child.
+        status = ExitStatus(code=255) if raw is None else ExitStatus.from_wait_status(raw)
+        # Keep Popen from ever polling this pid again (its __del__ and
+        # subprocess._cleanup would waitpid() a number that may be reused).
+        self._popen.returncode = status.code if status.signal is None else -status.signal
+        if self._reaper is not None:
+            self._reaper.untrack(self.pid)
+        self._live.discard(self.pid)
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        return status
+
+    def _group_exists(self) -> bool:
+        try:
+            os.killpg(self.pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # a member changed its uid: it still exists
+            return True
+        return True
+
+    async def _wait_group_gone(self) -> None:
+        while True:
+            event = self._reaper.reaped_event() if self._reaper is not None else None
+            if not self._group_exists():
+                return
+            # Members outlived the leader. Reparented to the daemon (subreaper), their
+            # exit raises SIGCHLD and the reaper wakes us right after reaping them.
+            # Members reaped by someone else (no subreaper, or a descendant reaping
+            # its own children) tell us nothing: the slow re-check bounds how late
+            # we notice that the group is empty.
+            with anyio.move_on_after(GROUP_RECHECK):
+                if event is not None:
+                    await event.wait()
+                else:
+                    await anyio.sleep_forever()
+
+    def signal_group(self, sig: int) -> bool:
+        """Send ``sig`` to every process of the group, if any remains (see module docs).
+
+        Returns:
+            True if the group existed and was signalled.
+        """
+        # No await between the emptiness check and killpg: see the module docstring.
+        if self._leader is None or self._group_exists():
+            try:
+                os.killpg(self.pgid, sig)
+            except ProcessLookupError:
+                return False
+            return True
+        return False
+
+    async def kill(self) -> ExitStatus:
+        """SIGKILL the whole group and wait until it is gone."""
+        self.signal_group(signal.SIGKILL)
+        return await self.wait_group()
+
+    async def stop(self, stop: StopSpec) -> ExitStatus:
+        """Stop what is left of the instance: ``stop.signal`` to the group and to escaped
+        descendants carrying this service's marker, up to ``stop.timeout`` seconds for
+        them to go, then SIGKILL.
+
+        Also the sweep after the leader exited on its own (systemd's
+        ``KillMode=control-group``): the remaining members and marked escapees get the
+        same treatment; with nothing left it returns at once. The log drains go on until
+        EOF, but output still held open by a process we could not recognise is cut off
+        :data:`DRAIN_GRACE` seconds after this returns, so no pipe, log descriptor or task
+        outlives the instance. Returns the leader's exit status.
+        """
+        deadline = anyio.current_time() + stop.timeout
+        escaped = await self._find_escapees()
+        for proc in escaped:
+            signal_verified(proc, stop.signal)
+        signalled = self.signal_group(stop.signal)
+        if signalled:
+            with anyio.move_on_after(stop.timeout):
+                await self.wait_group()
+            if not self._group_gone:
+                self.signal_group(signal.SIGKILL)
+        status = await self.wait_group()
+        if signalled or escaped:
+            # Escapees made or reparented to us meanwhile get the same treatment. (With
+            # nothing signalled and no await since the first walk, it would find the same.)
+            known = {(p.pid, p.create_time()) for p in escaped}
+            for proc in await self._find_escapees():
+                if (proc.pid, proc.create_time()) not in known:
+                    signal_verified(proc, stop.signal)
+                    escaped.append(proc)
+        if escaped:
+            left = max(0.0, deadline - anyio.current_time())
+            remaining = await wait_gone(escaped, left)
+            for proc in remaining:
+                signal_verified(proc, signal.SIGKILL)
+            if remaining:
+                await wait_gone(remaining, ESCAPEE_KILL_WAIT)
+        self._swept.set()  # the drains may now be cut off after DRAIN_GRACE (see _drain)
+        return status
+
+    async def _find_escapees(self) -> list[psutil.Process]:
+        roots = self._escape_roots()
+        if not roots:
+            return []  # the common case: no orphan of ours anywhere, no /proc walk
+        # A walk of /proc may take a while on a busy host: never in the event loop.
+        return await anyio.to_thread.run_sync(
+            lambda: find_marked(roots, MARKER, self.service, skip_pgid=self.pgid)
+        )
+
+    def _escape_roots(self) -> list[int]:
+        # Escaped descendants are below the leader while it lives, or were
+        # reparented to the daemon (untracked children of ours), or below those.
+        roots = [self.pid] if self._leader is None else []
+        roots.extend(p for p in child_pids() if p not in self._live)
+        return roots
+
+    async def drained(self) -> None:
+        """Wait until both log drains have hit EOF and the log file is closed."""
+        await self._drained.wait()
+
+    async def _drain(
+        self,
+        fds: Sequence[int],
+        log: RotatingLog,
+        hub: LogHub | None,
+        drops: LogDrops | None,
+        release: Callable[[], None],
+    ) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def cut_off_later() -> None:
+                    # Output still held open DRAIN_GRACE s after the instance was swept
+                    # belongs to a process we could not recognise: stop reading it.
+                    await self._swept.wait()
+                    await anyio.sleep(DRAIN_GRACE)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(cut_off_later)
+                await drain_all(fds, log, hub=hub, key=self.service, drops=drops)
+                tg.cancel_scope.cancel()
+        finally:
+            release()
+            self._drained.set()
