@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from supervisor import config, daemon
+from supervisor import config, daemon, rundaemon
 
 _real_main = daemon.Daemon.main
 
@@ -31,4 +31,4 @@ async def _main(self: daemon.Daemon) -> None:
 
 daemon.Daemon.main = _main  # type: ignore[method-assign]
 del config
-sys.exit(daemon.run_daemon(config_path=Path(sys.argv[1])))
+sys.exit(rundaemon.run_daemon(config_path=Path(sys.argv[1])))

@@ -341,7 +341,7 @@ def _with_client(verb: Callable[[argparse.Namespace, ControlClient], int]) -> Ca
 
 
 def _run(args: argparse.Namespace) -> int:
-    from supervisor.daemon import run_daemon
+    from supervisor.rundaemon import run_daemon
 
     try:
         return run_daemon(config_path=resolve_config_path(args.config), socket_option=args.socket)
@@ -420,13 +420,20 @@ def _seconds(text: str) -> float:
     return value
 
 
+#: The most lines `logs -n` asks for (the control protocol's bound on ``logs.lines``).
+MAX_LINES = 100_000
+
+
 def _count(text: str) -> int:
     try:
-        value = int(text)
+        value = int(text) if len(text) <= 12 else -1
     except ValueError:
         value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of lines, got {text!r}")
+    if not 0 <= value <= MAX_LINES:
+        shown = text if len(text) <= 20 else text[:20] + "..."
+        raise argparse.ArgumentTypeError(
+            f"expected a number of lines from 0 to {MAX_LINES:,}, got {shown!r}"
+        )
     return value
 
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import anyio
 from anyio.abc import TaskGroup
 
-from supervisor import __version__, config, fdlimits
+from supervisor import __version__, config
 from supervisor import events as ev
 from supervisor.daemonlog import DaemonLog, LibraryLogHandler
 from supervisor.drivers.base import Driver
@@ -38,20 +38,21 @@ from supervisor.errors import (
     UnknownService,
 )
 from supervisor.events import EventBus, Redactor
-from supervisor.lock import acquire_lock
 from supervisor.logfile import RotatingLog, reopen_all
 from supervisor.logfiles import DropReport, LogDrops
 from supervisor.loghub import LogHub
 from supervisor.ordering import in_stop_order
-from supervisor.paths import log_dir, resolve_socket_path, resolve_state_dir, service_log_path
-from supervisor.reaper import Reaper
+from supervisor.paths import log_dir, service_log_path
+from supervisor.reaper import Reaper, signal_verified, wait_gone
 from supervisor.service import Broadcast, ServiceSupervisor, exception_leaves
 from supervisor.spec import Loaded, ServiceSpec, StopSpec
 from supervisor.states import Health, ServiceState
 
-__all__ = ["Daemon", "acquire_lock", "run_daemon"]
+__all__ = ["EXIT_SOFTWARE", "Daemon", "user_mistake"]
 
 S = ServiceState
+#: Seconds the orphans no unit claims get between SIGTERM and SIGKILL at shutdown.
+ORPHAN_STOP = 2.0
 #: ``hostvisor run``'s exit code after an internal error (``sysexits.h`` EX_SOFTWARE).
 EXIT_SOFTWARE = 70
 _DOCKER_DOWN = "docker engine unreachable; keeping the last known state"
@@ -231,6 +232,7 @@ class Daemon:
                 attributes={"hostvisor.config.errors": errors},
             )
             raise ConfigRejected("config rejected: " + "; ".join(errors), data=errors) from None
+        self._warn_daemon_changes(new)
         old = self.loaded.services
         added = sorted(set(new.services) - set(old))
         removed = sorted(set(old) - set(new.services))
@@ -250,6 +252,23 @@ class Daemon:
             attributes={"hostvisor.reload." + k: v for k, v in result.items()},
         )
         return result
+
+    def _warn_daemon_changes(self, new: Loaded) -> None:
+        """Say which ``[daemon]``/``[telemetry]`` changes a reload cannot apply (a revoked
+        ``allow_uids`` must not look applied)."""
+        before, after = self.loaded.daemon, new.daemon
+        pending = [
+            key
+            for key in ("socket", "state_dir", "allow_uids", "log_level", "telemetry")
+            if getattr(before, key) != getattr(after, key)
+        ]
+        if pending and self.log is not None:
+            self.log.write(
+                "warning",
+                f"reload: {', '.join(pending)} changed in {after.config_path}; these apply "
+                "only when the daemon restarts (`systemctl --user restart hostvisor`, or stop "
+                "and run it again)",
+            )
 
     # ------------------------------------------------------------ supervisors
 
@@ -361,13 +380,20 @@ class Daemon:
         await self._force_kill()
 
     async def _force_kill(self) -> None:
-        """SIGKILL whatever is still alive (the deadline passed, or a second SIGINT)."""
+        """SIGKILL whatever is still alive (the deadline passed, or a second SIGINT); then
+        stop the orphans no unit claims (SIGTERM, 2 s, SIGKILL): no child outlives us."""
         kill = StopSpec(signal=int(signal.SIGKILL), timeout=2.0)
         with anyio.move_on_after(5, shield=True):
             async with anyio.create_task_group() as tg:
                 for sup in self.supervisors.values():
                     if sup.handle is not None and sup.spec.kind == "process":
                         tg.start_soon(sup.handle.stop, kill)
+        with anyio.move_on_after(ORPHAN_STOP + 3, shield=True):
+            orphans = self.process_driver.orphans()
+            for proc in orphans:
+                signal_verified(proc, signal.SIGTERM)
+            for proc in await wait_gone(orphans, ORPHAN_STOP):
+                signal_verified(proc, signal.SIGKILL)
 
     # ------------------------------------------------------------ main
 
@@ -396,7 +422,7 @@ class Daemon:
             await self._serve(notifier)
         except Exception as exc:
             # The last line of defence: whatever escaped, no child is left unsupervised.
-            if _user_mistake(exc) is None:
+            if user_mistake(exc) is None:
                 self._crashed(exc)
             await self._last_stand(notifier)
             raise
@@ -555,41 +581,6 @@ class Daemon:
             await anyio.sleep(0.05)  # coalesce bursts of changes into one STATUS datagram
 
 
-def run_daemon(*, config_path: Path, socket_option: str | None = None) -> int:
-    """Load the config, take the state folder's lock, and run until stopped.
-
-    Returns:
-        The exit code: 0 after a clean stop; 70 (EX_SOFTWARE) after an internal error,
-        once every service was stopped.
-
-    Raises:
-        ConfigError: the config is invalid.
-        AlreadyRunning: another daemon uses the same state folder.
-        SocketPathError: the socket path is unusable.
-    """
-    loaded = config.load(config_path)
-    state_dir = resolve_state_dir(loaded.daemon.state_dir)
-    socket_path = resolve_socket_path(socket_option, loaded.daemon.socket)
-    lock_fd = acquire_lock(state_dir)
-    fdlimits.raise_nofile()
-    # At a file size limit (RLIMIT_FSIZE) a write fails with EFBIG instead of killing us;
-    # children get the default back (Popen's restore_signals).
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    daemon = Daemon(loaded, state_dir=state_dir, socket_path=socket_path)
-    try:
-        anyio.run(daemon.main)
-    except Exception as exc:
-        # A user's mistake found inside the task group (a socket path held by another
-        # process, a regular file at it) is raised alone, so the CLI prints one line.
-        mistake = _user_mistake(exc)
-        if mistake is not None:
-            raise mistake from None
-        return daemon.exit_code or EXIT_SOFTWARE  # said once in the daemon log
-    finally:
-        os.close(lock_fd)
-    return daemon.exit_code
-
-
-def _user_mistake(exc: BaseException) -> HostvisorError | None:
+def user_mistake(exc: BaseException) -> HostvisorError | None:
     """The first user's mistake (a HostvisorError) inside ``exc``'s groups, if any."""
     return next((e for e in exception_leaves(exc) if isinstance(e, HostvisorError)), None)

@@ -83,8 +83,13 @@ def _make_dirs(folder: Path) -> None:
         missing.append(folder)
         folder = folder.parent
     for each in reversed(missing):
-        with contextlib.suppress(FileExistsError):
+        try:
             os.mkdir(each, 0o700)
+        except FileExistsError:
+            if not each.is_dir():  # a file where the folder should be: say so
+                raise DriverError(
+                    f"cannot create the log folder {each}: a file is in the way (remove it)"
+                ) from None
 
 
 def count_lines(data: bytes) -> int:
@@ -160,7 +165,16 @@ class _File:
                     return
             except OSError:
                 pass  # removed (or its folder): reopen
-        self.open()
+        try:
+            self.open()
+        except (DriverError, OSError):
+            # The path cannot be opened now (its folder became a file...): never go on
+            # writing into the file that left the path. The writes fail (lines dropped,
+            # counted, one report per episode) and every next write tries the path again.
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+            raise
 
     def put(self, data: bytes) -> None:
         """Append whole lines, rotating at ``max_size``; on OSError the file ends at a line end
@@ -216,8 +230,11 @@ class _File:
             self.mid_line = False
             return
         try:
-            os.ftruncate(self.fd, self.size - torn)
-            self.size -= torn
+            # The file's real size, not self.size: someone may have truncated it since our
+            # last check (copytruncate), and ftruncate beyond its end would fill it with NULs.
+            real = os.fstat(self.fd).st_size
+            os.ftruncate(self.fd, max(0, real - torn))
+            self.size = max(0, real - torn)
             self._kept -= torn
             self.mid_line = self.mid_line if torn == len(written) else False
         except OSError:

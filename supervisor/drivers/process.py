@@ -13,6 +13,7 @@ The life of one spawned process group (waiting, signalling, the sweep) is
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import psutil
 from anyio.abc import TaskGroup
 
 from supervisor.drivers.process_handle import MARKER, ProcessHandle
@@ -37,7 +39,7 @@ from supervisor.logfiles import (
 )
 from supervisor.loghub import LogHub
 from supervisor.paths import service_log_path
-from supervisor.reaper import Reaper
+from supervisor.reaper import Reaper, child_pids
 from supervisor.spec import ProcessSpec, ServiceSpec
 from supervisor.states import ExitStatus
 
@@ -169,6 +171,18 @@ class ProcessDriver:
 
     def __repr__(self) -> str:
         return f"<ProcessDriver {self.state_dir} live={len(self._live)}>"
+
+    def orphans(self) -> list[psutil.Process]:
+        """The daemon's children that no instance or command of ours tracks: descendants of
+        services reparented to the daemon (a subreaper) that carry no marker we could match
+        to a unit. Stopped at shutdown, as systemd stops a unit's whole control group."""
+        found = []
+        for pid in child_pids():
+            if pid in self._live:
+                continue
+            with contextlib.suppress(psutil.Error):
+                found.append(psutil.Process(pid))
+        return found
 
     @property
     def connected(self) -> bool:

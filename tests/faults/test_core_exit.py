@@ -102,3 +102,20 @@ def marked_any(names: list[str]) -> bool:
     from tests.support import marked
 
     return any(marked(name, anywhere=True) for name in names)
+
+
+class TestUnmarkedOrphans:
+    def test_an_unmarked_escapee_does_not_outlive_the_daemon(self, tmp_path: Path) -> None:
+        """`env -i setsid sleep 603 &`: no marker to match it to its unit, but it was
+        reparented to the daemon (the subreaper); SIGTERM to the daemon stops it too, as
+        systemd stops a unit's whole control group (0.1 left it running under init)."""
+        unit = (
+            'command = ["sh", "-c", "env -i setsid sleep 603 & echo bg $!; sleep 1; exit 0"]\n'
+            'restart = "no"\nstart_seconds = "0.2s"\n'
+        )
+        with daemon(tmp_path, units={"esc": unit}) as d:
+            escapee = logged_pid(d, "esc", "bg")
+            d.wait_state("esc", "exited", timeout=15)
+            assert not gone(escapee)  # nothing can tell whose it is while we run
+            assert d.stop() == 0
+            d.wait_for(lambda: gone(escapee), timeout=10, what="the orphan stopped")

@@ -4,7 +4,7 @@ the STATUS notifier task raises. Used to check the last line of defence (issue 9
 import sys
 from pathlib import Path
 
-from supervisor import daemon
+from supervisor import daemon, rundaemon
 from supervisor.states import ServiceState
 
 
@@ -17,4 +17,4 @@ async def _buggy_status(self: daemon.Daemon, notifier: object) -> None:
 
 
 daemon.Daemon._notify_status = _buggy_status  # type: ignore[method-assign]
-sys.exit(daemon.run_daemon(config_path=Path(sys.argv[1])))
+sys.exit(rundaemon.run_daemon(config_path=Path(sys.argv[1])))
