@@ -9,10 +9,12 @@ enter the context manager themselves)::
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
+import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,3 +152,23 @@ async def supervising(
                 for sup, gen in gens:
                     await sup.wait_settled(gen, frozenset({ServiceState.STOPPED}))
             tg.cancel_scope.cancel()
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``"256k"``) mounted at ``path`` for the block (root only);
+    skips the test where it cannot be mounted."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -3,18 +3,14 @@ daemon, SIGUSR1, and a full disk reported in `status --json` and as an event."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import signal
-import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests.daemon_harness import daemon
+from tests.support import tmpfs
 
 
 def ticker(interval: float, width: int = 10) -> str:
@@ -67,22 +63,6 @@ class TestLogsMovedUnderTheDaemon:
             assert logs.stat().st_mode & 0o777 == 0o700
             assert d.proc is not None and d.proc.poll() is None
             assert d.status("web")["state"] == "running"
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 class TestDiskFull:
