@@ -344,7 +344,9 @@ class TestLogs:
                 assert [line[:12] for line in f.lines[start + 1 : end + 1]] == [
                     f"line 00-{n:04d}" for n in range(40)
                 ]
-                assert (log.parent / "chatty.log.1").exists()
+                # Followers get lines as they are read; the file is written (and rotated)
+                # by a writer thread a moment later.
+                d.wait_for(lambda: (log.parent / "chatty.log.1").exists(), what="a rotation")
                 assert d.cli("restart", "chatty").returncode == 0
                 pid2 = d.status("chatty")["pid"]
                 start = f.wait_line(lambda line: line == f"pid {pid2}", after=end)
