@@ -16,6 +16,7 @@ import pytest
 
 from supervisor.daemonlog import DaemonLog
 from supervisor.logfiles import DrainStats, DropReport, LogDrops, RotatingLog, drain, open_pipe
+from tests.support import tmpfs
 
 PROGRAMS = Path(__file__).parent.parent / "programs"
 LINE = re.compile(rb"^(line \d{6} x+|after \d{6})$")
@@ -25,20 +26,8 @@ MARKER = re.compile(rb"^\[hostvisor: (\d+) lines \((\d+) bytes\) dropped: .+\]$"
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 256 KiB filesystem (tmpfs), mounted for the test."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {result.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", "256k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def fill(disk: Path) -> Path:
