@@ -49,6 +49,7 @@ from supervisor.logfile import (
     reopen_all,
 )
 from supervisor.loghub import FOLLOW_BUFFER, FOLLOW_LINE_MAX, LogFollower, LogHub
+from supervisor.threads import ThreadPool
 
 __all__ = [
     "CAPTURE_LIMIT",
@@ -215,20 +216,9 @@ class LogDrops:
             self.on_report(report)
 
 
-_WRITE_LIMITER: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar(
-    "hostvisor_log_writers"
-)
-
-
-def _write_limiter() -> anyio.CapacityLimiter:
-    """The threads that write logs: their own, so a hung disk never takes the default
-    pool (docker calls, /proc scans) with it."""
-    try:
-        return _WRITE_LIMITER.get()
-    except LookupError:
-        limiter = anyio.CapacityLimiter(WRITE_THREADS)
-        _WRITE_LIMITER.set(limiter)
-        return limiter
+#: The threads that write logs: their own, so a hung disk never takes the default
+#: pool (docker calls, /proc scans) with it.
+_WRITERS = ThreadPool("log_writer", WRITE_THREADS)
 
 
 class _Writer:
@@ -319,7 +309,11 @@ class _Writer:
                 if self._closing:
                     self._scope.deadline = anyio.current_time() + WRITE_STALL
                 outcome = await anyio.to_thread.run_sync(
-                    self.log.append, data, marker, abandon_on_cancel=True, limiter=_write_limiter()
+                    self.log.append,
+                    data,
+                    marker,
+                    abandon_on_cancel=True,
+                    limiter=_WRITERS.limiter(),
                 )
             self._abandoned = self._scope.cancelled_caught
             self._scope = None

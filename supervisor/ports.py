@@ -39,11 +39,11 @@ from typing import TypeVar
 import anyio
 import anyio.to_thread
 import psutil
-from anyio.lowlevel import RunVar
 
 from supervisor.drivers.process import MARKER
 from supervisor.reaper import signal_verified, wait_gone
 from supervisor.spec import ReclaimPort, StopSpec
+from supervisor.threads import ThreadPool
 
 __all__ = [
     "SCAN_THREADS",
@@ -66,16 +66,7 @@ _KILL_WAIT = 5.0
 SCAN_THREADS = 2
 
 _T = TypeVar("_T")
-_scan_limiter: RunVar[anyio.CapacityLimiter] = RunVar("hostvisor_proc_scan_limiter")
-
-
-def _limiter() -> anyio.CapacityLimiter:
-    try:
-        return _scan_limiter.get()
-    except LookupError:
-        limiter = anyio.CapacityLimiter(SCAN_THREADS)
-        _scan_limiter.set(limiter)
-        return limiter
+_SCANS = ThreadPool("proc_scan", SCAN_THREADS)
 
 
 async def _in_thread(fn: Callable[[int], _T], port: int) -> _T:
@@ -84,7 +75,7 @@ async def _in_thread(fn: Callable[[int], _T], port: int) -> _T:
     Waiting for a thread is cancellable; a scan that has begun runs to its end
     (a few hundred ms at most) before the cancellation is delivered.
     """
-    return await anyio.to_thread.run_sync(fn, port, limiter=_limiter())
+    return await anyio.to_thread.run_sync(fn, port, limiter=_SCANS.limiter())
 
 
 @dataclass(frozen=True, slots=True)

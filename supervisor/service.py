@@ -347,8 +347,8 @@ class ServiceSupervisor:
         assert self._task_group is not None
         # A process spawn is shielded (it takes a millisecond, and a command arriving
         # mid-spawn must not lose track of a child; the interrupt is seen by the next
-        # scope). A container start is not: it may run recreate_command for minutes,
-        # and a container started but not tracked is adopted by the next attempt.
+        # scope). A container start is not: it may run recreate_command for minutes, and
+        # the Docker driver leaves a container whose start was cancelled stopped.
         shield = self.spec.kind == "process"
         try:
             with anyio.CancelScope(shield=shield):

@@ -249,3 +249,13 @@ def py_cmd(program: str, *args: object) -> str:
     """A TOML array literal running tests/programs/<program>.py."""
     argv = [PY, str(PROGRAMS / f"{program}.py"), *map(str, args)]
     return json.dumps(argv)
+
+
+def dependency_chain(unit: str) -> dict[str, str]:
+    """Units ``db <- api <- web`` (``web`` needs ``api`` started, ``api`` needs ``db``), each
+    ``unit`` plus its ``depends_on``: for tests of stop order."""
+    return {
+        "db": unit,
+        "api": unit + 'depends_on = ["db"]\n',
+        "web": unit + 'depends_on = { api = "started" }\n',
+    }

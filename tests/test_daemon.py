@@ -13,7 +13,7 @@ from typing import Any
 
 import psutil
 
-from tests.daemon_harness import PY, DaemonProcess, daemon, py_cmd
+from tests.daemon_harness import PY, DaemonProcess, daemon, dependency_chain, py_cmd
 from tests.support import free_port, marked
 
 SLEEP = f'command = {py_cmd("svc_sleep")}\nstart_seconds = "0.2s"\n'
@@ -40,11 +40,7 @@ class TestSingleInstance:
 class TestShutdown:
     def test_sigterm_stops_dependents_first_and_exits_0(self, tmp_path: Path) -> None:
         """SIGTERM: dependents stop before what they depend on, no child is left, exit 0."""
-        units = {
-            "db": SLEEP,
-            "api": SLEEP + 'depends_on = ["db"]\n',
-            "web": SLEEP + 'depends_on = { api = "started" }\n',
-        }
+        units = dependency_chain(SLEEP)
         with daemon(tmp_path, units=units) as d:
             for name in units:
                 d.wait_state(name, "running")

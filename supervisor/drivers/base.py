@@ -34,14 +34,16 @@ class Handle(Protocol):
     async def wait(self) -> ExitStatus:
         """Return how the instance ended, once it has; may be called many times.
 
-        A process has ended only when no process of its group remains.
+        A process has ended when its main process (the group leader) has, as with
+        systemd's main process; :meth:`stop` then stops what is left of it.
         """
         ...
 
     async def stop(self, stop: StopSpec) -> ExitStatus:
         """Send ``stop.signal``, wait ``stop.timeout`` seconds, then kill; return the exit.
 
-        Idempotent: stopping an ended instance returns its exit status at once.
+        Idempotent: stopping an ended instance returns its exit status as soon as what is
+        left of it (a process's group members and marked escapees) is gone.
         """
         ...
 
@@ -57,6 +59,9 @@ class Driver(Protocol):
 
     async def start(self, spec: ServiceSpec, *, task_group: TaskGroup) -> Handle:
         """Start one instance of ``spec``; helper tasks (log drains) run in ``task_group``.
+
+        Cancelled midway, it leaves no instance running untracked (a container whose
+        start was under way ends stopped).
 
         Raises:
             SpawnError: the instance could not be started (errno and path in the message).

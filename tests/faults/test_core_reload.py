@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.daemon_harness import daemon, py_cmd
+from tests.daemon_harness import daemon, dependency_chain, py_cmd
 
 SLEEP = f'command = {py_cmd("svc_sleep")}\nstart_seconds = "0.2s"\n'
 
@@ -14,11 +14,7 @@ class TestReloadOrder:
     def test_reload_stops_changed_units_dependents_first(self, tmp_path: Path) -> None:
         """db <- api <- web all change at a reload: stopped web, then api, then db, as
         at shutdown (0.1 stopped them all at once)."""
-        units = {
-            "db": SLEEP,
-            "api": SLEEP + 'depends_on = ["db"]\n',
-            "web": SLEEP + 'depends_on = { api = "started" }\n',
-        }
+        units = dependency_chain(SLEEP)
         with daemon(tmp_path, units=units) as d:
             for name in units:
                 d.wait_state(name, "running")
