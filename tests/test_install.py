@@ -85,6 +85,21 @@ class TestSystemdUnit:
         )
         result = verify(text, tmp_path)
         assert (result.returncode, result.stderr) == (0, "")
+        service = parse_unit(text)["Service"]
+        assert service["KillMode"] == "process"
+        assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+
+    def test_verify_parses_the_kill_and_oom_policies(self, tmp_path: Path) -> None:
+        """The empty stderr above means something: a misspelt KillMode= or OOMPolicy= is reported."""
+        text = inst.render_systemd_unit(
+            argv=inst.program_argv(), config_path=ODD_CONFIG, shutdown_timeout=1, path_env="/bin"
+        )
+        for good, bad, complaint in [
+            ("KillMode=process", "KillMode=proces", "kill mode"),
+            ("OOMPolicy=continue", "OOMPolicy=carry-on", "OOM policy"),
+        ]:
+            assert good in text.splitlines()
+            assert complaint in verify(text.replace(good, bad), tmp_path).stderr
 
     def test_verify_finds_an_executable_whose_path_needs_quoting(self, tmp_path: Path) -> None:
         """systemd finds the real file at the quoted path (it reports one it cannot run)."""
@@ -122,7 +137,11 @@ class TestSystemdUnit:
         assert systemd_words(exec_start) == [*argv, "run", "-c", str(ODD_CONFIG)]
 
     def test_has_the_directives_of_the_issue(self) -> None:
-        """notify + watchdog, SIGHUP reload, restart on failure, mixed kill, stop timeout, PATH."""
+        """notify + watchdog, SIGHUP reload, restart on failure, process kill, stop timeout, PATH.
+
+        KillMode=process and OOMPolicy=continue (issue 10): the daemon alone is signalled, so that
+        the services outlive it and the next daemon adopts them.
+        """
         text = inst.render_systemd_unit(
             argv=["/usr/bin/hostvisor"],
             config_path=Path("/c.toml"),
@@ -135,7 +154,9 @@ class TestSystemdUnit:
         assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
         assert int(service["WatchdogSec"]) > 0
         assert service["Restart"] == "on-failure"
-        assert service["KillMode"] == "mixed"
+        assert service["KillMode"] == "process"
+        assert service["OOMPolicy"] == "continue"
+        assert "SendSIGKILL" not in service  # a hung daemon is still killed at TimeoutStopSec
         assert service["TimeoutStopSec"] == f"{31 + inst.STOP_MARGIN}s"
         assert shlex.split(service["Environment"]) == ["PATH=/a b:/c%%d"]
         assert install["WantedBy"] == "default.target"
@@ -174,7 +195,25 @@ class TestLaunchdPlist:
         assert plist["EnvironmentVariables"] == {"PATH": "/opt/homebrew/bin:/usr/bin"}
         assert plist["ProcessType"] in {"Standard", "Background", "Adaptive", "Interactive"}
         assert plist["ExitTimeOut"] > 30
+        assert plist["AbandonProcessGroup"] is True
         assert plistlib.loads(plistlib.dumps(plist)) == plist
+
+    def test_the_template_abandons_the_process_group_and_keeps_its_other_keys(self) -> None:
+        """launchd.plist(5): AbandonProcessGroup true, so launchd leaves the daemon's group alone
+        when the daemon dies; the template's other keys are the ones install fills or copies."""
+        template = plistlib.loads((PACKAGING / "launchd/hostvisor.plist").read_bytes())
+        assert template == {
+            "Label": inst.LAUNCHD_LABEL,
+            "ProgramArguments": [],
+            "RunAtLoad": True,
+            "KeepAlive": {"SuccessfulExit": False},
+            "ProcessType": "Standard",
+            "AbandonProcessGroup": True,
+            "EnvironmentVariables": {},
+            "StandardOutPath": "",
+            "StandardErrorPath": "",
+            "ExitTimeOut": 0,
+        }
 
 
 class TestTemplates:
