@@ -112,6 +112,8 @@ def _duration(seconds: float | None) -> str:
 def _last_exit(last: Any) -> str:
     if not isinstance(last, dict):
         return "-"
+    if last.get("unknown"):
+        return "unknown"
     if last.get("signal") is not None:
         import signal
 
@@ -437,6 +439,32 @@ def _count(text: str) -> int:
     return value
 
 
+def _reexec(args: argparse.Namespace, client: ControlClient) -> int:
+    before = client.call("status", {})  # unreachable here: exit 4, as for every verb
+    old_pid = before.get("daemon", {}).get("pid")
+    try:
+        client.call("reexec", {}, timeout=300.0)
+    except ConfigRejected as exc:
+        issues = exc.data if isinstance(exc.data, list) and exc.data else None
+        _fail(f"reexec refused; the daemon goes on with its code{'' if issues else f': {exc}'}")
+        for issue in issues or []:
+            print(issue, file=sys.stderr)
+        return EXIT_FAILED
+    except DaemonUnreachable as exc:
+        _fail(
+            f"reexec: the daemon did not answer after re-executing ({exc}); its services "
+            "keep running: see `hostvisor logs`, then run `hostvisor run` to adopt them"
+        )
+        return EXIT_FAILED
+    except ControlError as exc:
+        _fail(str(exc))
+        return EXIT_FAILED
+    after = client.call("status", {})
+    daemon = after.get("daemon", {})
+    print(f"hostvisor {daemon.get('version')} runs (pid {daemon.get('pid')}, was {old_pid})")
+    return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument(
@@ -470,6 +498,7 @@ def _parser() -> argparse.ArgumentParser:
             "--timeout", type=_seconds, default=60.0, metavar="S", help="seconds (default 60)"
         )
     verb("reload", _with_client(_reload), "re-read config and units; restart changed units")
+    verb("reexec", _with_client(_reexec), "re-execute the daemon in place, keeping every service")
     logs = verb("logs", _with_client(_logs), "print a service's log (the daemon's without NAME)")
     logs.add_argument("name", nargs="?", metavar="NAME")
     logs.add_argument("-f", "--follow", action="store_true", help="follow new lines")

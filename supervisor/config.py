@@ -82,7 +82,15 @@ _RESERVED_NAMES = frozenset({"hostvisor"})
 Table = dict[str, Any]
 
 _CONFIG_KEYS = ("daemon", "telemetry", "defaults")
-_DAEMON_KEYS = ("units_dir", "socket", "state_dir", "shutdown_timeout", "log_level", "allow_uids")
+_DAEMON_KEYS = (
+    "units_dir",
+    "socket",
+    "state_dir",
+    "shutdown_timeout",
+    "log_level",
+    "allow_uids",
+    "orphans",
+)
 _TELEMETRY_KEYS = ("enabled", "endpoint", "protocol", "export_timeout")
 _UNIT_KEYS = (
     "description", "command", "container", "recreate_command", "workdir", "env", "env_files",
@@ -241,6 +249,7 @@ def _parse_daemon(top: TableReader, ctx: _Context) -> tuple[DaemonSpec, bool]:
         allow_uids=daemon.get(
             "allow_uids", values.list_of(values.integer(0, _MAX_UID), "uids (integers)"), ()
         ),
+        orphans=daemon.get("orphans", values.choice("adopt", "stop"), "adopt"),
         telemetry=_parse_telemetry(top),
     )
     return spec, units_ok

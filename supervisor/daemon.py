@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,14 +26,14 @@ from typing import Any, Literal
 import anyio
 from anyio.abc import TaskGroup
 
-from supervisor import __version__, config
+from supervisor import __version__
 from supervisor import events as ev
+from supervisor.daemon_reload import ReloadMixin
+from supervisor.daemon_takeover import TakeoverMixin
 from supervisor.daemonlog import DaemonLog, LibraryLogHandler
 from supervisor.drivers.base import Driver
 from supervisor.drivers.process import ProcessDriver
 from supervisor.errors import (
-    ConfigError,
-    ConfigRejected,
     ControlError,
     HostvisorError,
     UnknownService,
@@ -46,6 +47,7 @@ from supervisor.paths import log_dir, service_log_path
 from supervisor.reaper import Reaper, signal_verified, wait_gone
 from supervisor.service import Broadcast, ServiceSupervisor, exception_leaves
 from supervisor.spec import Loaded, ServiceSpec, StopSpec
+from supervisor.statefile import StateFile
 from supervisor.states import Health, ServiceState
 
 __all__ = ["EXIT_SOFTWARE", "Daemon", "user_mistake"]
@@ -59,7 +61,7 @@ _DOCKER_DOWN = "docker engine unreachable; keeping the last known state"
 Names = Sequence[str] | Literal["all"]
 
 
-class Daemon:
+class Daemon(ReloadMixin, TakeoverMixin):
     """All supervisors of one config, and what they report to.
 
     Args:
@@ -69,7 +71,16 @@ class Daemon:
         stream: where human log lines go (stderr).
     """
 
-    def __init__(self, loaded: Loaded, *, state_dir: Path, socket_path: Path) -> None:
+    def __init__(
+        self,
+        loaded: Loaded,
+        *,
+        state_dir: Path,
+        socket_path: Path,
+        lock_fd: int | None = None,
+        resumed: StateFile | None = None,
+        listener: socket.socket | None = None,
+    ) -> None:
         self.loaded = loaded
         self.state_dir = state_dir
         self.socket_path = socket_path
@@ -96,6 +107,26 @@ class Daemon:
         self._stopping = anyio.Event()
         #: 0 after a clean stop; EXIT_SOFTWARE after an internal error.
         self.exit_code = 0
+        # Re-exec and adoption (supervisor.reexec, supervisor.takeover).
+        self.lock_fd = lock_fd
+        self.resumed = resumed
+        self.listen_sock = listener
+        self.fdstore: Any = None
+        self.notifier: Any = None
+        self.started_wall = time.time()
+        self._done: dict[str, anyio.Event] = {}
+        self._log_events: Any = None
+        self.state_writer: anyio.CancelScope | None = None
+        self.state_writer_done = anyio.Event()
+        #: The package's files as they were at start (:mod:`supervisor.upgrade`).
+        self.installed: Any = None
+        if resumed is not None and resumed.reexec is not None:
+            self.started_wall = resumed.reexec.started_wall
+            self.started_at = time.monotonic() - max(0.0, time.time() - self.started_wall)
+            self.bus.continue_from(resumed.reexec.event_seq)
+            for rec in resumed.services.values():  # before the reaper's first pass
+                if rec.instance is not None:
+                    self.reaper.track(rec.instance.pid)
 
     def __repr__(self) -> str:
         return f"<Daemon {len(self.supervisors)} services, socket {self.socket_path}>"
@@ -202,73 +233,9 @@ class Daemon:
         self._resolve([service])
         return service_log_path(self.state_dir, service)
 
-    async def reload(self) -> dict[str, Any]:
-        """Re-read config and units; restart only what changed.
-
-        Raises:
-            ConfigRejected: the new config is invalid; nothing was changed.
-        """
-        async with self._reload_lock:
-            self._refuse_when_stopping()
-            return await self._reload()
-
     def _refuse_when_stopping(self) -> None:
         if self.shutting_down:
             raise ControlError("the daemon is shutting down; commands are refused")
-
-    async def _reload(self) -> dict[str, Any]:
-        path = self.loaded.daemon.config_path
-        try:
-            new = await anyio.to_thread.run_sync(config.load, path)
-        except Exception as exc:  # ConfigError, or anything a hostile file provokes
-            errors = (
-                [str(issue) for issue in exc.issues]
-                if isinstance(exc, ConfigError)
-                else [f"{path}: cannot read the config: {type(exc).__name__}: {exc}"]
-            )
-            self.bus.publish(
-                ev.CONFIG_REJECTED,
-                message=f"reload rejected, {len(errors)} error(s): " + "; ".join(errors),
-                attributes={"hostvisor.config.errors": errors},
-            )
-            raise ConfigRejected("config rejected: " + "; ".join(errors), data=errors) from None
-        self._warn_daemon_changes(new)
-        old = self.loaded.services
-        added = sorted(set(new.services) - set(old))
-        removed = sorted(set(old) - set(new.services))
-        changed = sorted(n for n in set(old) & set(new.services) if old[n] != new.services[n])
-        unchanged = sorted(n for n in set(old) & set(new.services) if old[n] == new.services[n])
-        self.redactor.update(self._secrets(new))
-        self.loaded = new
-        # Dependents first, as at shutdown: by the graph of the config being replaced.
-        await in_stop_order(removed + changed, old, self._retire)
-        for name in changed + added:
-            if not self.shutting_down:  # a shutdown began meanwhile: launch nothing new
-                await self._launch(new.services[name])
-        result = {"added": added, "removed": removed, "changed": changed, "unchanged": unchanged}
-        self.bus.publish(
-            ev.DAEMON_RELOADED,
-            message=f"reloaded: {len(added)} added, {len(removed)} removed, {len(changed)} changed",
-            attributes={"hostvisor.reload." + k: v for k, v in result.items()},
-        )
-        return result
-
-    def _warn_daemon_changes(self, new: Loaded) -> None:
-        """Say which ``[daemon]``/``[telemetry]`` changes a reload cannot apply (a revoked
-        ``allow_uids`` must not look applied)."""
-        before, after = self.loaded.daemon, new.daemon
-        pending = [
-            key
-            for key in ("socket", "state_dir", "allow_uids", "log_level", "telemetry")
-            if getattr(before, key) != getattr(after, key)
-        ]
-        if pending and self.log is not None:
-            self.log.write(
-                "warning",
-                f"reload: {', '.join(pending)} changed in {after.config_path}; these apply "
-                "only when the daemon restarts (`systemctl --user restart hostvisor`, or stop "
-                "and run it again)",
-            )
 
     # ------------------------------------------------------------ supervisors
 
@@ -325,9 +292,13 @@ class Daemon:
     async def _run_supervisor(
         self, sup: ServiceSupervisor, *, task_status: anyio.abc.TaskStatus[None]
     ) -> None:
-        with anyio.CancelScope() as scope:
-            self._scopes[sup.name] = scope
-            await sup.run(task_status=task_status)
+        done = self._done[sup.name] = anyio.Event()
+        try:
+            with anyio.CancelScope() as scope:
+                self._scopes[sup.name] = scope
+                await sup.run(task_status=task_status)
+        finally:
+            done.set()
 
     def _supervisor_crashed(self, service: str, message: str, exc: BaseException) -> None:
         """A bug in one supervisor was caught (it restarts itself): the traceback goes to
@@ -378,6 +349,7 @@ class Daemon:
         with anyio.move_on_after(self.loaded.daemon.shutdown_timeout):
             await in_stop_order(list(self.supervisors), self.loaded.services, stop_one)
         await self._force_kill()
+        self._forget_state()
 
     async def _force_kill(self) -> None:
         """SIGKILL whatever is still alive (the deadline passed, or a second SIGINT); then
@@ -389,7 +361,8 @@ class Daemon:
                     if sup.handle is not None and sup.spec.kind == "process":
                         tg.start_soon(sup.handle.stop, kill)
         with anyio.move_on_after(ORPHAN_STOP + 3, shield=True):
-            orphans = self.process_driver.orphans()
+            spared = {self.fdstore.pid} if self.fdstore is not None else set()
+            orphans = [p for p in self.process_driver.orphans() if p.pid not in spared]
             for proc in orphans:
                 signal_verified(proc, signal.SIGTERM)
             for proc in await wait_gone(orphans, ORPHAN_STOP):
@@ -417,7 +390,10 @@ class Daemon:
         for name in ("asyncio", "opentelemetry", "supervisor"):
             logging.getLogger(name).addHandler(library_logs)
             logging.getLogger(name).propagate = False
-        notifier = Notifier.from_environ()
+        from supervisor.upgrade import Installed
+
+        self.installed = Installed.snapshot()
+        notifier = self.notifier = Notifier.from_environ()
         try:
             await self._serve(notifier)
         except Exception as exc:
@@ -445,6 +421,7 @@ class Daemon:
                 # Subreaper on Linux; elsewhere the reaper still reaps our own untracked children.
                 self.reaper.enable_subreaper()
                 await tg.start(self.reaper.run)
+                await anyio.to_thread.run_sync(self._open_fdstore)
                 async with open_telemetry(
                     spec.telemetry, bus=self.bus, snapshot=self.snapshot, version=__version__
                 ) as telemetry:
@@ -488,21 +465,34 @@ class Daemon:
                 with anyio.move_on_after(self.loaded.daemon.shutdown_timeout):
                     await in_stop_order(list(self.supervisors), self.loaded.services, stop_one)
                 await self._force_kill()
+                self._forget_state()
                 tg.cancel_scope.cancel()
 
     async def _open_for_business(self, tg: TaskGroup, notifier: Any) -> None:
         """Listen on the control socket, launch every service, tell systemd we are ready."""
         from supervisor.control.server import serve
+        from supervisor.takeover import answer_reexec, keep_state_file, take_over
 
         spec = self.loaded.daemon
+        inherited = self.listen_sock
+
+        def listening(sock: socket.socket) -> None:
+            self.listen_sock = sock
+
         await tg.start(
             lambda task_status: serve(
-                self, self.socket_path, allow_uids=spec.allow_uids, task_status=task_status
+                self,
+                self.socket_path,
+                allow_uids=spec.allow_uids,
+                inherited=inherited,
+                on_listening=listening,
+                task_status=task_status,
             )
         )
         assert self.log is not None
         self.log.write("info", f"listening on {self.socket_path}")
         supervisors = [await self._register(service) for service in self.loaded.services.values()]
+        await take_over(self, supervisors, tg)
         self.bus.publish(
             ev.DAEMON_STARTED,
             message=f"hostvisor {__version__} started, {len(supervisors)} services",
@@ -510,6 +500,9 @@ class Daemon:
         )
         for sup in supervisors:
             await tg.start(self._run_supervisor, sup)
+        answer_reexec(self)
+        self.resumed = None
+        tg.start_soon(keep_state_file, self)
         notifier.ready()
         if notifier.watchdog_interval() is not None:
             tg.start_soon(notifier.run_watchdog)
@@ -543,25 +536,9 @@ class Daemon:
             await self.shutdown()
             tg.cancel_scope.cancel()
 
-    async def _reload_on_signal(self, notifier: Any) -> None:
-        notifier.reloading()
-        try:
-            await self.reload()
-        except (ConfigRejected, ControlError):
-            pass  # published as an event; the running config stays in force
-        except Exception as exc:  # a bug in the reload itself must not end the daemon
-            if self.log is not None:
-                import traceback
-
-                self.log.write(
-                    "error",
-                    f"reload failed: {type(exc).__name__}: {exc}",
-                    traceback=traceback.format_exc(),
-                )
-        notifier.ready()
-
     async def _pump_log(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with self.bus.subscribe(buffer=10_000) as events:
+            self._log_events = events
             task_status.started()
             try:
                 async for event in events:

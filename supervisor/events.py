@@ -49,6 +49,7 @@ SERVICE_STOPPED: Final = "hostvisor.service.stopped"
 SERVICE_EXITED: Final = "hostvisor.service.exited"
 SERVICE_BACKOFF: Final = "hostvisor.service.backoff"
 SERVICE_FATAL: Final = "hostvisor.service.fatal"
+SERVICE_ADOPTED: Final = "hostvisor.service.adopted"
 PREFLIGHT_FAILED: Final = "hostvisor.preflight.failed"
 HEALTH_CHANGED: Final = "hostvisor.health.changed"
 HEALTH_CHECK_RESTART: Final = "hostvisor.health_check.restart"
@@ -76,6 +77,7 @@ SEVERITY: Final[Mapping[str, str]] = {
     SERVICE_EXITED: "WARN",
     SERVICE_BACKOFF: "WARN",
     SERVICE_FATAL: "ERROR",
+    SERVICE_ADOPTED: "INFO",
     PREFLIGHT_FAILED: "WARN",
     HEALTH_CHANGED: "WARN",
     HEALTH_CHECK_RESTART: "WARN",
@@ -193,6 +195,15 @@ class EventBus:
 
     def __repr__(self) -> str:
         return f"<EventBus seq={self._seq} subscribers={len(self._subscribers)}>"
+
+    @property
+    def last_seq(self) -> int:
+        """The ``seq`` of the last event published (0 before the first)."""
+        return self._seq
+
+    def continue_from(self, seq: int) -> None:
+        """Number the next event ``seq + 1`` (after a re-exec: ``events --since`` goes on)."""
+        self._seq = max(self._seq, seq)
 
     def publish(
         self,

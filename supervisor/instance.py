@@ -38,7 +38,14 @@ S = ServiceState
 
 async def readiness(sup: ServiceSupervisor, handle: Handle, tg: TaskGroup) -> None:
     """Promote to RUNNING (after start_seconds, or the first healthy probe), then keep
-    checking health, run post_start once and reset the backoff after reset_after."""
+    checking health, run post_start once and reset the backoff after reset_after.
+
+    An instance resumed already RUNNING (re-exec, adoption) is not promoted again: its
+    post_start ran under the previous daemon; only the backoff reset is rescheduled."""
+    if sup.state is S.RUNNING:
+        tg.start_soon(reset_backoff_later, sup)
+        if sup.spec.health is None:
+            await anyio.sleep_forever()
     if sup.spec.health is None:
         await anyio.sleep(sup.spec.start_seconds)
         promote(sup, handle, tg)
@@ -88,6 +95,11 @@ async def probe_forever(
     assert spec is not None
     started = anyio.current_time()
     counter = HealthCounter(spec, started_at=started)
+    if sup.health_seed is not None:  # resumed after a re-exec: the counts go on
+        counter.successes, counter.failures = sup.health_seed
+        if sup.health in (Health.HEALTHY, Health.UNHEALTHY):
+            counter.health = sup.health
+    sup.health_counter = counter
     last_counted = started
     fast = min(bounded_seconds(spec.interval), 0.25)
     daemon_side = False  # in an episode of probes the daemon could not run (EMFILE...)

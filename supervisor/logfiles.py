@@ -33,7 +33,7 @@ import os
 import stat
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -61,6 +61,7 @@ __all__ = [
     "WRITE_BACKLOG",
     "DrainStats",
     "DropReport",
+    "Handover",
     "LogDrops",
     "LogFollower",
     "LogHub",
@@ -343,6 +344,21 @@ class DrainStats:
     max_pending: int = 0
 
 
+@dataclass(slots=True)
+class Handover:
+    """Drains that stop to hand their pipes to the next daemon (``hostvisor reexec``).
+
+    Set :attr:`requested`, then cancel the drains: a drain cancelled with it set leaves
+    its pipe open and puts the partial line it held (bytes read after the last
+    newline) in :attr:`pending`, keyed by the pipe's fd; what it had handed to the
+    writer is still written. The next daemon starts a drain on the same fd with that
+    partial line (``drain_all(..., pending=...)``), so no byte is lost or doubled.
+    """
+
+    requested: bool = False
+    pending: dict[int, bytes] = field(default_factory=dict)
+
+
 def _emit(writer: _Writer, data: bytes, hub: LogHub | None, key: str | None) -> None:
     writer.put(data)
     if hub is not None and hub.has_subscribers(key):
@@ -358,8 +374,9 @@ async def _read(
     hub: LogHub | None,
     key: str | None,
     pending_cap: int = PENDING_CAP,
+    pending: bytes = b"",
+    handover: Handover | None = None,
 ) -> None:
-    pending = b""
     try:
         while True:
             await writer.room()
@@ -385,8 +402,16 @@ async def _read(
             await anyio.lowlevel.checkpoint()
         if pending:
             _emit(writer, pending + b"\n", hub, key)
+    except anyio.get_cancelled_exc_class():
+        if handover is not None and handover.requested:
+            # Every await above leaves what was read either with the writer or in
+            # `pending`: the pipe and the partial line go to the next daemon.
+            handover.pending[fd] = pending
+            fd = -1
+        raise
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
 
 
 async def drain(
@@ -433,6 +458,8 @@ async def drain_all(
     key: str | None = None,
     stats: Sequence[DrainStats] = (),
     drops: LogDrops | None = None,
+    pending: Sequence[bytes] = (),
+    handover: Handover | None = None,
 ) -> None:
     """Drain every pipe in ``fds`` into ``log`` concurrently (see :func:`drain`); close ``log``
     when all hit EOF and their lines are written (or when cancelled).
@@ -440,6 +467,8 @@ async def drain_all(
     Args:
         drops: the service's :class:`LogDrops` (keep one per service, across instances,
             for ``logs_dropped_bytes``); a new one when not given.
+        pending: per fd, a partial line an earlier drain of it held (see :class:`Handover`).
+        handover: lets the drains stop and leave their pipes open (see :class:`Handover`).
     """
     writer = _Writer(log, drops if drops is not None else LogDrops())
     try:
@@ -448,7 +477,9 @@ async def drain_all(
             async with anyio.create_task_group() as readers:
                 for index, fd in enumerate(fds):
                     each = stats[index] if index < len(stats) else DrainStats()
-                    readers.start_soon(partial(_read, fd, writer, each, hub=hub, key=key))
+                    held = pending[index] if index < len(pending) else b""
+                    read = partial(_read, fd, writer, each, hub=hub, key=key, pending=held)
+                    readers.start_soon(partial(read, handover=handover))
             writer.close()
     finally:
         log.close()

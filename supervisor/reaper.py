@@ -31,7 +31,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import anyio
 import anyio.from_thread
@@ -326,10 +326,16 @@ def _alive(proc: psutil.Process) -> bool:
 
 
 def find_marked(
-    roots: Sequence[int], key: str, value: str, *, skip_pgid: int | None = None
+    roots: Sequence[int],
+    key: str,
+    value: str,
+    *,
+    skip_pgid: int | None = None,
+    also: Mapping[str, str] | None = None,
 ) -> list[psutil.Process]:
     """Processes in the trees under ``roots`` (roots included) whose environment has
-    ``key=value``, except members of process group ``skip_pgid``.
+    ``key=value`` (and every item of ``also``), except members of process group
+    ``skip_pgid``.
 
     The process driver uses it to find descendants that left a service's
     group (``setsid``) but carry its ``HOSTVISOR_SERVICE`` marker. Reads
@@ -349,7 +355,10 @@ def find_marked(
             if skip_pgid is not None and os.getpgid(pid) == skip_pgid:
                 continue  # still in the group: signalled with it
             proc = psutil.Process(pid)
-            if proc.environ().get(key) == value:
+            environ = proc.environ()
+            if environ.get(key) == value and all(
+                environ.get(k) == v for k, v in (also or {}).items()
+            ):
                 found.append(proc)
         except (ProcessLookupError, psutil.Error):
             continue

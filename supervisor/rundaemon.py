@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import sys
 from pathlib import Path
 
 import anyio
@@ -13,6 +15,8 @@ from supervisor import config, fdlimits
 from supervisor.daemon import EXIT_SOFTWARE, Daemon, user_mistake
 from supervisor.lock import acquire_lock
 from supervisor.paths import resolve_socket_path, resolve_state_dir
+from supervisor.reexec import ENV as REEXEC_ENV
+from supervisor.statefile import StateFile, StateFileError, read_state
 
 __all__ = ["run_daemon"]
 
@@ -29,15 +33,27 @@ def run_daemon(*, config_path: Path, socket_option: str | None = None) -> int:
         AlreadyRunning: another daemon uses the same state folder.
         SocketPathError: the socket path is unusable.
     """
+    resume_from = os.environ.pop(REEXEC_ENV, None)
     loaded = config.load(config_path)
     state_dir = resolve_state_dir(loaded.daemon.state_dir)
     socket_path = resolve_socket_path(socket_option, loaded.daemon.socket)
-    lock_fd = acquire_lock(state_dir)
+    resumed, lock_fd, listener = (
+        _inherited(resume_from, state_dir) if resume_from else (None, -1, None)
+    )
+    if lock_fd < 0:
+        lock_fd = acquire_lock(state_dir)
     fdlimits.raise_nofile()
     # At a file size limit (RLIMIT_FSIZE) a write fails with EFBIG instead of killing us;
     # children get the default back (Popen's restore_signals).
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    daemon = Daemon(loaded, state_dir=state_dir, socket_path=socket_path)
+    daemon = Daemon(
+        loaded,
+        state_dir=state_dir,
+        socket_path=socket_path,
+        lock_fd=lock_fd,
+        resumed=resumed,
+        listener=listener,
+    )
     try:
         anyio.run(daemon.main)
     except Exception as exc:
@@ -50,3 +66,32 @@ def run_daemon(*, config_path: Path, socket_option: str | None = None) -> int:
     finally:
         os.close(lock_fd)
     return daemon.exit_code
+
+
+def _inherited(path: str, state_dir: Path) -> tuple[StateFile | None, int, socket.socket | None]:
+    """After ``hostvisor reexec``: the state the old code wrote, the lock it held and its
+    listening socket, all inherited across ``exec``. ``(None, -1, None)`` when the file is
+    not a re-exec record of this very process (then we start as after a crash)."""
+    try:
+        state = read_state(Path(path))
+    except StateFileError as exc:
+        sys.stderr.write(f"hostvisor: re-exec: {exc}; starting afresh\n")
+        return None, -1, None
+    record = state.reexec if state is not None else None
+    if state is None or record is None or state.pid != os.getpid():
+        return None, -1, None
+    lock = state_dir / "hostvisor.lock"
+    try:
+        same = os.path.samestat(os.fstat(record.lock_fd), os.stat(lock))
+        listener = socket.socket(fileno=record.listener_fd)
+    except OSError as exc:
+        sys.stderr.write(f"hostvisor: re-exec: inherited descriptors are gone ({exc})\n")
+        return None, -1, None
+    if not same:
+        listener.close()
+        return None, -1, None
+    for fd in (record.lock_fd, record.listener_fd, record.reply_fd):
+        if fd >= 0:
+            os.set_inheritable(fd, False)
+    listener.setblocking(False)
+    return state, record.lock_fd, listener

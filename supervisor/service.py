@@ -123,6 +123,18 @@ class ServiceSupervisor:
         self._not_counted = False
         self._wake = anyio.Event()
         self._known: list[tuple[int, float]] = []
+        #: True while the instance is one taken over after a daemon crash (status field
+        #: ``adopted``), until its next start.
+        self.adopted = False
+        #: The running instance's probe counters (set by the health loop).
+        self.health_counter: Any = None
+        #: Probe counters to go on from: (successes, failures) of the previous daemon.
+        self.health_seed: tuple[int, int] | None = None
+        self._resume: Handle | None = None
+        self._attach: Callable[[TaskGroup], object] | None = None
+        self._restart_resumed = False
+        #: The next start is the re-adoption of a container after a re-exec: not a restart.
+        self.resuming_container = False
 
     def __repr__(self) -> str:
         extra = ""
@@ -184,6 +196,28 @@ class ServiceSupervisor:
         while not (self._seen_gen >= gen and (self.state in targets or self.state in RESTING)):
             await self.changed.wait()
 
+    def resume_instance(
+        self,
+        handle: Handle,
+        *,
+        started_at: float,
+        attach: Callable[[TaskGroup], object] | None = None,
+        restart: bool = False,
+    ) -> None:
+        """Take over ``handle``, an instance that already runs (re-exec or adoption), before
+        :meth:`run`: the loop supervises it as its own, with no spawn.
+
+        Args:
+            started_at: its spawn time on our monotonic clock (for its uptime).
+            attach: starts its log drains in the supervisor's task group.
+            restart: its unit changed meanwhile: restart it once, gracefully.
+        """
+        self._resume = handle
+        self._attach = attach
+        self._restart_resumed = restart
+        self.handle = handle
+        self.instance_started_at = started_at
+
     # ---------------------------------------------------------------- status
 
     def status_entry(self) -> dict[str, Any]:
@@ -204,6 +238,7 @@ class ServiceSupervisor:
             "last_exit": self.last_exit.as_json() if self.last_exit else None,
             "message": self.bus.redactor(self.message),
             "port": self.spec.port.number if self.spec.port else None,
+            "adopted": self.adopted,
         }
 
     def _set_state(self, target: ServiceState, message: str | None = None) -> None:
@@ -248,6 +283,13 @@ class ServiceSupervisor:
             while True:
                 self._wake = anyio.Event()
                 self._interrupted = False
+                if self._resume is not None:
+                    handle, self._resume = self._resume, None
+                    attach, self._attach = self._attach, None
+                    if attach is not None:
+                        attach(tg)
+                    await self._live(handle, resumed=True)
+                    continue
                 if not self._want_up:
                     if self.state in (S.BACKOFF, S.STARTING, S.EXITED, S.FATAL):
                         self._enter_stopped("stopped by request")
@@ -317,9 +359,12 @@ class ServiceSupervisor:
 
     async def _attempt(self) -> None:
         """One start attempt and the life of the instance it starts."""
-        if self._attempts:
+        if self._attempts and not self.resuming_container:
             self.restarts += 1
+        self.resuming_container = False
         self._attempts += 1
+        self.adopted = False
+        self.health_seed = None
         self.health = self._no_instance_health()
         self._seen_gen = self._gen
         self._set_state(S.STARTING, "")
@@ -363,13 +408,24 @@ class ServiceSupervisor:
 
     # ---------------------------------------------------------------- instance life
 
-    async def _live(self, handle: Handle) -> None:
-        """Supervise one instance until it exits, fails its checks, or a command stops it."""
+    async def _live(self, handle: Handle, *, resumed: bool = False) -> None:
+        """Supervise one instance until it exits, fails its checks, or a command stops it.
+
+        ``resumed``: an instance taken over from the previous daemon; its state, uptime
+        and counters were restored (:mod:`supervisor.carryover`). One that was being
+        stopped is stopped now."""
         self.handle = handle
-        self.instance_started_at = anyio.current_time()
+        if not resumed or self.instance_started_at is None:
+            self.instance_started_at = anyio.current_time()
+            self._reached_running = False
         self._health_restart = False
-        self._reached_running = False
         status: ExitStatus | None = None
+        if resumed and (self.state is S.STOPPING or self._restart_resumed):
+            if self._restart_resumed:
+                self._restart_resumed = False
+                self._kick = self._restart_requested = True
+                self.message = "the unit changed while no daemon ran: restarting"
+            self._interrupted = True
 
         async def watch_exit(tg: TaskGroup) -> None:
             nonlocal status

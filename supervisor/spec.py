@@ -283,6 +283,9 @@ class DaemonSpec:
         shutdown_timeout: seconds for all services to stop, then SIGKILL.
         log_level: ``debug``, ``info``, ``warning`` or ``error``.
         allow_uids: uids besides the daemon's and root's allowed on the socket.
+        orphans: processes with our marker that the state file does not name (it was
+            lost): ``"adopt"`` (the only candidate of a unit; extras are stopped) or
+            ``"stop"`` (pitchfork's ``orphan_policy``).
     """
 
     config_path: Path
@@ -292,6 +295,7 @@ class DaemonSpec:
     shutdown_timeout: float = 30.0
     log_level: str = "info"
     allow_uids: tuple[int, ...] = ()
+    orphans: str = "adopt"
     telemetry: TelemetrySpec = TelemetrySpec()
 
 

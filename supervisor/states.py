@@ -88,14 +88,28 @@ def check_transition(service: str, source: ServiceState, target: ServiceState) -
 
 @dataclass(frozen=True, slots=True)
 class ExitStatus:
-    """How a process or container ended: exactly one of ``code`` and ``signal`` is set.
+    """How a process or container ended: exactly one of ``code`` and ``signal`` is set,
+    unless the status is not known (:meth:`unknown`: both ``None``).
 
     ``code`` is the exit status (0-255); ``signal`` the number of the signal that
     killed it. A container's exit code is its ``State.ExitCode`` (137 for a kill).
+    A process adopted after a daemon crash is not our child: its parent reaps it and
+    its status is lost to us, so it ends with an unknown status, which the restart
+    policy treats as a failure.
     """
 
     code: int | None = None
     signal: int | None = None
+
+    @classmethod
+    def unknown(cls) -> ExitStatus:
+        """The status of an adopted process that ended: not known (both fields ``None``)."""
+        return cls()
+
+    @property
+    def known(self) -> bool:
+        """False for :meth:`unknown`."""
+        return self.code is not None or self.signal is not None
 
     @classmethod
     def from_wait_status(cls, status: int) -> ExitStatus:
@@ -112,7 +126,9 @@ class ExitStatus:
         return self.code == 0
 
     def describe(self) -> str:
-        """``"exit code 1"`` or ``"signal SIGKILL"``."""
+        """``"exit code 1"``, ``"signal SIGKILL"`` or ``"exit status unknown"``."""
+        if not self.known:
+            return "exit status unknown (adopted: not our child)"
         if self.signal is not None:
             try:
                 return f"signal {signal.Signals(self.signal).name}"
@@ -120,8 +136,11 @@ class ExitStatus:
                 return f"signal {self.signal}"
         return f"exit code {self.code}"
 
-    def as_json(self) -> dict[str, int | None]:
-        """The ``last_exit`` object of contract section 5."""
+    def as_json(self) -> dict[str, int | bool | None]:
+        """The ``last_exit`` object of contract section 5: ``{"code", "signal"}``; an
+        unknown status is ``{"code": null, "signal": null, "unknown": true}``."""
+        if not self.known:
+            return {"code": None, "signal": None, "unknown": True}
         return {"code": self.code, "signal": self.signal}
 
 

@@ -210,7 +210,7 @@ class TestFraming:
 
     def test_every_method_of_the_contract_is_served(self) -> None:
         """One table: the contract's methods, each with a server handler."""
-        expected = {"status", "start", "stop", "restart", "reload", "logs", "events"}
+        expected = {"status", "start", "stop", "restart", "reload", "reexec", "logs", "events"}
         assert set(protocol.METHODS) == expected
         assert set(HANDLERS) == expected
 

@@ -170,13 +170,14 @@ class TestStatus:
             assert os.path.realpath(daemon_block["config"]) == os.path.realpath(d.config_path)
             fields = {
                 "name", "kind", "state", "health", "pid", "container_id", "restarts",
-                "uptime_seconds", "last_exit", "message", "port", "logs_dropped_bytes",
+                "uptime_seconds", "last_exit", "message", "port", "logs_dropped_bytes", "adopted",
             }  # fmt: skip
             by_name = {s["name"]: s for s in doc["services"]}
             assert [s["name"] for s in doc["services"]] == ["once", "web"]
             assert all(set(s) == fields for s in doc["services"])
             w, o = by_name["web"], by_name["once"]
             assert w["logs_dropped_bytes"] == 0 and o["logs_dropped_bytes"] == 0
+            assert w["adopted"] is False and o["adopted"] is False
             assert (w["kind"], w["state"], w["health"]) == ("process", "running", "healthy")
             assert w["pid"] in live_instances(d, "web") and w["container_id"] is None
             assert w["restarts"] == 0 and w["last_exit"] is None and w["port"] == port

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -36,7 +37,15 @@ from supervisor.control.protocol import (
 from supervisor.errors import ControlError
 from supervisor.events import Event, EventBus
 
-__all__ = ["HANDLERS", "ControlTarget", "Feed", "LogFeed", "dispatch", "open_feed"]
+__all__ = [
+    "HANDLERS",
+    "ControlTarget",
+    "Feed",
+    "LogFeed",
+    "dispatch",
+    "dispatch_reexec",
+    "open_feed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +84,12 @@ class ControlTarget(Protocol):
         self, names: Sequence[str] | Literal["all"], *, wait: bool, timeout: float
     ) -> dict[str, Any]:
         """``{"services": [status entries]}`` once restarted (or timed out, with ``wait``)."""
+        ...
+
+    async def reexec(self, connection: socket.socket, request_id: Any) -> dict[str, Any]:
+        """Re-execute the daemon in place; the NEW code answers ``request_id`` on
+        ``connection`` (kept across ``exec``), so this returns only on failure, raising
+        ControlError (ConfigRejected when the new code rejects the config)."""
         ...
 
     async def reload(self) -> dict[str, Any]:
@@ -116,6 +131,21 @@ async def dispatch(target: ControlTarget, req: Request) -> dict[str, Any]:
     return response(req.id, result)
 
 
+async def dispatch_reexec(
+    target: ControlTarget, req: Request, connection: socket.socket
+) -> dict[str, Any]:
+    """:func:`dispatch` for ``reexec``, which needs the connection it is asked on: the
+    answer comes from the new code after ``exec``; what returns here is a failure."""
+    try:
+        result = await target.reexec(connection, req.id)
+    except ControlError as exc:
+        return error_response(req.id, exc.code, str(exc), exc.data)
+    except Exception as exc:
+        log.exception("control socket: reexec failed")
+        return error_response(req.id, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+    return response(req.id, result)
+
+
 async def _status(target: ControlTarget, params: dict[str, Any]) -> Any:
     return target.status(params["services"])
 
@@ -151,6 +181,7 @@ HANDLERS: dict[str, Callable[[ControlTarget, dict[str, Any]], Awaitable[Any]]] =
     "stop": _stop,
     "restart": _restart,
     "reload": _reload,
+    "reexec": _reload,  # not reached: the server calls dispatch_reexec
     "logs": _logs,
     "events": _events,
 }

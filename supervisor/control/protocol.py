@@ -339,6 +339,7 @@ METHODS: Final[Mapping[str, Method]] = {
         Method("stop", _action),
         Method("restart", _action),
         Method("reload", _reload),
+        Method("reexec", _reload),
         Method("logs", _logs, streams=True, notification="log"),
         Method("events", _events, streams=True, notification="event"),
     )

@@ -32,7 +32,7 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,14 @@ import anyio
 from anyio.abc import SocketListener, SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from supervisor.control.methods import ControlTarget, Feed, LogFeed, dispatch, open_feed
+from supervisor.control.methods import (
+    ControlTarget,
+    Feed,
+    LogFeed,
+    dispatch,
+    dispatch_reexec,
+    open_feed,
+)
 from supervisor.control.outbox import FOLLOW_BUDGET, FOLLOW_BUFFER, Outbox, Pool, relay
 from supervisor.control.protocol import (
     INTERNAL_ERROR,
@@ -317,7 +324,11 @@ class _Server:
                 return True  # a follow nobody could receive
             return await self.follow(conn, reader, req)
         try:
-            reply = await dispatch(self.target, req)
+            if req.method.name == "reexec":
+                raw = conn.stream.extra(anyio.abc.SocketAttribute.raw_socket)
+                reply = await dispatch_reexec(self.target, req, raw)
+            else:
+                reply = await dispatch(self.target, req)
         except anyio.get_cancelled_exc_class():
             if req.has_id:  # the server stops: say so rather than leave the client hanging
                 with anyio.move_on_after(1.0, shield=True), contextlib.suppress(*_GONE):
@@ -409,8 +420,10 @@ async def _until_closed(reader: BufferedByteReceiveStream, scope: anyio.CancelSc
 
 
 @asynccontextmanager
-async def _listening(path: Path, allow_uids: Iterable[int]) -> AsyncIterator[SocketListener]:
-    sock = bind_socket(path, allow_uids=allow_uids)
+async def _listening(
+    path: Path, allow_uids: Iterable[int], inherited: socket.socket | None
+) -> AsyncIterator[SocketListener]:
+    sock = inherited if inherited is not None else bind_socket(path, allow_uids=allow_uids)
     identity = os.stat(path)
     listener = await anyio.abc.SocketListener.from_socket(sock)
     try:
@@ -435,6 +448,8 @@ async def serve(
     send_timeout: float = 30.0,
     max_connections: int | None = None,
     follow_buffer: int = FOLLOW_BUFFER,
+    inherited: socket.socket | None = None,
+    on_listening: Callable[[socket.socket], None] | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the control protocol on ``path`` until cancelled; removes the socket file then.
@@ -456,6 +471,10 @@ async def serve(
         follow_buffer: bytes of notifications held for one slow follower before the oldest
             are skipped (:data:`FOLLOW_BUFFER`; all followers together hold at most
             :data:`FOLLOW_BUDGET`).
+        inherited: a socket already listening on ``path`` (kept across ``hostvisor
+            reexec``): served instead of binding a new one; connections queued in its
+            backlog meanwhile are answered.
+        on_listening: called with the listening socket (the daemon keeps it for a re-exec).
         task_status: ``started()`` once the socket accepts connections.
 
     Raises:
@@ -470,7 +489,9 @@ async def serve(
         max_connections=max_connections or default_max_connections(),
         follow_buffer=follow_buffer,
     )
-    async with _listening(path, allow) as listener, anyio.create_task_group() as tg:
+    async with _listening(path, allow, inherited) as listener, anyio.create_task_group() as tg:
+        if on_listening is not None:
+            on_listening(listener.extra(anyio.abc.SocketAttribute.raw_socket))
         task_status.started()
         try:
             await server.accept_loop(listener, tg)

@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import anyio
 import psutil
 from anyio.abc import TaskGroup
 
-from supervisor.drivers.process_handle import MARKER, ProcessHandle
+from supervisor.drivers.process_handle import MARKER, SCOPE, ProcessHandle
 from supervisor.errors import DriverError, SpawnError
 from supervisor.fdlimits import child_limits, fd_headroom_ok, limits, relocate
 from supervisor.logfile import RotatingLog
@@ -46,6 +49,7 @@ from supervisor.states import ExitStatus
 __all__ = [
     "DAEMON_OTEL_ENV",
     "MARKER",
+    "SCOPE",
     "STRIPPED_ENV",
     "CommandResult",
     "ProcessDriver",
@@ -70,6 +74,8 @@ PIPE_SIZE = 1 << 20
 #: Seconds a service's output may still be read once its group and escapees are gone
 #: Seconds a command's output may still be read after its group is gone.
 CAPTURE_GRACE = 0.5
+#: ``F_GETPIPE_SZ`` (``fcntl(2)``, Linux); the fcntl module names it from Python 3.10.
+_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 
 
 def _check_headroom(highest_fd: int) -> None:
@@ -84,13 +90,19 @@ def _check_headroom(highest_fd: int) -> None:
         )
 
 
-def build_env(base: Mapping[str, str], extra: Mapping[str, str], service: str) -> dict[str, str]:
-    """A child's environment: ``base`` + ``extra`` (wins) + ``HOSTVISOR_SERVICE=service``,
-    without :data:`STRIPPED_ENV`."""
+def build_env(
+    base: Mapping[str, str], extra: Mapping[str, str], service: str, scope: str = ""
+) -> dict[str, str]:
+    """A child's environment: ``base`` + ``extra`` (wins) + ``HOSTVISOR_SERVICE=service``
+    (+ ``HOSTVISOR_STATE_DIR=scope`` when given), without :data:`STRIPPED_ENV`."""
     env = {k: v for k, v in base.items() if k not in STRIPPED_ENV}
     if extra:
         env.update((k, v) for k, v in extra.items() if k not in STRIPPED_ENV)
     env[MARKER] = service
+    if scope:
+        env[SCOPE] = scope
+    elif SCOPE in env:
+        del env[SCOPE]
     return env
 
 
@@ -164,6 +176,11 @@ class ProcessDriver:
         del self.base_env[MARKER]
         for name in [k for k in self.base_env if k in DAEMON_OTEL_ENV]:
             del self.base_env[name]
+        #: ``HOSTVISOR_STATE_DIR`` of our children: which daemon's they are.
+        self.scope = str(state_dir)
+        #: Holds duplicates of the pipes' read ends across a daemon crash
+        #: (:class:`supervisor.fdstore.FdStore`), once the daemon set one.
+        self.fdstore: Any = None
         self._live: set[int] = set()
         self._devnull = -1
         self._pipe_budget = pipe_budget()
@@ -234,7 +251,7 @@ class ProcessDriver:
             popen = self._spawn(
                 spec.target.command,
                 cwd=spec.workdir,
-                env=build_env(self.base_env, spec.env, spec.name),
+                env=build_env(self.base_env, spec.env, spec.name, self.scope),
                 stdout=out_w,
                 stderr=err_w,
             )
@@ -249,13 +266,104 @@ class ProcessDriver:
         handle = ProcessHandle(
             popen, service=spec.name, started_at=started_at, reaper=self.reaper, live=self._live
         )
+        self._start_drain(handle, (out_r, err_r), log, granted=granted, task_group=task_group)
+        return handle
+
+    def _start_drain(
+        self,
+        handle: ProcessHandle,
+        fds: tuple[int, ...],
+        log: RotatingLog,
+        *,
+        granted: int,
+        task_group: TaskGroup,
+        pending: Sequence[bytes] = (),
+    ) -> None:
+        name = f"{handle.service}/{handle.pid}"
+        handle.fds = fds
+        store = self.fdstore
+        if store is not None:
+            store.put(name, fds)
 
         def release() -> None:
             self._pipe_bytes -= granted
+            if store is not None:
+                store.drop([name])
 
-        drops = self.log_drops(spec.name) if self.log_drops is not None else None
-        task_group.start_soon(handle._drain, (out_r, err_r), log, self.loghub, drops, release)
+        drops = self.log_drops(handle.service) if self.log_drops is not None else None
+        drain = partial(handle._drain, pending=pending)
+        task_group.start_soon(drain, fds, log, self.loghub, drops, release)
+
+    def resume(
+        self,
+        spec: ServiceSpec,
+        *,
+        pid: int,
+        started_at: float,
+        create_time: float | None,
+        own_child: bool,
+        pidfd: int | None = None,
+    ) -> ProcessHandle:
+        """A handle on a process of ``spec`` that already runs; its output is drained once
+        :meth:`attach` is called (from the supervisor's task group).
+
+        ``own_child``: still our child (after ``hostvisor reexec``: exit statuses stay
+        exact), or adopted after a crash (``pidfd`` opened and its identity checked by
+        the caller; its exit status cannot be known).
+        """
+        if own_child and self.reaper is not None:
+            self.reaper.track(pid)
+        handle = ProcessHandle(
+            None,
+            pid=pid,
+            pidfd=pidfd,
+            own_child=own_child,
+            create_time=create_time,
+            service=spec.name,
+            started_at=started_at,
+            reaper=self.reaper,
+            live=self._live,
+        )
+        handle.adopted = True
+        handle.scope = self.scope
         return handle
+
+    def attach(
+        self,
+        handle: ProcessHandle,
+        spec: ServiceSpec,
+        *,
+        fds: Sequence[int],
+        pending: Sequence[bytes] = (),
+        task_group: TaskGroup,
+    ) -> bool:
+        """Drain ``fds`` (the read ends of a resumed instance's stdout and stderr, ours
+        from now on) into the service's log, from the partial lines ``pending``.
+
+        Returns:
+            False when the log cannot be opened (the fds are closed then) or there are
+            no fds (the output was lost with the previous daemon).
+        """
+        try:
+            log = self._open_log(spec) if fds else None
+        except SpawnError:
+            log = None
+        if log is None:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            return False
+        granted = 0
+        for fd in fds:
+            os.set_inheritable(fd, False)
+            os.set_blocking(fd, False)
+            with contextlib.suppress(OSError):
+                granted += fcntl.fcntl(fd, _F_GETPIPE_SZ)
+        self._pipe_bytes += granted
+        self._start_drain(
+            handle, tuple(fds), log, granted=granted, task_group=task_group, pending=pending
+        )
+        return True
 
     def _open_log(self, spec: ServiceSpec) -> RotatingLog:
         path = service_log_path(self.state_dir, spec.name)
@@ -332,7 +440,7 @@ class ProcessDriver:
             popen = self._spawn(
                 argv,
                 cwd=cwd,
-                env=build_env(self.base_env, env, service),
+                env=build_env(self.base_env, env, service, self.scope),
                 stdout=out_w,
                 stderr=err_w,
             )

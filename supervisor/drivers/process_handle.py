@@ -28,7 +28,7 @@ import psutil
 
 from supervisor.fdlimits import relocate
 from supervisor.logfile import RotatingLog
-from supervisor.logfiles import LogDrops, drain_all
+from supervisor.logfiles import Handover, LogDrops, drain_all
 from supervisor.loghub import LogHub
 from supervisor.reaper import (
     Reaper,
@@ -43,10 +43,13 @@ from supervisor.reaper import (
 from supervisor.spec import StopSpec
 from supervisor.states import ExitStatus
 
-__all__ = ["DRAIN_GRACE", "MARKER", "ProcessHandle"]
+__all__ = ["DRAIN_GRACE", "MARKER", "SCOPE", "ProcessHandle"]
 
 #: The variable that marks a process as one of ours; its value is the service name.
 MARKER = "HOSTVISOR_SERVICE"
+#: The variable that says which daemon's: its value is the state folder's path (two
+#: daemons with their own state folders never adopt or stop each other's processes).
+SCOPE = "HOSTVISOR_STATE_DIR"
 #: Seconds between re-checks of a group whose leader exited (see _wait_group_gone).
 GROUP_RECHECK = 1.0
 #: Seconds to wait for SIGKILLed escaped descendants to go.
@@ -67,23 +70,40 @@ class ProcessHandle:
 
     def __init__(
         self,
-        popen: subprocess.Popen[bytes],
+        popen: subprocess.Popen[bytes] | None,
         *,
         service: str,
         started_at: float,
         reaper: Reaper | None,
         live: set[int],
+        pid: int | None = None,
+        pidfd: int | None = None,
+        own_child: bool = True,
+        create_time: float | None = None,
     ) -> None:
         self._popen = popen
-        self.pid: int = popen.pid
-        self.pgid: int = popen.pid
+        self.pid: int = popen.pid if popen is not None else int(pid or 0)
+        self.pgid: int = self.pid
         self.service = service
         self.started_at = started_at
         self._reaper = reaper
         self._live = live
+        #: False for a process adopted after a daemon crash: not our child, so its exit
+        #: is seen through its pidfd but its exit status cannot be known.
+        self.own_child = own_child
+        #: True once a resumed or adopted instance (see supervisor.carryover).
+        self.adopted = False
+        #: ``HOSTVISOR_STATE_DIR`` of the daemon (escapees of a stranger must carry it).
+        self.scope = ""
+        #: The read ends of its stdout and stderr pipes (fd numbers; -1 once closed).
+        self.fds: tuple[int, ...] = ()
+        #: Asked to hand its pipes over to the next daemon (``hostvisor reexec``).
+        self.handover = Handover()
         live.add(self.pid)
-        # Our unreaped child: the pidfd cannot name another process.
-        pidfd = open_pidfd(self.pid)
+        if pidfd is None:
+            # Our unreaped child: the pidfd cannot name another process. (An adopted
+            # stranger's pidfd is opened, then its start time checked, by the caller.)
+            pidfd = open_pidfd(self.pid)
         self._pidfd = relocate(pidfd) if pidfd is not None else None
         self._leader: ExitStatus | None = None
         self._waiter: WaitThread | None = None
@@ -91,7 +111,7 @@ class ProcessHandle:
         self._lock = anyio.Lock()
         self._drained = anyio.Event()
         self._swept = anyio.Event()
-        self._create_time: float | None = None
+        self._create_time: float | None = create_time
 
     def __repr__(self) -> str:
         state = self._leader.describe() if self._leader else "running"
@@ -155,6 +175,8 @@ class ProcessHandle:
         return status
 
     async def _wait_leader(self) -> ExitStatus:
+        if not self.own_child:
+            return await self._wait_stranger()
         if self._pidfd is not None:
             # Readable once the leader has exited: no polling, no thread.
             await anyio.wait_readable(self._pidfd)
@@ -168,12 +190,29 @@ class ProcessHandle:
             raw = await self._waiter.result()
         return self._reaped(raw)
 
-    def _reaped(self, raw: int | None) -> ExitStatus:
-        # None only if something outside this driver reaped our child.
-        status = ExitStatus(code=255) if raw is None else ExitStatus.from_wait_status(raw)
-        # Keep Popen from ever polling this pid again (its __del__ and
-        # subprocess._cleanup would waitpid() a number that may be reused).
-        self._popen.returncode = status.code if status.signal is None else -status.signal
+    async def _wait_stranger(self) -> ExitStatus:
+        """An adopted process that is not our child: its pidfd says when it exits (no
+        polling); its parent (init, or another subreaper) reaps it and keeps the status."""
+        if self._pidfd is not None:
+            await anyio.wait_readable(self._pidfd)
+        else:  # no pidfds: nothing better than psutil's wait in a thread
+            await anyio.to_thread.run_sync(self._psutil_wait, abandon_on_cancel=True)
+        return self._reaped(None, known=False)
+
+    def _psutil_wait(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(self.pid).wait()
+
+    def _reaped(self, raw: int | None, *, known: bool = True) -> ExitStatus:
+        if not known:
+            status = ExitStatus.unknown()
+        else:
+            # None only if something outside this driver reaped our child.
+            status = ExitStatus(code=255) if raw is None else ExitStatus.from_wait_status(raw)
+        if self._popen is not None:
+            # Keep Popen from ever polling this pid again (its __del__ and
+            # subprocess._cleanup would waitpid() a number that may be reused).
+            self._popen.returncode = status.code if status.signal is None else -(status.signal or 0)
         if self._reaper is not None:
             self._reaper.untrack(self.pid)
         self._live.discard(self.pid)
@@ -213,8 +252,9 @@ class ProcessHandle:
         Returns:
             True if the group existed and was signalled.
         """
-        # No await between the emptiness check and killpg: see the module docstring.
-        if self._leader is None or self._group_exists():
+        # No await between the emptiness check and killpg: see the module docstring. A
+        # stranger's leader is not pinned by us: its group is checked like a dead one's.
+        if (self._leader is None and self.own_child) or self._group_exists():
             try:
                 os.killpg(self.pgid, sig)
             except ProcessLookupError:
@@ -273,13 +313,18 @@ class ProcessHandle:
         if not roots:
             return []  # the common case: no orphan of ours anywhere, no /proc walk
         # A walk of /proc may take a while on a busy host: never in the event loop.
+        also = {SCOPE: self.scope} if self.scope else None
         return await anyio.to_thread.run_sync(
-            lambda: find_marked(roots, MARKER, self.service, skip_pgid=self.pgid)
+            lambda: find_marked(roots, MARKER, self.service, skip_pgid=self.pgid, also=also)
         )
 
     def _escape_roots(self) -> list[int]:
         # Escaped descendants are below the leader while it lives, or were
         # reparented to the daemon (untracked children of ours), or below those.
+        # An adopted stranger's were reparented elsewhere while no daemon ran: its
+        # stop sweeps from init (the marker and the state folder tell them apart).
+        if not self.own_child:
+            return [1]
         roots = [self.pid] if self._leader is None else []
         roots.extend(p for p in child_pids() if p not in self._live)
         return roots
@@ -295,6 +340,8 @@ class ProcessHandle:
         hub: LogHub | None,
         drops: LogDrops | None,
         release: Callable[[], None],
+        *,
+        pending: Sequence[bytes] = (),
     ) -> None:
         try:
             async with anyio.create_task_group() as tg:
@@ -307,8 +354,18 @@ class ProcessHandle:
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(cut_off_later)
-                await drain_all(fds, log, hub=hub, key=self.service, drops=drops)
+                await drain_all(
+                    fds,
+                    log,
+                    hub=hub,
+                    key=self.service,
+                    drops=drops,
+                    pending=pending,
+                    handover=self.handover,
+                )
                 tg.cancel_scope.cancel()
         finally:
-            release()
+            if not self.handover.requested:
+                self.fds = ()
+                release()
             self._drained.set()

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import anyio
 
-from supervisor.errors import ConfigRejected, UnknownService
+from supervisor.errors import ConfigRejected, ControlError, UnknownService
 from supervisor.events import EventBus
 from supervisor.logfiles import LogHub
 
@@ -116,6 +116,11 @@ class FakeTarget:
                 data=["units/web.toml: health.intervall: unknown key", "config.toml: bad"],
             )
         return {"added": ["new"], "removed": [], "changed": ["svc000"], "unchanged": ["svc001"]}
+
+    async def reexec(self, connection: Any, request_id: Any) -> dict[str, Any]:
+        """A fake cannot exec: it refuses, as a daemon whose installed code is broken."""
+        self.calls.append(("reexec", None))
+        raise ControlError("reexec refused: the installed hostvisor cannot start (fake)")
 
     def log_path(self, service: str | None) -> Path:
         if service is not None:

@@ -1,0 +1,147 @@
+"""The daemon's side of re-exec and adoption: the hooks :mod:`supervisor.reexec` and
+:mod:`supervisor.takeover` use, kept out of :mod:`supervisor.daemon` to keep it small."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from supervisor.drivers.process import ProcessDriver
+from supervisor.events import EventBus
+from supervisor.logfiles import LogDrops
+from supervisor.spec import Loaded, ServiceSpec
+from supervisor.statefile import StateFile
+
+if TYPE_CHECKING:
+    from supervisor.daemonlog import DaemonLog
+    from supervisor.service import ServiceSupervisor
+
+__all__ = ["TakeoverMixin"]
+
+
+class TakeoverMixin:
+    """Re-exec and adoption hooks of :class:`~supervisor.daemon.Daemon`."""
+
+    loaded: Loaded
+    state_dir: Path
+    socket_path: Path
+    bus: EventBus
+    log: DaemonLog | None
+    process_driver: ProcessDriver
+    supervisors: dict[str, ServiceSupervisor]
+    log_drops: dict[str, LogDrops]
+    shutting_down: bool
+    lock_fd: int | None
+    resumed: StateFile | None
+    listen_sock: socket.socket | None
+    fdstore: Any
+    notifier: Any
+    started_wall: float
+    _tg: TaskGroup | None
+    _reload_lock: anyio.Lock
+    _scopes: dict[str, anyio.CancelScope]
+    _done: dict[str, anyio.Event]
+    _log_events: Any
+    state_writer: anyio.CancelScope | None
+    state_writer_done: anyio.Event
+
+    async def _register(self, spec: ServiceSpec) -> ServiceSupervisor:
+        raise NotImplementedError
+
+    async def _run_supervisor(
+        self, sup: ServiceSupervisor, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        raise NotImplementedError
+
+    def _refuse_when_stopping(self) -> None:
+        raise NotImplementedError
+
+    async def reexec(self, connection: socket.socket, request_id: Any) -> dict[str, Any]:
+        """Re-execute in place (:mod:`supervisor.reexec`); returns only on failure.
+
+        Raises:
+            ConfigRejected: the installed code rejects the config.
+            ControlError: the installed code cannot start, or ``exec`` failed.
+        """
+        from supervisor.reexec import reexec
+
+        async with self._reload_lock:
+            self._refuse_when_stopping()
+            return await reexec(self, connection, request_id)  # type: ignore[arg-type]
+
+    def log_line(self, level: str, message: str) -> None:
+        """One line in the daemon log (and on stderr)."""
+        if self.log is not None:
+            self.log.write(level, message)
+
+    def notifier_reloading(self) -> None:
+        """``RELOADING=1`` to systemd, if it listens."""
+        if self.notifier is not None:
+            self.notifier.reloading()
+
+    def dropped_bytes(self, service: str) -> int:
+        """Bytes of ``service``'s output lost so far (``logs_dropped_bytes``)."""
+        drops = self.log_drops.get(service)
+        return drops.bytes if drops is not None else 0
+
+    async def cancel_supervisors(self) -> None:
+        """End every supervisor task without stopping its instance (a re-exec); a stop
+        under way finishes first, within its stop_timeout."""
+        for scope in self._scopes.values():
+            scope.cancel()
+        bound = max((s.spec.stop.timeout for s in self.supervisors.values()), default=0.0)
+        with anyio.move_on_after(bound + 20):
+            for done in list(self._done.values()):
+                await done.wait()
+
+    def before_exec(self) -> None:
+        """Write every event and line still queued for the daemon log and stderr."""
+        with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+            while self.log is not None and self._log_events is not None:
+                self.log.event(self._log_events.receive_nowait())
+        if self.log is not None:
+            self.log.close()
+
+    async def resume_in_place(self, state: StateFile) -> None:
+        """After a failed ``exec``: supervise again what :func:`~supervisor.reexec.quiesce`
+        left, from ``state``."""
+        from supervisor.takeover import take_over
+
+        assert self._tg is not None
+        self.supervisors.clear()
+        self._scopes.clear()
+        self._done.clear()
+        sups = [await self._register(spec) for spec in self.loaded.services.values()]
+        self.resumed = state
+        try:
+            await take_over(self, sups, self._tg)  # type: ignore[arg-type]
+        finally:
+            self.resumed = None
+        for sup in sups:
+            await self._tg.start(self._run_supervisor, sup)
+
+    def _forget_state(self) -> None:
+        """After a stop: no process of ours runs, so no state file and no fd keeper."""
+        from supervisor.statefile import state_path
+
+        with contextlib.suppress(OSError):
+            state_path(self.state_dir).unlink(missing_ok=True)
+        if self.fdstore is not None:
+            self.fdstore.quit()
+            self.fdstore = None
+
+    def _open_fdstore(self) -> None:
+        """Connect to the fd keeper, or start one (in a worker thread: it may take a
+        moment); without one the daemon runs on, and a crash may cost output."""
+        from supervisor.fdstore import FdStore, keeper_socket_path
+
+        store = FdStore(keeper_socket_path(self.socket_path, self.state_dir))
+        if store.connect_or_spawn():
+            self.fdstore = self.process_driver.fdstore = store
+        else:
+            self.log_line("warning", "no fd keeper: a daemon crash would cost service output")

@@ -1,0 +1,140 @@
+"""``hostvisor reexec``: replace the daemon's code in place (same pid), keeping every service.
+
+As systemd's ``daemon-reexec``: the daemon checks that the installed code can load
+its config (``python -m supervisor check``, the new code in a child process), tells
+systemd ``RELOADING=1``, stops every supervisor *without* stopping its instance
+(a stop already under way finishes first), lets each log drain hand over its pipe
+and the partial line it held (:class:`~supervisor.logfiles.Handover`), writes the
+state file with the descriptors that must survive (the lock, the control socket's
+listener, the connection that asked, every pipe), clears their close-on-exec flag,
+and ``execve``s ``python -m supervisor`` with the same arguments. The new code
+(:mod:`supervisor.takeover`) picks everything up and answers the request; systemd
+gets ``READY=1`` from it and ``MAINPID`` never changes.
+
+If ``execve`` itself fails, this daemon resumes its own services from the same
+state and answers with the error. Between the upgrade and the re-exec nothing of the
+new code is loaded into the old process (see :mod:`supervisor.upgrade`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+from typing import TYPE_CHECKING, Any
+
+from supervisor.carryover import snapshot
+from supervisor.errors import ConfigRejected, ControlError
+from supervisor.statefile import ReexecRecord, StateFile, state_path, write_state
+
+if TYPE_CHECKING:
+    from supervisor.daemon import Daemon
+
+__all__ = ["ENV", "REEXEC_CHECK_TIMEOUT", "reexec"]
+
+#: Set in the new code's environment: the path of the state file to resume from.
+ENV = "HOSTVISOR_REEXEC"
+#: Seconds the installed code gets to load and check the config.
+REEXEC_CHECK_TIMEOUT = 60.0
+
+
+class ReexecFailed(ControlError):
+    """The daemon could not re-execute itself; it goes on with its old code."""
+
+
+async def check_new_code(daemon: Daemon) -> None:
+    """Run ``python -m supervisor check -c CONFIG`` with the installed code.
+
+    Raises:
+        ConfigRejected: it found errors in the config (its lines in ``data``).
+        ReexecFailed: it could not run or import (its stderr in the message).
+    """
+    config = str(daemon.loaded.daemon.config_path)
+    argv = [sys.executable, "-m", "supervisor", "check", "-c", config]
+    result = await daemon.process_driver.run_command(
+        argv, cwd=daemon.loaded.daemon.config_path.parent, env={}, service="hostvisor",
+        timeout=REEXEC_CHECK_TIMEOUT,
+    )  # fmt: skip
+    if result.ok:
+        return
+    text = (result.stderr or result.stdout).strip()
+    if result.code == 1 and text and "Traceback" not in text:
+        errors = text.splitlines()[-100:]
+        raise ConfigRejected("reexec refused: " + "; ".join(errors), data=errors)
+    last = text.splitlines()[-1] if text else result.describe()
+    raise ReexecFailed(f"reexec refused: the installed hostvisor cannot start: {last}")
+
+
+async def reexec(daemon: Daemon, connection: socket.socket, request_id: Any) -> dict[str, Any]:
+    """Re-execute the daemon; returns only when it failed (raising)."""
+    if daemon.shutting_down:
+        raise ReexecFailed("the daemon is shutting down")
+    await check_new_code(daemon)
+    daemon.log_line("info", "re-executing: handing every service over to the installed code")
+    daemon.notifier_reloading()
+    state = await quiesce(daemon)
+    reply_fd = os.dup(connection.fileno())
+    listener = daemon.listen_sock
+    assert listener is not None and daemon.lock_fd is not None
+    state.reexec = ReexecRecord(
+        lock_fd=daemon.lock_fd,
+        listener_fd=listener.fileno(),
+        reply_fd=reply_fd,
+        reply_id=request_id,
+        started_wall=daemon.started_wall,
+        event_seq=daemon.bus.last_seq,
+    )
+    keep = [daemon.lock_fd, listener.fileno(), reply_fd]
+    for rec in state.services.values():
+        if rec.instance is not None:
+            keep.extend(rec.instance.fds)
+    path = state_path(daemon.state_dir)
+    try:
+        write_state(path, state)
+        for fd in keep:
+            os.set_inheritable(fd, True)
+        daemon.before_exec()
+        env = {**os.environ, ENV: str(path)}
+        argv = [sys.executable, "-m", "supervisor", *sys.argv[1:]]
+        os.execve(sys.executable, argv, env)
+    except OSError as exc:
+        for fd in keep:
+            with contextlib.suppress(OSError):
+                os.set_inheritable(fd, False)
+        os.close(reply_fd)
+        daemon.log_line("error", f"re-exec failed: {exc}; going on with the running code")
+        state.reexec = None
+        await daemon.resume_in_place(state)
+        from supervisor.takeover import keep_state_file
+
+        assert daemon._tg is not None
+        daemon._tg.start_soon(keep_state_file, daemon)
+        raise ReexecFailed(f"re-exec failed: {exc}; the daemon goes on with its old code") from None
+    raise AssertionError("not reached")  # pragma: no cover
+
+
+async def quiesce(daemon: Daemon) -> StateFile:
+    """Stop every supervisor, leaving its instance running and its pipes open; return the
+    state to hand over. A stop under way finishes first (bounded by its stop_timeout)."""
+    writer = daemon.state_writer
+    if writer is not None:  # no older snapshot may land after ours
+        writer.cancel()
+        await daemon.state_writer_done.wait()
+    sups = list(daemon.supervisors.values())
+    for sup in sups:
+        handle = sup.handle
+        if handle is not None and hasattr(handle, "handover"):
+            handle.handover.requested = True
+    await daemon.cancel_supervisors()
+    # What the cancelled drains did not hand over (a drain not started yet) is still open.
+    services = {}
+    for sup in sups:
+        rec = snapshot(sup, logs_dropped_bytes=daemon.dropped_bytes(sup.name))
+        handle = sup.handle
+        if rec.instance is not None and handle is not None and hasattr(handle, "handover"):
+            pending = handle.handover.pending
+            held = [pending.get(fd, b"") for fd in rec.instance.fds]
+            rec.instance.pending = [p.decode("latin-1") for p in held]
+        services[sup.name] = rec
+    return StateFile(pid=os.getpid(), services=services)

@@ -1,0 +1,301 @@
+"""At daemon start: take over what the previous daemon left, before any service starts.
+
+Two cases, told apart by the state file's ``reexec`` record (see
+:mod:`supervisor.statefile`):
+
+- **after ``hostvisor reexec``** (same pid): every recorded process is still our
+  child and its pipes are open in this process: each is resumed as it was (state,
+  health counters, restarts, backoff, uptime), its drain goes on from the partial
+  line the old code held, and its exit status stays exact;
+- **after a crash** (a new pid): the processes that carry our marker are found in
+  ``/proc`` and :func:`supervisor.adoption.plan` says which to adopt; an adopted one
+  is watched through a pidfd (its exit is seen at once, its status is unknown), its
+  pipes come back from the fd keeper (:mod:`supervisor.fdstore`), its probe is
+  re-checked, and it reports ``"adopted": true`` until its next start. The others
+  are stopped before any service starts, so no two instances of one service run.
+
+A unit that changed meanwhile is restarted once, gracefully, as a reload would;
+one that is gone has its process stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from supervisor import __version__
+from supervisor import events as ev
+from supervisor.adoption import Candidate, plan, scan
+from supervisor.carryover import restore, snapshot, wall_offset
+from supervisor.fdstore import split_key
+from supervisor.reaper import open_pidfd, signal_verified, wait_gone
+from supervisor.spec import StopSpec
+from supervisor.statefile import (
+    WRITE_EVERY,
+    StateFile,
+    StateFileError,
+    read_state,
+    spec_digest,
+    state_path,
+    write_state,
+)
+from supervisor.states import Health, ServiceState
+
+if TYPE_CHECKING:
+    from supervisor.daemon import Daemon
+    from supervisor.service import ServiceSupervisor
+
+__all__ = ["answer_reexec", "keep_state_file", "take_over"]
+
+S = ServiceState
+#: Seconds a pipe left by a process that ended while no daemon ran is read, at most.
+LEFTOVER_DRAIN = 2.0
+
+
+async def take_over(
+    daemon: Daemon, supervisors: Iterable[ServiceSupervisor], tg: TaskGroup
+) -> None:
+    """Restore and resume (re-exec) or adopt (crash) before the supervisors run."""
+    sups = {sup.name: sup for sup in supervisors}
+    if daemon.resumed is not None:
+        _resume_all(daemon, daemon.resumed, sups, tg)
+        return
+    try:
+        state = read_state(state_path(daemon.state_dir))
+    except StateFileError as exc:
+        daemon.log_line("error", f"{exc}; processes with our marker follow [daemon] orphans")
+        state = None
+    kept: dict[str, int] = {}
+    if daemon.fdstore is not None:
+        try:
+            kept = daemon.fdstore.take()
+        except (TimeoutError, OSError) as exc:
+            daemon.log_line("warning", f"the fd keeper did not hand the pipes back: {exc}")
+    skip = {daemon.fdstore.pid} if daemon.fdstore is not None and daemon.fdstore.pid else set()
+    candidates = await anyio.to_thread.run_sync(
+        lambda: scan(daemon.process_driver.scope, skip=skip)
+    )
+    units = {name: spec.kind for name, spec in daemon.loaded.services.items()}
+    decided = plan(candidates, state=state, units=units, policy=daemon.loaded.daemon.orphans)
+    for line in decided.ignored:
+        daemon.log_line("warning", line)
+    await _stop_all(daemon, decided.stop)
+    records = state.services if state is not None else {}
+    for name, sup in sups.items():
+        rec = records.get(name)
+        cand = decided.adopt.get(name)
+        if cand is not None and _adopt(daemon, sup, cand, kept, rec):
+            continue
+        if rec is not None:
+            restore(sup, rec, with_instance=False)
+            if sup.spec.kind == "container":
+                sup.resuming_container = True
+    leftovers: dict[str, list[int]] = {}
+    for key in sorted(kept, key=split_key):  # pipes of processes that ended meanwhile
+        leftovers.setdefault(split_key(key)[0], []).append(kept[key])
+    for group, fds in leftovers.items():
+        tg.start_soon(_drain_leftover, daemon, group, fds)
+
+
+def _adopt(
+    daemon: Daemon,
+    sup: ServiceSupervisor,
+    cand: Candidate,
+    kept: dict[str, int],
+    rec: Any,
+) -> bool:
+    driver = daemon.process_driver
+    try:
+        pidfd = open_pidfd(cand.pid)
+    except ProcessLookupError:
+        return False
+    if not cand.proc.is_running():  # its pid was reused since the scan: not ours
+        if pidfd is not None:
+            os.close(pidfd)
+        return False
+    group = f"{cand.service}/{cand.pid}"
+    keys = sorted((k for k in kept if split_key(k)[0] == group), key=lambda k: split_key(k)[1])
+    fds = [kept.pop(k) for k in keys]
+    started = cand.create_time - wall_offset()
+    handle = driver.resume(
+        sup.spec, pid=cand.pid, started_at=started, create_time=cand.create_time,
+        own_child=False, pidfd=pidfd,
+    )  # fmt: skip
+    if rec is not None:
+        restore(sup, rec, with_instance=True)
+    sup.state = S.RUNNING
+    sup.health = Health.UNKNOWN if sup.spec.health is not None else Health.NONE
+    sup.health_seed = None  # the probe is re-checked before anything counts
+    sup.adopted = True
+    sup._reached_running = True
+    sup._want_up = True if rec is None else rec.want_up
+    changed = rec is not None and rec.digest != spec_digest(sup.spec)
+    sup.message = "" if fds else "adopted; its output was lost with the previous daemon"
+
+    def attach(task_group: TaskGroup) -> None:
+        driver.attach(handle, sup.spec, fds=fds, task_group=task_group)
+
+    sup.resume_instance(handle, started_at=started, attach=attach, restart=changed)
+    sup._publish(
+        ev.SERVICE_ADOPTED,
+        f"adopted pid {cand.pid} left running by the previous daemon",
+        **{"process.pid": cand.pid},
+    )
+    return True
+
+
+def _resume_all(
+    daemon: Daemon, state: StateFile, sups: Mapping[str, ServiceSupervisor], tg: TaskGroup
+) -> None:
+    """After ``reexec``: every recorded instance is our child, with its pipes open here."""
+    driver = daemon.process_driver
+    offset = wall_offset()
+    for name, rec in state.services.items():
+        sup = sups.get(name)
+        inst = rec.instance
+        if sup is None or sup.spec.kind != rec.kind:
+            if inst is not None:  # the unit is gone: stop what it left
+                _stop_gone(daemon, name, inst.pid, inst.fds, tg)
+            continue
+        if sup.spec.kind == "container":
+            restore(sup, rec, with_instance=False)
+            sup.resuming_container = True
+            continue
+        restore(sup, rec, with_instance=inst is not None)
+        if inst is None:
+            continue
+        started = inst.started_wall - offset
+        handle = driver.resume(
+            sup.spec, pid=inst.pid, started_at=started, create_time=inst.create_time,
+            own_child=True,
+        )  # fmt: skip
+        handle.adopted = rec.adopted
+        pending = [p.encode("latin-1") for p in inst.pending]
+        fds = list(inst.fds)
+
+        def attach(task_group: TaskGroup, h: Any = handle, s: Any = sup, f: Any = fds,
+                   p: Any = pending) -> None:  # fmt: skip
+            driver.attach(h, s.spec, fds=f, pending=p, task_group=task_group)
+
+        sup.resume_instance(
+            handle, started_at=started, attach=attach, restart=rec.digest != spec_digest(sup.spec)
+        )
+
+
+def _stop_gone(daemon: Daemon, name: str, pid: int, fds: list[int], tg: TaskGroup) -> None:
+    driver = daemon.process_driver
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    if driver.reaper is not None:
+        driver.reaper.track(pid)
+        from supervisor.drivers.process_handle import ProcessHandle
+
+    handle = ProcessHandle(
+        None, pid=pid, service=name, started_at=anyio.current_time(),
+        reaper=driver.reaper, live=driver._live,
+    )  # fmt: skip
+    daemon.log_line("info", f"{name}: its unit is gone: stopping pid {pid}")
+    tg.start_soon(handle.stop, StopSpec())
+
+
+async def _stop_all(daemon: Daemon, candidates: list[Candidate]) -> None:
+    """Stop candidates that are not adopted (their unit's stop signal and timeout, then
+    SIGKILL); return once they are gone (bounded)."""
+    if not candidates:
+        return
+    timeout = 10.0
+    for cand in candidates:
+        spec = daemon.loaded.services.get(cand.service)
+        stop = spec.stop if spec is not None else StopSpec()
+        timeout = max(timeout, stop.timeout)
+        daemon.log_line(
+            "warning", f"{cand.service}: stopping pid {cand.pid}, left by a previous daemon"
+        )
+        signal_verified(cand.proc, stop.signal)
+    procs = [c.proc for c in candidates]
+    for proc in await wait_gone(procs, timeout):
+        signal_verified(proc, signal.SIGKILL)
+    await wait_gone(procs, 5.0)
+
+
+async def _drain_leftover(daemon: Daemon, group: str, fds: list[int]) -> None:
+    """Write what a process that ended while no daemon ran left in its pipes to its log
+    (for at most :data:`LEFTOVER_DRAIN` seconds), then let the keeper forget them."""
+    from supervisor.logfiles import drain_all
+
+    service = group.split("/", 1)[0]
+    spec = daemon.loaded.services.get(service)
+    if daemon.fdstore is not None:
+        daemon.fdstore.drop([group])
+    log = None
+    if spec is not None and spec.kind == "process":
+        with contextlib.suppress(Exception):
+            log = daemon.process_driver._open_log(spec)
+    if log is None:
+        for fd in fds:
+            os.close(fd)
+        return
+    for fd in fds:
+        os.set_blocking(fd, False)
+    with anyio.move_on_after(LEFTOVER_DRAIN):
+        await drain_all(fds, log, hub=daemon.loghub, key=service, drops=daemon.drops_for(service))
+
+
+def answer_reexec(daemon: Daemon) -> None:
+    """After a re-exec: answer the ``reexec`` request on the connection the old code kept
+    open (``{}``: the new code has taken over), then close it."""
+    state = daemon.resumed
+    if state is None or state.reexec is None or state.reexec.reply_fd < 0:
+        return
+    import json
+    import socket
+
+    record = state.reexec
+    with contextlib.suppress(OSError):
+        sock = socket.socket(fileno=record.reply_fd)
+        with sock:
+            sock.settimeout(1.0)
+            reply = {"jsonrpc": "2.0", "id": record.reply_id, "result": {}}
+            sock.sendall(json.dumps(reply).encode() + b"\n")
+    daemon.log_line("info", f"re-exec done: hostvisor {__version__} runs, pid unchanged")
+
+
+async def keep_state_file(daemon: Daemon) -> None:
+    """Rewrite the state file after changes (at most every ``WRITE_EVERY`` seconds) until
+    the daemon stops: what the next daemon reads after a crash."""
+    path = state_path(daemon.state_dir)
+    daemon.state_writer_done = done = anyio.Event()
+    try:
+        with anyio.CancelScope() as daemon.state_writer:
+            await _write_forever(daemon, path)
+    finally:
+        done.set()
+
+
+async def _write_forever(daemon: Daemon, path: Any) -> None:
+    failing = False
+    while not daemon.shutting_down:
+        records = {
+            name: snapshot(sup, logs_dropped_bytes=daemon.dropped_bytes(name))
+            for name, sup in daemon.supervisors.items()
+        }
+        state = StateFile(pid=os.getpid(), services=records)
+        try:
+            await anyio.to_thread.run_sync(write_state, path, state)
+        except OSError as exc:
+            if not failing:
+                daemon.log_line("warning", f"cannot write {path}: {exc}; retrying")
+            failing = True
+        else:
+            if failing:
+                daemon.log_line("info", f"{path} written again")
+            failing = False
+        await daemon.changed.wait()
+        await anyio.sleep(WRITE_EVERY)
