@@ -29,8 +29,10 @@ descriptors declares ``"nfds": N``. The receiver queues the descriptors of each
   "more": bool}`` carrying duplicates of every held descriptor (the keeper keeps its own).
 - ``{"op": "quit"}`` -> ``{"op": "bye"}``; everything is closed and the keeper exits 0.
 
-One client at a time: a new connection replaces the previous one (after what the
-previous one already sent is read). A peer of another uid (not root) is refused. A bad
+One client at a time: a new connection replaces the previous one with its first valid
+request (a probe that connects and closes replaces nothing), after everything the
+previous one sent has been read and applied, so that the puts of a daemon killed just
+after sending them still count. A peer of another uid (not root) is refused. A bad
 message closes that connection, never the keeper; so does a client that leaves replies
 unread for :data:`STALL_SECONDS`. SIGINT, SIGHUP and SIGPIPE are ignored; SIGTERM or
 ``quit`` ends it, and so does finding that its socket path no longer names its socket.
@@ -59,7 +61,17 @@ TYPE_CHECKING = False  # typing costs ~1 MiB of a process that should stay tiny
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["MAX_FDS", "MAX_HELD", "MAX_MESSAGE", "VERSION", "Decoder", "ProtocolError", "encode"]
+__all__ = [
+    "MAX_FDS",
+    "MAX_HELD",
+    "MAX_MESSAGE",
+    "VERSION",
+    "Decoder",
+    "ProtocolError",
+    "close_all",
+    "encode",
+    "peer_allowed",
+]
 
 VERSION = 1
 #: Largest JSON payload, bytes.
@@ -77,6 +89,7 @@ CHECK_SECONDS = 30.0
 #: Most descriptors queued without their message (a partial message's own).
 _MAX_QUEUED = 2 * 253
 _MAX_WAITING = 8
+_DRAIN_READS = 20_000
 _HEADER = struct.Struct(">I")
 _RECV_BYTES = 1 << 16
 _RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
@@ -147,7 +160,11 @@ class Decoder:
         nfds = message.get("nfds", 0)
         if type(nfds) is not int or not 0 <= nfds <= MAX_FDS:
             raise ProtocolError(f"bad nfds: {nfds!r}")
-        return message, self._pop(nfds)
+        fds = self._pop(nfds)
+        if self._batches and self._batches[0][0] <= self._offset:
+            close_all(fds)  # they came with this message or before it: more than declared
+            raise ProtocolError("descriptors that no message declared")
+        return message, fds
 
     def _pop(self, count: int) -> list[int]:
         fds: list[int] = []
@@ -180,14 +197,25 @@ def close_all(fds: Any) -> None:
             os.close(fd)
 
 
-def _names(message: dict[str, Any], count: int | None) -> list[str]:
+_OPS = frozenset({"hello", "put", "drop", "take", "quit"})
+
+
+def _check(message: dict[str, Any], fds: list[int]) -> tuple[str, list[str]]:
+    """``(op, names)`` of a valid request; ProtocolError otherwise (fds not closed)."""
+    op = message.get("op")
+    if op not in _OPS:
+        raise ProtocolError(f"unknown op {op!r}")
+    if fds and op != "put":
+        raise ProtocolError(f"{op!r} carries no descriptors")
+    if op not in ("put", "drop"):
+        return op, []
     names = message.get("names")
-    if not isinstance(names, list) or (count is not None and len(names) != count):
+    if not isinstance(names, list) or (op == "put" and len(names) != len(fds)):
         raise ProtocolError("names must be a list (one per descriptor)")
     for name in names:
         if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME:
             raise ProtocolError(f"bad name: {name!r}")
-    return names
+    return op, names
 
 
 class _Client:
@@ -284,7 +312,7 @@ class Keeper:
                     self.listener.accept()[0].close()
                 self.reserve = os.open(os.devnull, os.O_RDONLY)
                 return
-            if not _peer_allowed(conn):
+            if not peer_allowed(conn):
                 conn.close()
                 continue
             conn.setblocking(False)
@@ -298,9 +326,11 @@ class Keeper:
         self.waiting.remove(client)
         previous = self.client
         if previous is not None:
-            # What the previous client sent before it died still counts.
+            # What the previous client sent before it died still counts: read to EOF
+            # (a recvmsg returns at most one message with descriptors, and a dead
+            # client's socket buffer holds a few hundred), bounded against a live one.
             with contextlib.suppress(OSError, ProtocolError):
-                self._read(previous, limit=64)
+                self._read(previous, limit=_DRAIN_READS)
             self._drop_client(previous)
         self.client = client
 
@@ -315,21 +345,20 @@ class Keeper:
                 raise ProtocolError("descriptors were truncated (out of descriptors?)")
             client.decoder.feed(data, fds)
             while (item := client.decoder.next()) is not None:
-                if self.client is not client:
-                    self._promote(client)
                 self._handle(client, *item)
             if not data or not self.running:
                 self._drop_client(client)
                 return
 
     def _handle(self, client: _Client, message: dict[str, Any], fds: list[int]) -> None:
-        op = message.get("op")
+        try:
+            op, names = _check(message, fds)
+        except ProtocolError:
+            close_all(fds)
+            raise
+        if self.client is not client:
+            self._promote(client)  # only a valid request replaces the client
         if op == "put":
-            try:
-                names = _names(message, len(fds))
-            except ProtocolError:
-                close_all(fds)
-                raise
             for name, fd in zip(names, fds, strict=True):
                 old = self.held.pop(name, None)
                 if old is not None:
@@ -338,12 +367,8 @@ class Keeper:
                     self.held[name] = fd
                 else:
                     os.close(fd)
-            return
-        if fds:
-            close_all(fds)
-            raise ProtocolError(f"{op!r} carries no descriptors")
-        if op == "drop":
-            for name in _names(message, None):
+        elif op == "drop":
+            for name in names:
                 old = self.held.pop(name, None)
                 if old is not None:
                     os.close(old)
@@ -352,14 +377,12 @@ class Keeper:
             self._queue(client, encode(reply))
         elif op == "take":
             client.take = deque(self.held)
-        elif op == "quit":
+        else:  # quit
             self.running = False
             self._close_held()
             self._queue(client, encode({"op": "bye"}))
             with contextlib.suppress(OSError):
                 self._write(client)
-        else:
-            raise ProtocolError(f"unknown op {op!r}")
 
     def _queue(self, client: _Client, frame: bytes) -> None:
         client.out += frame
@@ -445,7 +468,7 @@ class Keeper:
         self.listener.close()
 
 
-def _peer_allowed(conn: socket.socket) -> bool:
+def peer_allowed(conn: socket.socket) -> bool:
     """True for a peer of our uid or root; Linux ``SO_PEERCRED``, BSD ``LOCAL_PEERCRED``."""
     me = os.getuid()
     try:

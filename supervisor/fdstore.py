@@ -32,15 +32,24 @@ import hashlib
 import logging
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from supervisor.fdkeeper import MAX_FDS, MAX_NAME, Decoder, ProtocolError, close_all, encode
+from supervisor.fdkeeper import (
+    MAX_FDS,
+    MAX_NAME,
+    Decoder,
+    ProtocolError,
+    close_all,
+    encode,
+    peer_allowed,
+)
 
 __all__ = ["KEEPER_SCRIPT", "FdStore", "keeper_socket_path", "split_key"]
 
@@ -110,6 +119,7 @@ class FdStore:
         # group -> ((key, fd), ...): what the keeper should hold, with our fd numbers.
         self._live: dict[str, tuple[tuple[str, int], ...]] = {}
         self._pending: deque[_Op] = deque()
+        self._queued: Counter[str] = Counter()  # group -> put entries in _pending
         self._out = b""  # the unsent tail of a frame whose descriptors already went
 
     def __repr__(self) -> str:
@@ -177,6 +187,7 @@ class FdStore:
         Raises:
             TimeoutError: the keeper did not answer in time (nothing is kept).
             OSError: the connection broke (nothing is kept; the keeper still holds all).
+            ProtocolError: a malformed reply (a ValueError; nothing is kept).
         """
         if not self._enabled:
             return {}
@@ -196,7 +207,11 @@ class FdStore:
                     if message.get("op") == "hello":
                         self._pid = int(message["pid"])
                     continue
-                for key, fd in zip(message.get("names", []), fds, strict=True):
+                names = message.get("names")
+                if not isinstance(names, list) or len(names) != len(fds):
+                    close_all(fds)
+                    raise ProtocolError("the keeper's fds message does not match its names")
+                for key, fd in zip(names, fds, strict=True):
                     close_all([taken.pop(key)] if key in taken else [])
                     taken[key] = fd
                 if not message.get("more"):
@@ -265,7 +280,7 @@ class FdStore:
                     continue
                 frame, fds = self._frame(self._pending[0])
                 sent = socket.send_fds(self._sock, [frame], fds) if fds else self._sock.send(frame)
-                self._pending.popleft()
+                self._pop_pending()
                 self._out = frame[sent:]
             return True
         except BlockingIOError:
@@ -305,7 +320,7 @@ class FdStore:
             self._sock = None
         self._decoder.close()
         self._decoder = Decoder()
-        self._pending.clear()
+        self._set_pending(deque())
         self._out = b""
         self._live.clear()
         self._enabled = False
@@ -313,11 +328,16 @@ class FdStore:
     # -- internals ---------------------------------------------------------------------
 
     def _prepare_folder(self) -> None:
+        # Another user must not be able to replace our socket: the folder is ours (or
+        # root's) and, if others may write in it, sticky (/tmp). An impostor listening
+        # at the path is caught by the peer check in _dial.
         folder = self._path.parent
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = folder.lstat()
-        if st.st_uid != os.getuid() or st.st_mode & 0o022:
-            raise PermissionError(f"{folder} must be ours and not writable by others")
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (os.getuid(), 0):
+            raise PermissionError(f"{folder} must be a folder of ours")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise PermissionError(f"{folder} is writable by others (and not sticky)")
 
     def _dial(self) -> socket.socket | None:
         """A connected non-blocking socket, or None when no keeper listens."""
@@ -331,6 +351,9 @@ class FdStore:
         except BaseException:
             sock.close()
             raise
+        if not peer_allowed(sock):
+            sock.close()
+            raise PermissionError(f"the process listening at {self._path} is not ours")
         return sock
 
     def _dial_quiet(self) -> socket.socket | None:
@@ -408,8 +431,7 @@ class FdStore:
         self._out = b""
         if resync:  # the keeper may be new or have missed messages: give it every group
             drops = [op for op in self._pending if op[0] == "drop"]
-            self._pending = deque(drops)
-            self._pending.extend(self._live_ops())
+            self._set_pending(deque([*drops, *self._live_ops()]))
         if hello:
             self._pending.appendleft(("hello", []))
 
@@ -427,15 +449,19 @@ class FdStore:
 
     def _enqueue(self, op: _Op) -> None:
         self._pending.append(op)
+        if op[0] == "put":
+            self._queued.update(g for g, _, _ in op[1])
         if len(self._pending) > MAX_PENDING:
             log.warning(
                 "fdstore: %d messages queued for the keeper; resending the live set instead",
                 len(self._pending),
             )
-            self._pending = deque(self._live_ops())
+            self._set_pending(deque(self._live_ops()))
 
     def _purge(self, groups: set[str]) -> None:
         """Forget queued puts of ``groups``: their descriptors may be closed soon."""
+        if not any(self._queued[g] for g in groups):
+            return  # the common case: O(1) per put, not a scan of the queue
         kept: deque[_Op] = deque()
         for kind, entries in self._pending:
             if kind == "put":
@@ -443,7 +469,17 @@ class FdStore:
                 if not entries:
                     continue
             kept.append((kind, entries))
-        self._pending = kept
+        self._set_pending(kept)
+
+    def _set_pending(self, ops: deque[_Op]) -> None:
+        self._pending = ops
+        self._queued = Counter(g for kind, entries in ops if kind == "put" for g, _, _ in entries)
+
+    def _pop_pending(self) -> _Op:
+        op = self._pending.popleft()
+        if op[0] == "put":
+            self._queued.subtract(g for g, _, _ in op[1])
+        return op
 
     @staticmethod
     def _frame(op: _Op) -> tuple[bytes, list[int]]:
@@ -505,7 +541,7 @@ class FdStore:
             self._send_frame_blocking(sock, self._out, [], deadline)
             self._out = b""
         while self._pending:
-            frame, fds = self._frame(self._pending.popleft())
+            frame, fds = self._frame(self._pop_pending())
             self._send_frame_blocking(sock, frame, fds, deadline)
 
     def _send_frame_blocking(
@@ -513,4 +549,5 @@ class FdStore:
     ) -> None:
         sock.settimeout(max(0.001, deadline - time.monotonic()))
         sent = socket.send_fds(sock, [frame], fds) if fds else sock.send(frame)
-        sock.sendall(frame[sent:])
+        if sent < len(frame):
+            sock.sendall(frame[sent:])
