@@ -33,6 +33,7 @@ from supervisor import __version__
 from supervisor import events as ev
 from supervisor.adoption import Candidate, plan, scan
 from supervisor.carryover import restore, snapshot, wall_offset
+from supervisor.fdlimits import relocate
 from supervisor.fdstore import split_key
 from supervisor.reaper import open_pidfd, signal_verified, wait_gone
 from supervisor.spec import StopSpec
@@ -74,8 +75,8 @@ async def take_over(
     kept: dict[str, int] = {}
     if daemon.fdstore is not None:
         try:
-            kept = daemon.fdstore.take()
-        except (TimeoutError, OSError) as exc:
+            kept = {key: relocate(fd) for key, fd in daemon.fdstore.take().items()}
+        except (TimeoutError, OSError, ValueError) as exc:
             daemon.log_line("warning", f"the fd keeper did not hand the pipes back: {exc}")
     skip = {daemon.fdstore.pid} if daemon.fdstore is not None and daemon.fdstore.pid else set()
     candidates = await anyio.to_thread.run_sync(
@@ -258,13 +259,13 @@ def answer_reexec(daemon: Daemon) -> None:
     import socket
 
     record = state.reexec
+    daemon.log_line("info", f"re-exec done: hostvisor {__version__} runs, pid unchanged")
     with contextlib.suppress(OSError):
         sock = socket.socket(fileno=record.reply_fd)
         with sock:
             sock.settimeout(1.0)
             reply = {"jsonrpc": "2.0", "id": record.reply_id, "result": {}}
             sock.sendall(json.dumps(reply).encode() + b"\n")
-    daemon.log_line("info", f"re-exec done: hostvisor {__version__} runs, pid unchanged")
 
 
 async def keep_state_file(daemon: Daemon) -> None:
@@ -287,6 +288,8 @@ async def _write_forever(daemon: Daemon, path: Any) -> None:
             for name, sup in daemon.supervisors.items()
         }
         state = StateFile(pid=os.getpid(), services=records)
+        if daemon.fdstore is not None:
+            daemon.fdstore.flush()  # a keeper that was respawned gets every live pipe again
         try:
             await anyio.to_thread.run_sync(write_state, path, state)
         except OSError as exc:

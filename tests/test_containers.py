@@ -415,3 +415,28 @@ class TestDependsOn:
             d.wait_event("hostvisor.service.running", "api", after=healthy["seq"])
             assert containers.inspect(api)["State"]["Running"]
             assert psutil.pid_exists(d.status("worker")["pid"])
+
+
+class TestReexec:
+    def test_reexec_keeps_the_container_and_the_process_unit(
+        self, tmp_path: Path, engine: DockerEngine, containers: Containers
+    ) -> None:
+        """``hostvisor reexec`` with a container unit and a process unit: the same container
+        (StartedAt unchanged), the same pid, restarts unchanged, no exit event (issue 10)."""
+        box = containers.name("box")
+        containers.run(box)
+        units = {"box": unit(box), "proc": PROCESS}
+        with open_daemon(tmp_path, engine, units) as d:
+            entry = d.wait_state("box", "running")
+            pid = d.wait_state("proc", "running")["pid"]
+            started_at = containers.inspect(box)["State"]["StartedAt"]
+            seq = d.last_seq()
+            result = d.cli("reexec")
+            assert result.returncode == 0, result.stderr
+            after = d.wait_state("box", "running")
+            assert after["container_id"] == entry["container_id"]
+            assert after["restarts"] == entry["restarts"]
+            assert containers.inspect(box)["State"]["StartedAt"] == started_at
+            assert d.status("proc")["pid"] == pid
+            logged = [e for e in d.daemon_log() if e.get("seq", 0) > seq]
+            assert not [e for e in logged if e.get("event") == "hostvisor.service.exited"]

@@ -169,6 +169,21 @@ class TestReloadAndStop:
         (_, reloading), *_ = systemd.having("RELOADING")
         assert before <= int(reloading["MONOTONIC_USEC"]) <= after
 
+    def test_reexec_sends_reloading_then_ready_from_the_new_code(
+        self, tmp_path: Path, systemd: SystemdSocket
+    ) -> None:
+        """``hostvisor reexec``: RELOADING=1 from the old code, READY=1 from the new one, the
+        same pid all along (systemd's MAINPID stays right; issue 10)."""
+        with daemon(tmp_path, units={"a": SLEEP}, env=notify_env(systemd)) as d:
+            systemd.wait("READY")
+            pid = d.proc.pid  # type: ignore[union-attr]
+            result = d.cli("reexec")
+            assert result.returncode == 0, result.stderr
+            systemd.wait("READY", 2)
+            assert d.call("status")["daemon"]["pid"] == pid
+        keys = [k for k in systemd.order() if k in ("READY", "RELOADING")]
+        assert keys == ["READY", "RELOADING", "READY"]
+
     def test_sigterm_sends_stopping_then_exits_0(
         self, tmp_path: Path, systemd: SystemdSocket
     ) -> None:

@@ -28,10 +28,7 @@ wanted = {signal.SIGUSR1, signal.SIGUSR2}
 signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
 os.write(1, b"pid %d\n" % os.getpid())
 while True:
-    if args.every:
-        info = signal.sigtimedwait(wanted, args.every)
-    else:
-        info = signal.sigwaitinfo(wanted)
+    info = signal.sigtimedwait(wanted, args.every) if args.every else signal.sigwaitinfo(wanted)
     if info is None:
         line()
     elif info.si_signo == signal.SIGUSR2:
