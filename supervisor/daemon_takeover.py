@@ -68,11 +68,18 @@ class TakeoverMixin:
             ConfigRejected: the installed code rejects the config.
             ControlError: the installed code cannot start, or ``exec`` failed.
         """
+        from supervisor.errors import ControlError
         from supervisor.reexec import reexec
 
-        async with self._reload_lock:
-            self._refuse_when_stopping()
-            return await reexec(self, connection, request_id)  # type: ignore[arg-type]
+        if getattr(self, "_reexecing", False):
+            raise ControlError("a reexec is already under way; run it again once it has finished")
+        self._reexecing = True
+        try:
+            async with self._reload_lock:
+                self._refuse_when_stopping()
+                return await reexec(self, connection, request_id)  # type: ignore[arg-type]
+        finally:
+            self._reexecing = False
 
     def log_line(self, level: str, message: str) -> None:
         """One line in the daemon log (and on stderr)."""

@@ -240,6 +240,7 @@ class TestDaemonTable:
         assert daemon.shutdown_timeout == 30.0
         assert daemon.log_level == "info"
         assert daemon.allow_uids == ()
+        assert daemon.orphans == "adopt"
         assert daemon.telemetry.enabled is False and daemon.telemetry.protocol == ""
 
     def test_every_daemon_and_telemetry_key(self, project: Project) -> None:
@@ -248,7 +249,7 @@ class TestDaemonTable:
         project.config(
             '[daemon]\nunits_dir = "services"\nsocket = "run/h.sock"\n'
             'state_dir = "~/state"\nshutdown_timeout = "1m"\nlog_level = "debug"\n'
-            "allow_uids = [1001, 1002]\n"
+            'allow_uids = [1001, 1002]\norphans = "stop"\n'
             '[telemetry]\nenabled = true\nendpoint = "http://otel:4318"\n'
             'protocol = "grpc"\nexport_timeout = "250ms"\n'
         )
@@ -259,10 +260,19 @@ class TestDaemonTable:
         assert daemon.shutdown_timeout == 60.0
         assert daemon.log_level == "debug"
         assert daemon.allow_uids == (1001, 1002)
+        assert daemon.orphans == "stop"
         assert daemon.telemetry.enabled is True
         assert daemon.telemetry.endpoint == "http://otel:4318"
         assert daemon.telemetry.protocol == "grpc"
         assert daemon.telemetry.export_timeout == 0.25
+
+    def test_orphans_takes_adopt_or_stop_only(self, project: Project) -> None:
+        """``[daemon] orphans``: anything but "adopt" or "stop" names the key and the choices."""
+        project.config('[daemon]\norphans = "kill"\n')
+        with pytest.raises(ConfigError) as caught:
+            project.load()
+        issue = issue_for(caught.value.issues, "daemon.orphans")
+        assert "adopt" in issue.message and "stop" in issue.message
 
     def test_a_relative_config_path_is_made_absolute(
         self, project: Project, monkeypatch: pytest.MonkeyPatch
