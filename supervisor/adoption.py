@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from supervisor.drivers.process_handle import MARKER, SCOPE
+from supervisor.reaper import scan_marked
 from supervisor.statefile import StateFile
 
 __all__ = ["Candidate", "Plan", "plan", "scan"]
@@ -70,23 +70,14 @@ def scan(scope: str, *, skip: Collection[int] = ()) -> list[Candidate]:
     scope`` and a ``HOSTVISOR_SERVICE`` marker. Reads ``/proc`` (blocking: run it in a
     worker thread); processes whose environment cannot be read are left out."""
     found: list[Candidate] = []
-    me = os.getpid()
-    uid = os.getuid()
-    for proc in psutil.process_iter():
-        if proc.pid in skip or proc.pid == me:
-            continue
-        with contextlib.suppress(psutil.Error, OSError):
-            if uid != 0 and proc.uids().real != uid:
+    for name, procs in scan_marked(scope).items():
+        for proc in procs:
+            if proc.pid in skip:
                 continue
-            if os.getsid(proc.pid) != proc.pid:
-                continue  # not a service leader (a member of a group, swept with it)
-            env = proc.environ()
-            name = env.get(MARKER)
-            if not name or env.get(SCOPE) != scope:
-                continue
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-            found.append(Candidate(name, proc.pid, proc.create_time(), proc))
+            with contextlib.suppress(psutil.Error, OSError):
+                if os.getsid(proc.pid) != proc.pid:
+                    continue  # not a service leader (a member of a group, swept with it)
+                found.append(Candidate(name, proc.pid, proc.create_time(), proc))
     return found
 
 

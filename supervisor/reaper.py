@@ -45,6 +45,7 @@ __all__ = [
     "child_pids",
     "find_marked",
     "open_pidfd",
+    "scan_marked",
     "signal_verified",
     "wait_gone",
     "waitpid_blocking",
@@ -362,6 +363,24 @@ def find_marked(
                 found.append(proc)
         except (ProcessLookupError, psutil.Error):
             continue
+    return found
+
+
+def scan_marked(scope: str) -> dict[str, list[psutil.Process]]:
+    """Every live process of our uid whose environment has ``HOSTVISOR_STATE_DIR=scope``,
+    by its ``HOSTVISOR_SERVICE`` value (one pass over ``/proc``; blocking)."""
+    found: dict[str, list[psutil.Process]] = {}
+    uid, me = os.getuid(), os.getpid()
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        with contextlib.suppress(psutil.Error, OSError):
+            if uid != 0 and proc.uids().real != uid:
+                continue
+            env = proc.environ()
+            name = env.get("HOSTVISOR_SERVICE")
+            if name and env.get("HOSTVISOR_STATE_DIR") == scope and proc.status() != "zombie":
+                found.setdefault(name, []).append(proc)
     return found
 
 

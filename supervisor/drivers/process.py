@@ -42,7 +42,7 @@ from supervisor.logfiles import (
 )
 from supervisor.loghub import LogHub
 from supervisor.paths import service_log_path
-from supervisor.reaper import Reaper, child_pids
+from supervisor.reaper import Reaper, child_pids, scan_marked
 from supervisor.spec import ProcessSpec, ServiceSpec
 from supervisor.states import ExitStatus
 
@@ -74,6 +74,8 @@ PIPE_SIZE = 1 << 20
 #: Seconds a service's output may still be read once its group and escapees are gone
 #: Seconds a command's output may still be read after its group is gone.
 CAPTURE_GRACE = 0.5
+#: Seconds one scan of our marked processes serves stopping strangers (see ``marked``).
+MARKED_FRESH = 0.25
 #: ``F_GETPIPE_SZ`` (``fcntl(2)``, Linux); the fcntl module names it from Python 3.10.
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 
@@ -182,6 +184,8 @@ class ProcessDriver:
         #: (:class:`supervisor.fdstore.FdStore`), once the daemon set one.
         self.fdstore: Any = None
         self._live: set[int] = set()
+        self._marked: tuple[float, dict[str, list[psutil.Process]]] | None = None
+        self._marked_lock = anyio.Lock()
         self._devnull = -1
         self._pipe_budget = pipe_budget()
         self._pipe_bytes = 0
@@ -326,7 +330,20 @@ class ProcessDriver:
         )
         handle.adopted = True
         handle.scope = self.scope
+        if not own_child:
+            handle.marked_scan = self.marked
         return handle
+
+    async def marked(self) -> dict[str, list[psutil.Process]]:
+        """Every live process of ours anywhere (``HOSTVISOR_SERVICE`` and our
+        ``HOSTVISOR_STATE_DIR``), by service: one pass over ``/proc`` in a worker thread,
+        shared by the callers of the next :data:`MARKED_FRESH` seconds."""
+        async with self._marked_lock:
+            now = anyio.current_time()
+            if self._marked is None or now - self._marked[0] > MARKED_FRESH:
+                found = await anyio.to_thread.run_sync(scan_marked, self.scope)
+                self._marked = (anyio.current_time(), found)
+            return self._marked[1]
 
     def attach(
         self,

@@ -21,7 +21,7 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import psutil
@@ -52,6 +52,9 @@ MARKER = "HOSTVISOR_SERVICE"
 SCOPE = "HOSTVISOR_STATE_DIR"
 #: Seconds between re-checks of a group whose leader exited (see _wait_group_gone).
 GROUP_RECHECK = 1.0
+#: The same for an adopted stranger's group: its members are not ours, so no SIGCHLD
+#: tells us they went (its leader's zombie lasts until its new parent reaps it).
+STRANGER_RECHECK = 0.1
 #: Seconds to wait for SIGKILLed escaped descendants to go.
 ESCAPEE_KILL_WAIT = 5.0
 #: (a process we could not recognise may hold the pipes open).
@@ -95,6 +98,9 @@ class ProcessHandle:
         self.adopted = False
         #: ``HOSTVISOR_STATE_DIR`` of the daemon (escapees of a stranger must carry it).
         self.scope = ""
+        #: For a stranger: every live process of ours by service, from a shared scan
+        #: (:meth:`supervisor.drivers.process.ProcessDriver.marked`).
+        self.marked_scan: Callable[[], Awaitable[dict[str, list[psutil.Process]]]] | None = None
         #: The read ends of its stdout and stderr pipes (fd numbers; -1 once closed).
         self.fds: tuple[int, ...] = ()
         #: Asked to hand its pipes over to the next daemon (``hostvisor reexec``).
@@ -240,7 +246,7 @@ class ProcessHandle:
             # Members reaped by someone else (no subreaper, or a descendant reaping
             # its own children) tell us nothing: the slow re-check bounds how late
             # we notice that the group is empty.
-            with anyio.move_on_after(GROUP_RECHECK):
+            with anyio.move_on_after(GROUP_RECHECK if self.own_child else STRANGER_RECHECK):
                 if event is not None:
                     await event.wait()
                 else:
@@ -309,6 +315,12 @@ class ProcessHandle:
         return status
 
     async def _find_escapees(self) -> list[psutil.Process]:
+        if not self.own_child and self.marked_scan is not None:
+            # An adopted stranger's escapees were reparented elsewhere while no daemon ran:
+            # one pass over /proc, shared by every stranger stopping at the same moment
+            # (a shutdown stops hundreds), instead of a walk of the process table each.
+            found = await self.marked_scan()
+            return [p for p in found.get(self.service, []) if _pgid(p.pid) != self.pgid]
         roots = self._escape_roots()
         if not roots:
             return []  # the common case: no orphan of ours anywhere, no /proc walk
@@ -369,3 +381,10 @@ class ProcessHandle:
                 self.fds = ()
                 release()
             self._drained.set()
+
+
+def _pgid(pid: int) -> int:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return -1
