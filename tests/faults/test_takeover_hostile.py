@@ -1,0 +1,104 @@
+"""Hostile review of issue 10 (re-exec and adoption): what a hostile user or host does to
+``hostvisor reexec``, the state file and the take-over at start, through a real daemon.
+
+Each class names the fault it reproduced (each test failed before its fix).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from supervisor.statefile import StateFileError, read_state
+from tests.daemon_harness import DaemonProcess
+from tests.test_takeover import SLEEP
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="pidfds and /proc")
+
+
+@pytest.fixture
+def d(tmp_path: Path) -> Iterator[DaemonProcess]:
+    proc = DaemonProcess(tmp_path)
+    try:
+        yield proc
+    finally:
+        proc.cleanup()
+
+
+def _record(**fields: object) -> dict[str, object]:
+    rec: dict[str, object] = {
+        "kind": "process",
+        "digest": "x",
+        "state": "stopped",
+        "health": "none",
+    }
+    rec.update(fields)
+    return rec
+
+
+def _write(path: Path, services: dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"format": 1, "pid": 1, "services": services}))
+
+
+WRONG_TYPES = {
+    "last_exit a list": {"last_exit": [1]},
+    "last_exit code a string": {"last_exit": {"code": "1"}},
+    "known a number": {"known": 5},
+    "known not pairs": {"known": [[1]]},
+    "known pid a string": {"known": [["a", 1.0]]},
+    "want_up a string": {"want_up": "no"},
+    "instance pid 0": {"instance": {"pid": 0, "pgid": 0, "create_time": 1.0, "started_wall": 1}},
+    "instance counters strings": {
+        "instance": {"pid": 5, "pgid": 5, "create_time": 1.0, "started_wall": 1, "successes": "x"}
+    },
+    "instance fds a string": {
+        "instance": {"pid": 5, "pgid": 5, "create_time": 1.0, "started_wall": 1, "fds": "12"}
+    },
+}
+
+
+class TestHostileStateFile:
+    """Fault: a state file of the right format but wrong field types (``last_exit`` a list,
+    ``known`` not pairs) crashed the daemon at start (exit 70) instead of being refused;
+    a huge ``retry_in`` kept a service in backoff for ever."""
+
+    @pytest.mark.parametrize("fields", WRONG_TYPES.values(), ids=list(WRONG_TYPES))
+    def test_a_field_of_the_wrong_type_is_refused_with_the_file(
+        self, tmp_path: Path, fields: dict[str, object]
+    ) -> None:
+        """Every field is checked when the file is read: StateFileError, naming the file."""
+        path = tmp_path / "state.json"
+        _write(path, {"idle": _record(**fields)})
+        with pytest.raises(StateFileError, match=r"state\.json"):
+            read_state(path)
+
+    def test_wrong_reexec_record_types_are_refused(self, tmp_path: Path) -> None:
+        """A re-exec record with a descriptor that is not a number is refused."""
+        path = tmp_path / "state.json"
+        doc = {"format": 1, "pid": 1, "services": {}, "reexec": {"lock_fd": "5", "listener_fd": 6}}
+        path.write_text(json.dumps(doc))
+        with pytest.raises(StateFileError):
+            read_state(path)
+
+    def test_a_malformed_record_does_not_stop_the_daemon_from_starting(
+        self, d: DaemonProcess
+    ) -> None:
+        """Before: AttributeError at take-over, exit 70, no service started. Now the file is
+        refused with a clear line and the service starts."""
+        d.write_unit("idle", SLEEP)
+        _write(d.state / "state.json", {"idle": _record(last_exit=[1], known=5)})
+        d.start()
+        d.wait_state("idle", "running")
+        d.wait_stderr("malformed state file")
+
+    def test_a_huge_retry_in_is_capped_at_the_units_longest_delay(self, d: DaemonProcess) -> None:
+        """A recorded backoff delay longer than the unit's backoff max waits the max."""
+        d.write_unit("idle", SLEEP + '[backoff]\ninitial = "0.1s"\nmax = "0.5s"\n')
+        _write(d.state / "state.json", {"idle": _record(state="backoff", retry_in=1e300)})
+        d.start()
+        d.wait_state("idle", "running", timeout=10)
