@@ -74,6 +74,9 @@ async def reexec(daemon: Daemon, connection: socket.socket, request_id: Any) -> 
     daemon.log_line("info", "re-executing: handing every service over to the installed code")
     daemon.notifier_reloading()
     state = await quiesce(daemon)
+    if daemon.shutting_down:  # SIGTERM while we quiesced: the stop wins, with this code
+        await _go_on(daemon, state)
+        raise ReexecFailed("reexec abandoned: the daemon was asked to stop meanwhile")
     reply_fd = os.dup(connection.fileno())
     listener = daemon.listen_sock
     assert listener is not None and daemon.lock_fd is not None
@@ -105,13 +108,20 @@ async def reexec(daemon: Daemon, connection: socket.socket, request_id: Any) -> 
         os.close(reply_fd)
         daemon.log_line("error", f"re-exec failed: {exc}; going on with the running code")
         state.reexec = None
-        await daemon.resume_in_place(state)
-        from supervisor.takeover import keep_state_file
-
-        assert daemon._tg is not None
-        daemon._tg.start_soon(keep_state_file, daemon)
+        await _go_on(daemon, state)
         raise ReexecFailed(f"re-exec failed: {exc}; the daemon goes on with its old code") from None
     raise AssertionError("not reached")  # pragma: no cover
+
+
+async def _go_on(daemon: Daemon, state: StateFile) -> None:
+    """Supervise again, with this code, what :func:`quiesce` left; keep the state file."""
+    from supervisor.takeover import keep_state_file
+
+    await daemon.resume_in_place(state)
+    assert daemon._tg is not None
+    daemon._tg.start_soon(keep_state_file, daemon)
+    if daemon.notifier is not None and not daemon.shutting_down:
+        daemon.notifier.ready()  # RELOADING=1 was sent: systemd waits for READY=1
 
 
 async def quiesce(daemon: Daemon) -> StateFile:

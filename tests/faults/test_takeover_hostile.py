@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from supervisor.statefile import StateFileError, read_state
-from tests.daemon_harness import DaemonProcess
+from tests.daemon_harness import DaemonProcess, py_cmd
 from tests.test_takeover import SLEEP, counter, numbers
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="pidfds and /proc")
@@ -129,3 +131,42 @@ class TestReexecKeepsEveryLine:
 
         d.wait_for(complete, timeout=5, what="every line once, in order")
         assert len(numbers(d, "count")) > 1000
+
+
+REEXEC = (sys.executable, "-m", "supervisor", "reexec")
+STUBBORN = f'command = {py_cmd("proc_stubborn")}\nstart_seconds = "0.2s"\nstop_timeout = "3s"\n'
+
+
+class TestStopDuringReexec:
+    """Fault: SIGTERM during a re-exec (``systemctl stop`` while ``reexec`` waited for a
+    slow stop) was swallowed: the daemon re-executed and never stopped."""
+
+    def test_sigterm_while_reexec_quiesces_stops_the_daemon(self, d: DaemonProcess) -> None:
+        """The re-exec gives way to the stop: the daemon stops every service and exits 0;
+        the client is told the re-exec did not happen."""
+        d.write_unit("slow", STUBBORN)
+        d.write_unit("idle", SLEEP)
+        d.start()
+        d.wait_state("slow", "running")
+        idle = d.wait_state("idle", "running")["pid"]
+        assert d.cli("stop", "--no-wait", "slow").returncode == 0
+        d.wait_state("slow", "stopping")  # its stop takes 3 s: reexec's quiesce waits for it
+        reexec = subprocess.Popen(
+            [*REEXEC, "-c", str(d.config_path), "--socket", str(d.socket)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=d.env(),
+        )
+        try:
+            d.wait_stderr("re-executing", timeout=60)
+            d.signal(signal.SIGTERM)
+            assert d.proc is not None
+            assert d.proc.wait(30) == 0
+            _, err = reexec.communicate(timeout=30)
+        finally:
+            if reexec.poll() is None:
+                reexec.kill()
+        assert reexec.returncode != 0
+        assert "stop" in err
+        assert not psutil.pid_exists(idle) or psutil.Process(idle).status() == "zombie"
