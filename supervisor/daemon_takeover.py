@@ -36,6 +36,7 @@ class TakeoverMixin:
     supervisors: dict[str, ServiceSupervisor]
     log_drops: dict[str, LogDrops]
     shutting_down: bool
+    reexecuting: bool
     lock_fd: int | None
     resumed: StateFile | None
     listen_sock: socket.socket | None
@@ -58,7 +59,7 @@ class TakeoverMixin:
     ) -> None:
         raise NotImplementedError
 
-    def _refuse_when_stopping(self) -> None:
+    def _refuse_when_stopping(self, *, reexec: bool = True) -> None:
         raise NotImplementedError
 
     async def reexec(self, connection: socket.socket, request_id: Any) -> dict[str, Any]:
@@ -70,9 +71,16 @@ class TakeoverMixin:
         """
         from supervisor.reexec import reexec
 
-        async with self._reload_lock:
-            self._refuse_when_stopping()
-            return await reexec(self, connection, request_id)  # type: ignore[arg-type]
+        # Refused before the lock: a call queued behind a re-exec would be cut off by the
+        # exec (and its client told the daemon died). The flag ends with this process.
+        self._refuse_when_stopping()
+        self.reexecuting = True
+        try:
+            async with self._reload_lock:
+                self._refuse_when_stopping(reexec=False)
+                return await reexec(self, connection, request_id)  # type: ignore[arg-type]
+        finally:
+            self.reexecuting = False
 
     def log_line(self, level: str, message: str) -> None:
         """One line in the daemon log (and on stderr)."""

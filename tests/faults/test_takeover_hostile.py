@@ -170,3 +170,71 @@ class TestStopDuringReexec:
         assert reexec.returncode != 0
         assert "stop" in err
         assert not psutil.pid_exists(idle) or psutil.Process(idle).status() == "zombie"
+
+
+class TestCommandsDuringReexec:
+    """Fault: a second ``reexec`` (or a ``restart``, a ``reload``) sent while one was under
+    way waited for it, was cut off by the ``exec`` and told that the daemon had died
+    ("run `hostvisor run` to adopt them") although it ran on."""
+
+    def test_a_second_reexec_and_commands_are_refused_at_once(self, d: DaemonProcess) -> None:
+        """Exit 1 and a line saying a reexec is under way; the first one succeeds."""
+        d.write_unit("slow", STUBBORN)
+        d.write_unit("idle", SLEEP)
+        d.start()
+        d.wait_state("slow", "running")
+        idle = d.wait_state("idle", "running")["pid"]
+        assert d.cli("stop", "--no-wait", "slow").returncode == 0
+        d.wait_state("slow", "stopping")
+        first = subprocess.Popen(
+            [*REEXEC, "-c", str(d.config_path), "--socket", str(d.socket)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=d.env(),
+        )
+        try:
+            d.wait_stderr("re-executing", timeout=60)
+            for args in (("reexec",), ("restart", "idle"), ("reload",)):
+                result = d.cli(*args, timeout=30)
+                assert result.returncode == 1, (args, result.stderr)
+                assert "reexec is under way" in result.stderr, args
+            _, err = first.communicate(timeout=60)
+        finally:
+            if first.poll() is None:
+                first.kill()
+        assert first.returncode == 0, err
+        assert d.status("idle")["pid"] == idle
+
+
+class TestBrokenUpgrade:
+    """Fault: when the installed code could not start (an import error after an upgrade),
+    the refusal was sent with JSON-RPC code -32000, which the client reads as "the daemon
+    is going away": ``hostvisor reexec`` said the daemon did not answer after
+    re-executing and to run ``hostvisor run``, though the old daemon ran on untouched."""
+
+    def test_a_broken_install_is_reported_as_a_refusal(self, tmp_path: Path) -> None:
+        """A ``supervisor`` package that fails to import appears on the daemon's
+        PYTHONPATH after it started (an upgrade gone wrong): exit 1, the import error
+        named, no word of a daemon that died; the services keep their pids."""
+        shadow = tmp_path / "site"
+        shadow.mkdir()
+        d = DaemonProcess(tmp_path, env={"PYTHONPATH": str(shadow)})
+        try:
+            d.write_unit("idle", SLEEP)
+            d.start()
+            pid = d.wait_state("idle", "running")["pid"]
+            (shadow / "supervisor").mkdir()
+            (shadow / "supervisor" / "__init__.py").write_text(
+                'raise ImportError("broken upgrade")\n'
+            )
+            d.extra_env = {}  # the client itself runs the good code
+            result = d.cli("reexec", timeout=120)
+            (shadow / "supervisor" / "__init__.py").unlink()
+            assert result.returncode == 1
+            assert "broken upgrade" in result.stderr
+            assert "did not answer" not in result.stderr, result.stderr
+            assert "cannot start" in result.stderr
+            assert d.status("idle")["pid"] == pid
+        finally:
+            d.cleanup()
