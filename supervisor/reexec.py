@@ -25,6 +25,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from supervisor.carryover import snapshot
+from supervisor.control.protocol import INTERNAL_ERROR
 from supervisor.errors import ConfigRejected, ControlError
 from supervisor.statefile import ReexecRecord, StateFile, state_path, write_state
 
@@ -40,7 +41,13 @@ REEXEC_CHECK_TIMEOUT = 60.0
 
 
 class ReexecFailed(ControlError):
-    """The daemon could not re-execute itself; it goes on with its old code."""
+    """The daemon could not re-execute itself; it goes on with its old code.
+
+    Not the default -32000, which clients read as "the daemon is going away"
+    (:class:`~supervisor.errors.DaemonUnreachable`): this daemon answered and runs on.
+    """
+
+    code = INTERNAL_ERROR
 
 
 async def check_new_code(daemon: Daemon) -> None:
