@@ -424,6 +424,9 @@ class Daemon(ReloadMixin, TakeoverMixin):
         # Signals first: a SIGTERM during start-up must still stop the children in order.
         watched = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
         with anyio.open_signal_receiver(*watched) as signals:
+            # After `hostvisor reexec` they arrive blocked (supervisor.reexec.hold_signals):
+            # one sent across the exec is delivered now, to the receiver.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 assert self.log is not None

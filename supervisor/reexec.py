@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 from supervisor.carryover import snapshot
@@ -36,6 +38,8 @@ __all__ = ["ENV", "REEXEC_CHECK_TIMEOUT", "reexec"]
 
 #: Set in the new code's environment: the path of the state file to resume from.
 ENV = "HOSTVISOR_REEXEC"
+#: The signals the daemon handles, held across ``execve`` (see :func:`hold_signals`).
+HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 #: Seconds the installed code gets to load and check the config.
 REEXEC_CHECK_TIMEOUT = 60.0
 
@@ -81,7 +85,9 @@ async def reexec(daemon: Daemon, connection: socket.socket, request_id: Any) -> 
     daemon.log_line("info", "re-executing: handing every service over to the installed code")
     daemon.notifier_reloading()
     state = await quiesce(daemon)
+    held = hold_signals()
     if daemon.shutting_down:  # SIGTERM while we quiesced: the stop wins, with this code
+        release_signals(held)
         await _go_on(daemon, state)
         raise ReexecFailed("reexec abandoned: the daemon was asked to stop meanwhile")
     reply_fd = os.dup(connection.fileno())
@@ -113,11 +119,35 @@ async def reexec(daemon: Daemon, connection: socket.socket, request_id: Any) -> 
             with contextlib.suppress(OSError):
                 os.set_inheritable(fd, False)
         os.close(reply_fd)
+        release_signals(held)
         daemon.log_line("error", f"re-exec failed: {exc}; going on with the running code")
         state.reexec = None
         await _go_on(daemon, state)
         raise ReexecFailed(f"re-exec failed: {exc}; the daemon goes on with its old code") from None
     raise AssertionError("not reached")  # pragma: no cover
+
+
+def hold_signals() -> dict[int, Any]:
+    """Block the daemon's signals (SIGTERM, SIGINT, SIGHUP, SIGUSR1) in this, the main,
+    thread until the new code listens (``_serve`` unblocks them): a signal pending at
+    ``execve`` stays pending (execve(2)) instead of being lost with the event loop, or
+    killing the new code before it has handlers. One that a worker thread takes meanwhile
+    is sent again to this thread. Returns the handlers to put back on failure."""
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def again(signum: int, _frame: Any) -> None:
+        signal.pthread_kill(main, signum)
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    return {sig: signal.signal(sig, again) for sig in HELD_SIGNALS}
+
+
+def release_signals(handlers: dict[int, Any]) -> None:
+    """Undo :func:`hold_signals` (the exec did not happen): pending signals arrive now."""
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
 
 
 async def _go_on(daemon: Daemon, state: StateFile) -> None:

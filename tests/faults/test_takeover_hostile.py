@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -238,3 +239,47 @@ class TestBrokenUpgrade:
             assert d.status("idle")["pid"] == pid
         finally:
             d.cleanup()
+
+
+def _execed(d: DaemonProcess) -> bool:
+    """The re-exec record is written and the daemon has one thread: the new code, before
+    it starts any (the old code runs worker threads)."""
+    assert d.proc is not None
+    try:
+        if not json.loads((d.state / "state.json").read_text()).get("reexec"):
+            return False
+        return psutil.Process(d.proc.pid).num_threads() == 1
+    except (OSError, ValueError, psutil.Error):
+        return False
+
+
+class TestStopRightAfterExec:
+    """Fault: SIGTERM in the half second after ``execve``, before the new code had its
+    signal handlers, killed the daemon outright (default action): every service was
+    left running unsupervised (``systemctl stop`` during a re-exec orphaned them); one
+    just before ``execve`` was swallowed with the old event loop. (Still open: one that
+    a worker thread takes in the last milliseconds before ``execve``.)"""
+
+    def test_sigterm_just_after_exec_is_an_ordered_stop(self, d: DaemonProcess) -> None:
+        """The signal waits (blocked across ``execve``) for the new code, which stops
+        every service in order and exits 0."""
+        d.write_unit("idle", SLEEP)
+        d.start()
+        idle = d.wait_state("idle", "running")["pid"]
+        reexec = subprocess.Popen(
+            [*REEXEC, "-c", str(d.config_path), "--socket", str(d.socket)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=d.env(),
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not _execed(d):
+                assert time.monotonic() < deadline, "no re-exec"
+            d.signal(signal.SIGTERM)
+            assert d.proc is not None
+            assert d.proc.wait(30) == 0
+        finally:
+            reexec.kill()
+            reexec.wait()
+        assert not psutil.pid_exists(idle) or psutil.Process(idle).status() == "zombie"
