@@ -113,5 +113,5 @@ def restore(sup: ServiceSupervisor, rec: ServiceRecord, *, with_instance: bool) 
         inst = rec.instance
         if inst is not None:
             sup.health_seed = (inst.successes, inst.failures)
-    if state is S.BACKOFF:
-        sup.retry_at = anyio.current_time() + (rec.retry_in or 0.0)
+    if state is S.BACKOFF:  # never longer than the unit's own longest delay
+        sup.retry_at = anyio.current_time() + min(rec.retry_in or 0.0, sup.spec.backoff.max)

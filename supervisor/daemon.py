@@ -104,6 +104,8 @@ class Daemon(ReloadMixin, TakeoverMixin):
         self.log: DaemonLog | None = None
         self.telemetry: Any = None
         self.shutting_down = False
+        #: A ``reexec`` is under way: other commands are refused (see TakeoverMixin.reexec).
+        self.reexecuting = False
         self._stopping = anyio.Event()
         #: 0 after a clean stop; EXIT_SOFTWARE after an internal error.
         self.exit_code = 0
@@ -207,6 +209,7 @@ class Daemon(ReloadMixin, TakeoverMixin):
     ) -> dict[str, Any]:
         # Issued under the reload lock: a command never reaches a supervisor that a reload
         # is replacing; it waits for the reload and goes to the new one.
+        self._refuse_when_stopping()  # a re-exec holding the lock would cut this call off
         async with self._reload_lock:
             self._refuse_when_stopping()
             chosen = [self.supervisors[name] for name in self._resolve(names)]
@@ -233,9 +236,17 @@ class Daemon(ReloadMixin, TakeoverMixin):
         self._resolve([service])
         return service_log_path(self.state_dir, service)
 
-    def _refuse_when_stopping(self) -> None:
+    def _refuse_when_stopping(self, *, reexec: bool = True) -> None:
         if self.shutting_down:
             raise ControlError("the daemon is shutting down; commands are refused")
+        if reexec and self.reexecuting:
+            # Not -32000 (a client would think the daemon is going away): it runs on.
+            raise ControlError("a reexec is under way; retry once it is done", code=-32603)
+
+    async def reload(self) -> dict[str, Any]:
+        """:meth:`ReloadMixin.reload`, refused at once while a re-exec is under way."""
+        self._refuse_when_stopping()  # before the lock, which the re-exec holds
+        return await super().reload()
 
     # ------------------------------------------------------------ supervisors
 
@@ -413,6 +424,9 @@ class Daemon(ReloadMixin, TakeoverMixin):
         # Signals first: a SIGTERM during start-up must still stop the children in order.
         watched = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
         with anyio.open_signal_receiver(*watched) as signals:
+            # After `hostvisor reexec` they arrive blocked (supervisor.reexec.hold_signals):
+            # one sent across the exec is delivered now, to the receiver.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 assert self.log is not None

@@ -36,6 +36,7 @@ class TakeoverMixin:
     supervisors: dict[str, ServiceSupervisor]
     log_drops: dict[str, LogDrops]
     shutting_down: bool
+    reexecuting: bool
     lock_fd: int | None
     resumed: StateFile | None
     listen_sock: socket.socket | None
@@ -58,7 +59,7 @@ class TakeoverMixin:
     ) -> None:
         raise NotImplementedError
 
-    def _refuse_when_stopping(self) -> None:
+    def _refuse_when_stopping(self, *, reexec: bool = True) -> None:
         raise NotImplementedError
 
     async def reexec(self, connection: socket.socket, request_id: Any) -> dict[str, Any]:
@@ -68,18 +69,18 @@ class TakeoverMixin:
             ConfigRejected: the installed code rejects the config.
             ControlError: the installed code cannot start, or ``exec`` failed.
         """
-        from supervisor.errors import ControlError
         from supervisor.reexec import reexec
 
-        if getattr(self, "_reexecing", False):
-            raise ControlError("a reexec is already under way; run it again once it has finished")
-        self._reexecing = True
+        # Refused before the lock: a call queued behind a re-exec would be cut off by the
+        # exec (and its client told the daemon died). The flag ends with this process.
+        self._refuse_when_stopping()
+        self.reexecuting = True
         try:
             async with self._reload_lock:
-                self._refuse_when_stopping()
+                self._refuse_when_stopping(reexec=False)
                 return await reexec(self, connection, request_id)  # type: ignore[arg-type]
         finally:
-            self._reexecing = False
+            self.reexecuting = False
 
     def log_line(self, level: str, message: str) -> None:
         """One line in the daemon log (and on stderr)."""

@@ -45,11 +45,10 @@ from supervisor.logfile import (
     RotatingLog,
     WriteOutcome,
     _File,  # noqa: F401  (bench/bench_drain_stall.py patches it)
-    count_lines,
     reopen_all,
 )
 from supervisor.loghub import FOLLOW_BUFFER, FOLLOW_LINE_MAX, LogFollower, LogHub
-from supervisor.threads import ThreadPool
+from supervisor.logwriter import WRITE_BACKLOG, WRITE_STALL, WRITE_THREADS, LogWriter
 
 __all__ = [
     "CAPTURE_LIMIT",
@@ -59,6 +58,8 @@ __all__ = [
     "PENDING_CAP",
     "READ_SIZE",
     "WRITE_BACKLOG",
+    "WRITE_STALL",
+    "WRITE_THREADS",
     "DrainStats",
     "DropReport",
     "Handover",
@@ -82,13 +83,6 @@ READ_SIZE = 1 << 20
 PENDING_CAP = 64 << 10
 #: Bytes of stdout and of stderr that :func:`capture` keeps (the last ones).
 CAPTURE_LIMIT = 64 << 10
-#: Bytes of lines a drain queues for the writer thread; beyond, whole lines are dropped.
-WRITE_BACKLOG = 4 << 20
-#: Seconds without a completed write after which a full queue drops lines
-#: instead of making the drains (and so the child) wait: a hung disk.
-WRITE_STALL = 5.0
-#: Worker threads writing log files, for all logs of a daemon together.
-WRITE_THREADS = 4
 #: Bytes :func:`tail` reads from one file at most.
 _TAIL_MAX_BYTES = 16 << 20
 _TAIL_BLOCK = 64 << 10
@@ -217,119 +211,6 @@ class LogDrops:
             self.on_report(report)
 
 
-#: The threads that write logs: their own, so a hung disk never takes the default
-#: pool (docker calls, /proc scans) with it.
-_WRITERS = ThreadPool("log_writer", WRITE_THREADS)
-
-
-class _Writer:
-    """Takes whole lines from a log's drains and writes them in a worker thread.
-
-    :meth:`put` never waits. Past ``backlog`` bytes queued, the drains wait in
-    :meth:`room` for the disk (the child waits as it would for a synchronous
-    write); once no write has completed for :data:`WRITE_STALL` seconds (a hung
-    disk) they read on and whole lines are dropped, a gap (``None``) marking
-    where. Used on the event loop.
-    """
-
-    def __init__(self, log: RotatingLog, drops: LogDrops, backlog: int = WRITE_BACKLOG) -> None:
-        self.log, self.drops, self.backlog = log, drops, backlog
-        self._items: list[bytes | None] = []
-        self._queued = 0
-        self._wake = anyio.Event()
-        self._taken = anyio.Event()
-        self._closing = False
-        self._stalled = False
-        self._marker_due = False
-        self._scope: anyio.CancelScope | None = None
-        self._abandoned = False  # closing, a write was left hanging: drop the rest
-
-    async def room(self) -> None:
-        """Wait while the queue is full and the disk is still taking writes."""
-        while self._queued >= self.backlog and not self._stalled:
-            with anyio.move_on_after(WRITE_STALL):
-                await self._taken.wait()
-                continue
-            self._stalled = True
-
-    def put(self, data: bytes) -> None:
-        if self._stalled and self._queued + len(data) > self.backlog:
-            why = f"the disk took no write for {WRITE_STALL:g} s"
-            self.drops.dropped(self.log.path, len(data), count_lines(data), "backlog", why)
-            if not self._items or self._items[-1] is not None:
-                self._items.append(None)
-            return
-        self._items.append(data)
-        self._queued += len(data)
-        self._wake.set()
-
-    def close(self) -> None:
-        """Write what is queued, then let :meth:`run` return; a write that takes longer
-        than :data:`WRITE_STALL` seconds from now is abandoned (a hung disk must not
-        keep the instance's drain alive) and the rest dropped."""
-        self._closing = True
-        self._wake.set()
-        if self._scope is not None:
-            self._scope.deadline = min(self._scope.deadline, anyio.current_time() + WRITE_STALL)
-
-    async def run(self) -> None:
-        try:
-            while self._items or not self._closing:
-                if not self._items:
-                    await self._wake.wait()
-                    self._wake = anyio.Event()
-                    continue
-                await self._write_queued()
-        finally:
-            if self._items:  # cancelled: a last, bounded try for what was read
-                with anyio.move_on_after(1.0, shield=True):
-                    await self._write_queued()
-
-    async def _write_queued(self) -> None:
-        items, self._items, self._queued = self._items, [], 0
-        self._taken.set()
-        self._taken = anyio.Event()
-        chunk: list[bytes] = []
-        for item in items:
-            if item is not None:
-                chunk.append(item)
-                continue
-            if chunk:
-                await self._write(b"".join(chunk))
-                chunk = []
-            self._marker_due = True
-        if chunk:
-            await self._write(b"".join(chunk))
-
-    async def _write(self, data: bytes) -> None:
-        marker = self.drops.marker() if self._marker_due else b""
-        why = f"the disk took no write for {WRITE_STALL:g} s"
-        outcome = WriteOutcome(len(data), count_lines(data), "backlog", why)
-        if not self._abandoned:
-            with anyio.CancelScope() as self._scope:
-                if self._closing:
-                    self._scope.deadline = anyio.current_time() + WRITE_STALL
-                outcome = await anyio.to_thread.run_sync(
-                    self.log.append,
-                    data,
-                    marker,
-                    abandon_on_cancel=True,
-                    limiter=_WRITERS.limiter(),
-                )
-            self._abandoned = self._scope.cancelled_caught
-            self._scope = None
-        self._stalled = False
-        if outcome.marked:
-            self.drops.marked()
-        if outcome.error:
-            path, nbytes, nlines = self.log.path, outcome.dropped_bytes, outcome.dropped_lines
-            self.drops.dropped(path, nbytes, nlines, outcome.error, outcome.message)
-            self._marker_due = True
-        elif self._marker_due:
-            self._marker_due = False
-            self.drops.resumed(self.log.path)
-
-
 @dataclass(slots=True)
 class DrainStats:
     """What a drain did.
@@ -359,7 +240,7 @@ class Handover:
     pending: dict[int, bytes] = field(default_factory=dict)
 
 
-def _emit(writer: _Writer, data: bytes, hub: LogHub | None, key: str | None) -> None:
+def _emit(writer: LogWriter, data: bytes, hub: LogHub | None, key: str | None) -> None:
     writer.put(data)
     if hub is not None and hub.has_subscribers(key):
         text = data.decode("utf-8", "replace")
@@ -368,7 +249,7 @@ def _emit(writer: _Writer, data: bytes, hub: LogHub | None, key: str | None) -> 
 
 async def _read(
     fd: int,
-    writer: _Writer,
+    writer: LogWriter,
     stats: DrainStats,
     *,
     hub: LogHub | None,
@@ -442,7 +323,7 @@ async def drain(
         never raised: the pipe is always read.
     """
     stats = stats if stats is not None else DrainStats()
-    writer = _Writer(log, drops if drops is not None else LogDrops())
+    writer = LogWriter(log, drops if drops is not None else LogDrops())
     async with anyio.create_task_group() as tg:
         tg.start_soon(writer.run)
         await _read(fd, writer, stats, hub=hub, key=key, pending_cap=pending_cap)
@@ -470,7 +351,7 @@ async def drain_all(
         pending: per fd, a partial line an earlier drain of it held (see :class:`Handover`).
         handover: lets the drains stop and leave their pipes open (see :class:`Handover`).
     """
-    writer = _Writer(log, drops if drops is not None else LogDrops())
+    writer = LogWriter(log, drops if drops is not None else LogDrops())
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(writer.run)

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 from supervisor.carryover import snapshot
+from supervisor.control.protocol import INTERNAL_ERROR
 from supervisor.errors import ConfigRejected, ControlError
 from supervisor.statefile import ReexecRecord, StateFile, state_path, write_state
 
@@ -35,12 +38,20 @@ __all__ = ["ENV", "REEXEC_CHECK_TIMEOUT", "reexec"]
 
 #: Set in the new code's environment: the path of the state file to resume from.
 ENV = "HOSTVISOR_REEXEC"
+#: The signals the daemon handles, held across ``execve`` (see :func:`hold_signals`).
+HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 #: Seconds the installed code gets to load and check the config.
 REEXEC_CHECK_TIMEOUT = 60.0
 
 
 class ReexecFailed(ControlError):
-    """The daemon could not re-execute itself; it goes on with its old code."""
+    """The daemon could not re-execute itself; it goes on with its old code.
+
+    Not the default -32000, which clients read as "the daemon is going away"
+    (:class:`~supervisor.errors.DaemonUnreachable`): this daemon answered and runs on.
+    """
+
+    code = INTERNAL_ERROR
 
 
 async def check_new_code(daemon: Daemon) -> None:
@@ -74,6 +85,11 @@ async def reexec(daemon: Daemon, connection: socket.socket, request_id: Any) -> 
     daemon.log_line("info", "re-executing: handing every service over to the installed code")
     daemon.notifier_reloading()
     state = await quiesce(daemon)
+    held = hold_signals()
+    if daemon.shutting_down:  # SIGTERM while we quiesced: the stop wins, with this code
+        release_signals(held)
+        await _go_on(daemon, state)
+        raise ReexecFailed("reexec abandoned: the daemon was asked to stop meanwhile")
     reply_fd = os.dup(connection.fileno())
     listener = daemon.listen_sock
     assert listener is not None and daemon.lock_fd is not None
@@ -103,15 +119,46 @@ async def reexec(daemon: Daemon, connection: socket.socket, request_id: Any) -> 
             with contextlib.suppress(OSError):
                 os.set_inheritable(fd, False)
         os.close(reply_fd)
+        release_signals(held)
         daemon.log_line("error", f"re-exec failed: {exc}; going on with the running code")
         state.reexec = None
-        await daemon.resume_in_place(state)
-        from supervisor.takeover import keep_state_file
-
-        assert daemon._tg is not None
-        daemon._tg.start_soon(keep_state_file, daemon)
+        await _go_on(daemon, state)
         raise ReexecFailed(f"re-exec failed: {exc}; the daemon goes on with its old code") from None
     raise AssertionError("not reached")  # pragma: no cover
+
+
+def hold_signals() -> dict[int, Any]:
+    """Block the daemon's signals (SIGTERM, SIGINT, SIGHUP, SIGUSR1) in this, the main,
+    thread until the new code listens (``_serve`` unblocks them): a signal pending at
+    ``execve`` stays pending (execve(2)) instead of being lost with the event loop, or
+    killing the new code before it has handlers. One that a worker thread takes meanwhile
+    is sent again to this thread. Returns the handlers to put back on failure."""
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def again(signum: int, _frame: Any) -> None:
+        signal.pthread_kill(main, signum)
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    return {sig: signal.signal(sig, again) for sig in HELD_SIGNALS}
+
+
+def release_signals(handlers: dict[int, Any]) -> None:
+    """Undo :func:`hold_signals` (the exec did not happen): pending signals arrive now."""
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
+
+
+async def _go_on(daemon: Daemon, state: StateFile) -> None:
+    """Supervise again, with this code, what :func:`quiesce` left; keep the state file."""
+    from supervisor.takeover import keep_state_file
+
+    await daemon.resume_in_place(state)
+    assert daemon._tg is not None
+    daemon._tg.start_soon(keep_state_file, daemon)
+    if daemon.notifier is not None and not daemon.shutting_down:
+        daemon.notifier.ready()  # RELOADING=1 was sent: systemd waits for READY=1
 
 
 async def quiesce(daemon: Daemon) -> StateFile:

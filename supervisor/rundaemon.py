@@ -75,23 +75,48 @@ def _inherited(path: str, state_dir: Path) -> tuple[StateFile | None, int, socke
     try:
         state = read_state(Path(path))
     except StateFileError as exc:
-        sys.stderr.write(f"hostvisor: re-exec: {exc}; starting afresh\n")
-        return None, -1, None
+        sys.stderr.write(f"hostvisor: re-exec: {exc}; starting as after a crash\n")
+        return None, _drop_inherited(state_dir), None
     record = state.reexec if state is not None else None
     if state is None or record is None or state.pid != os.getpid():
-        return None, -1, None
+        return None, _drop_inherited(state_dir), None
     lock = state_dir / "hostvisor.lock"
     try:
         same = os.path.samestat(os.fstat(record.lock_fd), os.stat(lock))
-        listener = socket.socket(fileno=record.listener_fd)
+        listener = socket.socket(fileno=record.listener_fd) if same else None
     except OSError as exc:
         sys.stderr.write(f"hostvisor: re-exec: inherited descriptors are gone ({exc})\n")
-        return None, -1, None
-    if not same:
-        listener.close()
-        return None, -1, None
+        same, listener = False, None
+    if not same or listener is None:
+        return None, _drop_inherited(state_dir), None
     for fd in (record.lock_fd, record.listener_fd, record.reply_fd):
         if fd >= 0:
             os.set_inheritable(fd, False)
     listener.setblocking(False)
     return state, record.lock_fd, listener
+
+
+def _drop_inherited(state_dir: Path) -> int:
+    """The handover record is unusable: close every descriptor the old code left
+    inheritable (its listener, pipes, the reply connection), except the state folder's
+    lock, whose fd is returned (-1 if none): we still hold it, and a second open of the
+    file could not take it. The services are then adopted as after a crash."""
+    lock_fd = -1
+    try:
+        lock = os.stat(state_dir / "hostvisor.lock")
+        names = os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd")
+    except OSError:
+        return -1
+    for name in names:
+        fd = int(name)
+        try:
+            if fd < 3 or not os.get_inheritable(fd):
+                continue
+            if lock_fd < 0 and os.path.samestat(os.fstat(fd), lock):
+                lock_fd = fd
+                os.set_inheritable(fd, False)
+                continue
+            os.close(fd)
+        except OSError:
+            continue
+    return lock_fd

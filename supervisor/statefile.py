@@ -238,7 +238,7 @@ def _parse(path: Path, doc: Any) -> StateFile:
         return StateFile(
             pid=_int(doc.get("pid")),
             services=services,
-            reexec=ReexecRecord(**_fields(ReexecRecord, reexec)) if reexec is not None else None,
+            reexec=_reexec(reexec) if reexec is not None else None,
             version=str(doc.get("hostvisor", "")),
             written=_num(doc.get("written", 0.0)),
         )
@@ -250,6 +250,19 @@ def _dict(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"expected an object, got {type(value).__name__}")
     return value
+
+
+def _list(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list, got {type(value).__name__}")
+    return value
+
+
+def _known(value: Any) -> list[Any]:
+    """A ``[pid, start time]`` pair (the pid written as a number, the time maybe null)."""
+    if len(_list(value)) != 2 or not 0 < _num(value[0]) < 2**31 or value[0] % 1:
+        raise ValueError(f"known: expected a [pid, start time] pair, got {value!r:.40}")
+    return [float(value[0]), None if value[1] is None else _num(value[1])]
 
 
 def _int(value: Any) -> int:
@@ -271,7 +284,29 @@ def _fields(cls: type, value: Any) -> dict[str, Any]:
     return {k: v for k, v in _dict(value).items() if k in known}
 
 
+def _reexec(value: Any) -> ReexecRecord:
+    rec = ReexecRecord(**_fields(ReexecRecord, value))
+    for name in ("lock_fd", "listener_fd", "event_seq"):
+        _int(getattr(rec, name))
+    if rec.reply_fd != -1:
+        _int(rec.reply_fd)
+    rec.started_wall = _num(rec.started_wall)
+    return rec
+
+
+def _exit(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    items = _dict(value)
+    for key in ("code", "signal"):
+        if items.get(key) is not None:
+            _int(items[key])
+    return items
+
+
 def _service(value: Any) -> ServiceRecord:
+    # Every field is checked here: a record of the wrong shape must be refused with the
+    # file, never crash the daemon that restores it (supervisor.carryover trusts it).
     items = _fields(ServiceRecord, value)
     instance = items.pop("instance", None)
     rec = ServiceRecord(**items)
@@ -280,16 +315,22 @@ def _service(value: Any) -> ServiceRecord:
     for name in ("kind", "digest", "state", "health", "message"):
         if not isinstance(getattr(rec, name), str):
             raise ValueError(f"{name}: expected a string")
+    for name in ("want_up", "reached_running", "adopted"):
+        if not isinstance(getattr(rec, name), bool):
+            raise ValueError(f"{name}: expected true or false")
     if rec.retry_in is not None:
         rec.retry_in = _num(rec.retry_in)
+    rec.last_exit = _exit(rec.last_exit)
+    rec.known = [_known(pair) for pair in _list(rec.known)]
     if instance is not None:
         inst = InstanceRecord(**_fields(InstanceRecord, instance))
-        _int(inst.pid)
-        _int(inst.pgid)
+        if not 0 < _int(inst.pid) < 2**31 or not 0 < _int(inst.pgid) < 2**31:
+            raise ValueError(f"instance: no pid or process group {inst.pid}")  # 0 is our own
         inst.started_wall = _num(inst.started_wall)
         if inst.create_time is not None:
             inst.create_time = _num(inst.create_time)
-        inst.fds = [_int(fd) for fd in inst.fds]
-        inst.pending = [str(p) for p in inst.pending]
+        inst.fds = [_int(fd) for fd in _list(inst.fds)]
+        inst.pending = [str(p) for p in _list(inst.pending)]
+        inst.successes, inst.failures = _int(inst.successes), _int(inst.failures)
         rec.instance = inst
     return rec
