@@ -247,15 +247,20 @@ def _action(args: argparse.Namespace, client: ControlClient) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def _rejected(what: str, exc: ConfigRejected) -> int:
+    """Say ``what`` and every config error the daemon sent (one per line); exit 1."""
+    issues = exc.data if isinstance(exc.data, list) and exc.data else None
+    _fail(f"{what}{'' if issues else f': {exc}'}")
+    for issue in issues or []:
+        print(issue, file=sys.stderr)
+    return EXIT_FAILED
+
+
 def _reload(args: argparse.Namespace, client: ControlClient) -> int:
     try:
         result = client.call("reload", {}, timeout=120.0)
     except ConfigRejected as exc:
-        issues = exc.data if isinstance(exc.data, list) and exc.data else None
-        _fail(f"reload rejected; the running config is unchanged{'' if issues else f': {exc}'}")
-        for issue in issues or []:
-            print(issue, file=sys.stderr)
-        return EXIT_FAILED
+        return _rejected("reload rejected; the running config is unchanged", exc)
     for key in ("added", "removed", "changed"):
         print(f"{key}: {', '.join(result.get(key) or []) or '-'}")
     print(f"unchanged: {len(result.get('unchanged') or [])}")
@@ -445,11 +450,7 @@ def _reexec(args: argparse.Namespace, client: ControlClient) -> int:
     try:
         client.call("reexec", {}, timeout=300.0)
     except ConfigRejected as exc:
-        issues = exc.data if isinstance(exc.data, list) and exc.data else None
-        _fail(f"reexec refused; the daemon goes on with its code{'' if issues else f': {exc}'}")
-        for issue in issues or []:
-            print(issue, file=sys.stderr)
-        return EXIT_FAILED
+        return _rejected("reexec refused; the daemon goes on with its code", exc)
     except DaemonUnreachable as exc:
         _fail(
             f"reexec: the daemon did not answer after re-executing ({exc}); its services "

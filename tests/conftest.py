@@ -1,10 +1,15 @@
-"""Shared fixtures: the private Docker engine is started once per test session."""
+"""Shared fixtures: the private Docker engine is started once per test session; ``d``, a
+``hostvisor run`` in the test's folder (not started), always cleaned up."""
+
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.daemon_harness import DaemonProcess
 from tests.docker_engine import DockerEngine, docker_engine
 
-__all__ = ["docker_engine", "engine"]
+__all__ = ["d", "docker_engine", "engine"]
 
 
 @pytest.fixture
@@ -12,3 +17,13 @@ def engine(docker_engine: DockerEngine) -> DockerEngine:
     """The session's engine, started again if a test killed it."""
     docker_engine.ensure_running()
     return docker_engine
+
+
+@pytest.fixture
+def d(tmp_path: Path) -> Iterator[DaemonProcess]:
+    """A daemon on ``tmp_path/config.toml`` (call ``d.start()``); stopped afterwards."""
+    proc = DaemonProcess(tmp_path)
+    try:
+        yield proc
+    finally:
+        proc.cleanup()

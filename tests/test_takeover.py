@@ -14,9 +14,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from contextlib import suppress
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -92,15 +90,6 @@ def restart_daemon(d: DaemonProcess) -> None:
     d.events = []
     d.stderr = []
     d.start()
-
-
-@pytest.fixture
-def d(tmp_path: Path) -> Iterator[DaemonProcess]:
-    proc = DaemonProcess(tmp_path)
-    try:
-        yield proc
-    finally:
-        proc.cleanup()
 
 
 class TestReexec:

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -25,13 +24,15 @@ from tests.test_takeover import SLEEP, counter, numbers
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="pidfds and /proc")
 
 
-@pytest.fixture
-def d(tmp_path: Path) -> Iterator[DaemonProcess]:
-    proc = DaemonProcess(tmp_path)
-    try:
-        yield proc
-    finally:
-        proc.cleanup()
+def start_reexec(d: DaemonProcess) -> subprocess.Popen[str]:
+    """``hostvisor reexec`` in the background, its output captured."""
+    return subprocess.Popen(
+        [*REEXEC, "-c", str(d.config_path), "--socket", str(d.socket)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=d.env(),
+    )
 
 
 def _record(**fields: object) -> dict[str, object]:
@@ -152,13 +153,7 @@ class TestStopDuringReexec:
         idle = d.wait_state("idle", "running")["pid"]
         assert d.cli("stop", "--no-wait", "slow").returncode == 0
         d.wait_state("slow", "stopping")  # its stop takes 3 s: reexec's quiesce waits for it
-        reexec = subprocess.Popen(
-            [*REEXEC, "-c", str(d.config_path), "--socket", str(d.socket)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=d.env(),
-        )
+        reexec = start_reexec(d)
         try:
             d.wait_stderr("re-executing", timeout=60)
             d.signal(signal.SIGTERM)
@@ -187,13 +182,7 @@ class TestCommandsDuringReexec:
         idle = d.wait_state("idle", "running")["pid"]
         assert d.cli("stop", "--no-wait", "slow").returncode == 0
         d.wait_state("slow", "stopping")
-        first = subprocess.Popen(
-            [*REEXEC, "-c", str(d.config_path), "--socket", str(d.socket)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=d.env(),
-        )
+        first = start_reexec(d)
         try:
             d.wait_stderr("re-executing", timeout=60)
             for args in (("reexec",), ("restart", "idle"), ("reload",)):
