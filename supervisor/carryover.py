@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from supervisor.statefile import InstanceRecord, ServiceRecord, spec_digest
+from supervisor.statefile import InstanceRecord, ServiceRecord
 from supervisor.states import ExitStatus, Health, ServiceState
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ def snapshot(sup: ServiceSupervisor, *, logs_dropped_bytes: int = 0) -> ServiceR
     now = anyio.current_time()
     rec = ServiceRecord(
         kind=sup.spec.kind,
-        digest=spec_digest(sup.spec),
+        digest=sup.spec_digest,
         state=str(sup.state),
         health=str(sup.health),
         message=sup.message,

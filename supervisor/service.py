@@ -13,6 +13,7 @@ health-check restart go through the same backoff path.
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -29,6 +30,7 @@ from supervisor.health import CommandRunner
 from supervisor.instance import readiness
 from supervisor.prestart import daemon_trouble, prepare
 from supervisor.spec import ServiceSpec
+from supervisor.statefile import spec_digest
 from supervisor.states import (
     Decision,
     ExitStatus,
@@ -131,7 +133,7 @@ class ServiceSupervisor:
         #: Probe counters to go on from: (successes, failures) of the previous daemon.
         self.health_seed: tuple[int, int] | None = None
         self._resume: Handle | None = None
-        self._attach: Callable[[TaskGroup], object] | None = None
+        self._attach: Callable[..., object] | None = None
         self._restart_resumed = False
         #: The next start is the re-adoption of a container after a re-exec: not a restart.
         self.resuming_container = False
@@ -146,6 +148,12 @@ class ServiceSupervisor:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @functools.cached_property
+    def spec_digest(self) -> str:
+        """:func:`~supervisor.statefile.spec_digest` of the spec, which never changes for a
+        supervisor (a reload builds a new one): computed once, not at every state write."""
+        return spec_digest(self.spec)
 
     def _no_instance_health(self) -> Health:
         """Health while no instance runs: ``none`` without a probe, else ``unknown``."""
@@ -201,7 +209,7 @@ class ServiceSupervisor:
         handle: Handle,
         *,
         started_at: float,
-        attach: Callable[[TaskGroup], object] | None = None,
+        attach: Callable[..., object] | None = None,
         restart: bool = False,
     ) -> None:
         """Take over ``handle``, an instance that already runs (re-exec or adoption), before
@@ -209,7 +217,8 @@ class ServiceSupervisor:
 
         Args:
             started_at: its spawn time on our monotonic clock (for its uptime).
-            attach: starts its log drains in the supervisor's task group.
+            attach: starts its log drains, called as ``attach(task_group=...)`` with the
+                supervisor's task group.
             restart: its unit changed meanwhile: restart it once, gracefully.
         """
         self._resume = handle
@@ -287,7 +296,7 @@ class ServiceSupervisor:
                     handle, self._resume = self._resume, None
                     attach, self._attach = self._attach, None
                     if attach is not None:
-                        attach(tg)
+                        attach(task_group=tg)
                     await self._live(handle, resumed=True)
                     continue
                 if not self._want_up:

@@ -24,6 +24,7 @@ import contextlib
 import os
 import signal
 from collections.abc import Iterable, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -42,7 +43,6 @@ from supervisor.statefile import (
     StateFile,
     StateFileError,
     read_state,
-    spec_digest,
     state_path,
     write_state,
 )
@@ -72,12 +72,7 @@ async def take_over(
     except StateFileError as exc:
         daemon.log_line("error", f"{exc}; processes with our marker follow [daemon] orphans")
         state = None
-    kept: dict[str, int] = {}
-    if daemon.fdstore is not None:
-        try:
-            kept = {key: relocate(fd) for key, fd in daemon.fdstore.take().items()}
-        except (TimeoutError, OSError, ValueError) as exc:
-            daemon.log_line("warning", f"the fd keeper did not hand the pipes back: {exc}")
+    kept = _take_kept(daemon)
     skip = {daemon.fdstore.pid} if daemon.fdstore is not None and daemon.fdstore.pid else set()
     candidates = await anyio.to_thread.run_sync(
         lambda: scan(daemon.process_driver.scope, skip=skip)
@@ -97,18 +92,31 @@ async def take_over(
             restore(sup, rec, with_instance=False)
             if sup.spec.kind == "container":
                 sup.resuming_container = True
-    leftovers: dict[str, list[int]] = {}
-    for key in sorted(kept, key=split_key):  # pipes of processes that ended meanwhile
-        leftovers.setdefault(split_key(key)[0], []).append(kept[key])
-    for group, fds in leftovers.items():
+    for group, fds in kept.items():  # pipes of processes that ended meanwhile
         tg.start_soon(_drain_leftover, daemon, group, fds)
+
+
+def _take_kept(daemon: Daemon) -> dict[str, list[int]]:
+    """The pipes the fd keeper held, by group (``service/pid``), each group's fds in
+    order (stdout, stderr), moved above the children's descriptor limit."""
+    if daemon.fdstore is None:
+        return {}
+    try:
+        taken = daemon.fdstore.take()
+    except (TimeoutError, OSError, ValueError) as exc:
+        daemon.log_line("warning", f"the fd keeper did not hand the pipes back: {exc}")
+        return {}
+    kept: dict[str, list[int]] = {}
+    for key in sorted(taken, key=split_key):
+        kept.setdefault(split_key(key)[0], []).append(relocate(taken[key]))
+    return kept
 
 
 def _adopt(
     daemon: Daemon,
     sup: ServiceSupervisor,
     cand: Candidate,
-    kept: dict[str, int],
+    kept: dict[str, list[int]],
     rec: Any,
 ) -> bool:
     driver = daemon.process_driver
@@ -120,12 +128,10 @@ def _adopt(
         if pidfd is not None:
             os.close(pidfd)
         return False
-    group = f"{cand.service}/{cand.pid}"
-    keys = sorted((k for k in kept if split_key(k)[0] == group), key=lambda k: split_key(k)[1])
-    fds = [kept.pop(k) for k in keys]
+    fds = kept.pop(f"{cand.service}/{cand.pid}", [])
     started = cand.create_time - wall_offset()
     handle = driver.resume(
-        sup.spec, pid=cand.pid, started_at=started, create_time=cand.create_time,
+        sup.name, pid=cand.pid, started_at=started, create_time=cand.create_time,
         own_child=False, pidfd=pidfd,
     )  # fmt: skip
     if rec is not None:
@@ -136,12 +142,10 @@ def _adopt(
     sup.adopted = True
     sup._reached_running = True
     sup._want_up = True if rec is None else rec.want_up
-    changed = rec is not None and rec.digest != spec_digest(sup.spec)
+    changed = rec is not None and rec.digest != sup.spec_digest
     sup.message = "" if fds else "adopted; its output was lost with the previous daemon"
 
-    def attach(task_group: TaskGroup) -> None:
-        driver.attach(handle, sup.spec, fds=fds, task_group=task_group)
-
+    attach = partial(driver.attach, handle, sup.spec, fds=fds)
     sup.resume_instance(handle, started_at=started, attach=attach, restart=changed)
     sup._publish(
         ev.SERVICE_ADOPTED,
@@ -173,35 +177,24 @@ def _resume_all(
             continue
         started = inst.started_wall - offset
         handle = driver.resume(
-            sup.spec, pid=inst.pid, started_at=started, create_time=inst.create_time,
+            name, pid=inst.pid, started_at=started, create_time=inst.create_time,
             own_child=True,
         )  # fmt: skip
         handle.adopted = rec.adopted
         pending = [p.encode("latin-1") for p in inst.pending]
-        fds = list(inst.fds)
-
-        def attach(task_group: TaskGroup, h: Any = handle, s: Any = sup, f: Any = fds,
-                   p: Any = pending) -> None:  # fmt: skip
-            driver.attach(h, s.spec, fds=f, pending=p, task_group=task_group)
-
+        attach = partial(driver.attach, handle, sup.spec, fds=list(inst.fds), pending=pending)
         sup.resume_instance(
-            handle, started_at=started, attach=attach, restart=rec.digest != spec_digest(sup.spec)
+            handle, started_at=started, attach=attach, restart=rec.digest != sup.spec_digest
         )
 
 
 def _stop_gone(daemon: Daemon, name: str, pid: int, fds: list[int], tg: TaskGroup) -> None:
-    driver = daemon.process_driver
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
-    if driver.reaper is not None:
-        driver.reaper.track(pid)
-        from supervisor.drivers.process_handle import ProcessHandle
-
-    handle = ProcessHandle(
-        None, pid=pid, service=name, started_at=anyio.current_time(),
-        reaper=driver.reaper, live=driver._live,
-    )  # fmt: skip
+    handle = daemon.process_driver.resume(
+        name, pid=pid, started_at=anyio.current_time(), create_time=None, own_child=True
+    )
     daemon.log_line("info", f"{name}: its unit is gone: stopping pid {pid}")
     tg.start_soon(handle.stop, StopSpec())
 

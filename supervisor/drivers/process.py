@@ -304,7 +304,7 @@ class ProcessDriver:
 
     def resume(
         self,
-        spec: ServiceSpec,
+        service: str,
         *,
         pid: int,
         started_at: float,
@@ -312,8 +312,8 @@ class ProcessDriver:
         own_child: bool,
         pidfd: int | None = None,
     ) -> ProcessHandle:
-        """A handle on a process of ``spec`` that already runs; its output is drained once
-        :meth:`attach` is called (from the supervisor's task group).
+        """A handle on a process of ``service`` that already runs; its output is drained
+        once :meth:`attach` is called (from the supervisor's task group).
 
         ``own_child``: still our child (after ``hostvisor reexec``: exit statuses stay
         exact), or adopted after a crash (``pidfd`` opened and its identity checked by
@@ -327,7 +327,7 @@ class ProcessDriver:
             pidfd=pidfd,
             own_child=own_child,
             create_time=create_time,
-            service=spec.name,
+            service=service,
             started_at=started_at,
             reaper=self.reaper,
             live=self._live,

@@ -139,6 +139,22 @@ REEXEC = (sys.executable, "-m", "supervisor", "reexec")
 STUBBORN = f'command = {py_cmd("proc_stubborn")}\nstart_seconds = "0.2s"\nstop_timeout = "3s"\n'
 
 
+def reexec_during_a_slow_stop(d: DaemonProcess) -> tuple[int, subprocess.Popen[str]]:
+    """Units ``slow`` (a 3 s stop) and ``idle``; ``slow`` stopping, then ``hostvisor
+    reexec`` in the background, its quiesce waiting for that stop. Returns idle's pid
+    and the reexec process."""
+    d.write_unit("slow", STUBBORN)
+    d.write_unit("idle", SLEEP)
+    d.start()
+    d.wait_state("slow", "running")
+    idle = int(d.wait_state("idle", "running")["pid"])
+    assert d.cli("stop", "--no-wait", "slow").returncode == 0
+    d.wait_state("slow", "stopping")
+    reexec = start_reexec(d)
+    d.wait_stderr("re-executing", timeout=60)
+    return idle, reexec
+
+
 class TestStopDuringReexec:
     """Fault: SIGTERM during a re-exec (``systemctl stop`` while ``reexec`` waited for a
     slow stop) was swallowed: the daemon re-executed and never stopped."""
@@ -146,16 +162,8 @@ class TestStopDuringReexec:
     def test_sigterm_while_reexec_quiesces_stops_the_daemon(self, d: DaemonProcess) -> None:
         """The re-exec gives way to the stop: the daemon stops every service and exits 0;
         the client is told the re-exec did not happen."""
-        d.write_unit("slow", STUBBORN)
-        d.write_unit("idle", SLEEP)
-        d.start()
-        d.wait_state("slow", "running")
-        idle = d.wait_state("idle", "running")["pid"]
-        assert d.cli("stop", "--no-wait", "slow").returncode == 0
-        d.wait_state("slow", "stopping")  # its stop takes 3 s: reexec's quiesce waits for it
-        reexec = start_reexec(d)
+        idle, reexec = reexec_during_a_slow_stop(d)
         try:
-            d.wait_stderr("re-executing", timeout=60)
             d.signal(signal.SIGTERM)
             assert d.proc is not None
             assert d.proc.wait(30) == 0
@@ -175,16 +183,8 @@ class TestCommandsDuringReexec:
 
     def test_a_second_reexec_and_commands_are_refused_at_once(self, d: DaemonProcess) -> None:
         """Exit 1 and a line saying a reexec is under way; the first one succeeds."""
-        d.write_unit("slow", STUBBORN)
-        d.write_unit("idle", SLEEP)
-        d.start()
-        d.wait_state("slow", "running")
-        idle = d.wait_state("idle", "running")["pid"]
-        assert d.cli("stop", "--no-wait", "slow").returncode == 0
-        d.wait_state("slow", "stopping")
-        first = start_reexec(d)
+        idle, first = reexec_during_a_slow_stop(d)
         try:
-            d.wait_stderr("re-executing", timeout=60)
             for args in (("reexec",), ("restart", "idle"), ("reload",)):
                 result = d.cli(*args, timeout=30)
                 assert result.returncode == 1, (args, result.stderr)
