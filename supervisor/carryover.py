@@ -68,11 +68,18 @@ def snapshot(sup: ServiceSupervisor, *, logs_dropped_bytes: int = 0) -> ServiceR
             pgid=int(getattr(handle, "pgid", handle.pid) or 0),
             create_time=getattr(handle, "create_time", None),
             started_wall=started + offset,
-            fds=[fd for fd in getattr(handle, "fds", ()) if fd >= 0],
+            fds=_open_fds(handle),
             successes=counter.successes if counter is not None else 0,
             failures=counter.failures if counter is not None else 0,
         )
     return rec
+
+
+def _open_fds(handle: object) -> list[int]:
+    """The instance's pipe read ends still open (a drain closes its pipe at EOF)."""
+    handover = getattr(handle, "handover", None)
+    closed = handover.closed if handover is not None else set()
+    return [fd for fd in getattr(handle, "fds", ()) if fd >= 0 and fd not in closed]
 
 
 def restore(sup: ServiceSupervisor, rec: ServiceRecord, *, with_instance: bool) -> None:

@@ -234,10 +234,13 @@ class Handover:
     newline) in :attr:`pending`, keyed by the pipe's fd; what it had handed to the
     writer is still written. The next daemon starts a drain on the same fd with that
     partial line (``drain_all(..., pending=...)``), so no byte is lost or doubled.
+    A pipe whose drain reached EOF and closed it is in :attr:`closed`: never handed over
+    (its number may name another descriptor by then).
     """
 
     requested: bool = False
     pending: dict[int, bytes] = field(default_factory=dict)
+    closed: set[int] = field(default_factory=set)
 
 
 def _emit(writer: LogWriter, data: bytes, hub: LogHub | None, key: str | None) -> None:
@@ -293,6 +296,8 @@ async def _read(
     finally:
         if fd >= 0:
             os.close(fd)
+            if handover is not None:
+                handover.closed.add(fd)
 
 
 async def drain(

@@ -314,3 +314,33 @@ class TestUnusableHandover:
                 os.close(fd)
         assert int(out[0]) == lock
         assert out[1].strip() == "[]"
+
+
+class TestClosedStream:
+    """Fault: a service that closed one of its streams (``exec 1>&-``) had that pipe's read
+    end closed by its drain at EOF, but its fd number was still recorded and handed over by
+    reexec: the new code drained whatever descriptor had that number by then."""
+
+    def test_only_open_pipes_are_handed_over(self, d: DaemonProcess) -> None:
+        """After reexec the service's recorded descriptors are its one open pipe, a pipe
+        in the daemon; the pid is unchanged."""
+        script = "exec 1>&-; echo before >&2; exec sleep 600"
+        d.write_unit(
+            "half", f'command = ["sh", "-c", {json.dumps(script)}]\nstart_seconds = "0.2s"\n'
+        )
+        d.start()
+        pid = d.wait_state("half", "running")["pid"]
+        log = d.state / "logs" / "half.log"
+        d.wait_for(lambda: log.exists() and "before" in log.read_text(), what="stderr logged")
+        result = d.cli("reexec")
+        assert result.returncode == 0, result.stderr
+        assert d.status("half")["pid"] == pid
+        assert d.proc is not None
+        fds = recorded_fds(d, "half")
+        assert len(fds) == 1, fds
+        assert os.readlink(f"/proc/{d.proc.pid}/fd/{fds[0]}").startswith("pipe:")
+
+
+def recorded_fds(d: DaemonProcess, name: str) -> list[int]:
+    doc = json.loads((d.state / "state.json").read_text())
+    return [int(fd) for fd in doc["services"][name]["instance"]["fds"]]
