@@ -19,16 +19,20 @@ from supervisor.states import DependencyCondition, Restart
 
 __all__ = [
     "BackoffSpec",
+    "CatchUp",
+    "Concurrency",
     "ContainerSpec",
     "DaemonSpec",
     "HealthCheckSpec",
     "Loaded",
     "LogSpec",
+    "OnFailureSpec",
     "PortSpec",
     "PostStartSpec",
     "PreflightSpec",
     "ProcessSpec",
     "ReclaimPort",
+    "ScheduleSpec",
     "ServiceSpec",
     "StopSpec",
     "TelemetrySpec",
@@ -37,6 +41,10 @@ __all__ = [
 ReclaimPort = Literal["own", "any", "no"]
 ProbeKind = Literal["http", "tcp", "exec", "docker"]
 Protocol = Literal["grpc", "http/protobuf", ""]
+#: Kubernetes CronJob's ``concurrencyPolicy``, in lower case.
+Concurrency = Literal["forbid", "allow", "replace"]
+#: A trigger missed while no daemon ran (or the machine slept): systemd's ``Persistent=``.
+CatchUp = Literal["none", "once"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -149,6 +157,52 @@ class PortSpec:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ScheduleSpec:
+    """When a scheduled unit (a job) runs: exactly one of ``cron`` and ``every``.
+
+    Attributes:
+        cron: a cron expression as written: 5 fields, a 6th (last) for seconds, or an
+            ``@hourly``-style macro (croniter's syntax).
+        every: a fixed interval, seconds.
+        every_text: ``every`` as written (``"10m"``), for the status field.
+        timezone: IANA name the cron fields are read in; ``""`` = the host's.
+        concurrency: a trigger while a run is still going: skip it (``forbid``), run
+            beside it (``allow``) or stop it first (``replace``).
+        catch_up: a trigger missed while no daemon ran or the machine slept: skip it
+            (``none``) or run once at start (``once``).
+        random_delay: each run starts up to this many seconds after its trigger
+            (uniform; systemd's ``RandomizedDelaySec=``).
+    """
+
+    cron: str | None = None
+    every: float | None = None
+    every_text: str = ""
+    timezone: str = ""
+    concurrency: Concurrency = "forbid"
+    catch_up: CatchUp = "none"
+    random_delay: float = 0.0
+
+    def describe(self) -> str:
+        """The ``schedule`` status field: the cron expression, or ``"every 10m"``."""
+        return self.cron if self.cron is not None else f"every {self.every_text}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OnFailureSpec:
+    """``[on_failure]``: a command run when a job's run fails or times out, or a service
+    goes FATAL (systemd's ``OnFailure=``).
+
+    Attributes:
+        command: argv, run in the unit's workdir with its env plus ``HOSTVISOR_SERVICE``,
+            ``HOSTVISOR_EXIT_CODE``/``HOSTVISOR_EXIT_SIGNAL`` and ``HOSTVISOR_MESSAGE``.
+        timeout: seconds; its process group is killed then.
+    """
+
+    command: tuple[str, ...]
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ProcessSpec:
     """A local process: ``command`` is the argv, never run by a shell."""
 
@@ -188,7 +242,13 @@ class ServiceSpec:
         depends_on: dependency name -> condition.
         restart: the restart policy.
         start_seconds: without a probe, seconds up that count as RUNNING.
-        give_up_after: failed starts in a row before FATAL; 0 = never.
+        give_up_after: failed starts in a row before FATAL; 0 = never. For a job, the
+            failed attempts of one run (``restart = "on-failure"``); 0 = until the next
+            trigger.
+        schedule: when it runs, for a scheduled unit (a job); ``None`` otherwise.
+        run_timeout: seconds a run of a job (scheduled or one-shot) may take before it is
+            stopped with ``stop``; ``None`` = no limit.
+        on_failure: the hook run when a job's run fails or a service goes FATAL.
     """
 
     name: str
@@ -212,6 +272,15 @@ class ServiceSpec:
     backoff: BackoffSpec = BackoffSpec()
     post_start: PostStartSpec | None = None
     logs: LogSpec = LogSpec()
+    schedule: ScheduleSpec | None = None
+    run_timeout: float | None = None
+    on_failure: OnFailureSpec | None = None
+
+    @property
+    def is_job(self) -> bool:
+        """A scheduled unit, or a one-shot (``restart = "no"`` without a schedule): runs
+        that end, rather than an instance kept up."""
+        return self.schedule is not None or self.restart is Restart.NO
 
     @property
     def kind(self) -> Literal["process", "container"]:

@@ -37,6 +37,8 @@ class ServiceState(enum.StrEnum):
     STOPPING = "stopping"
     EXITED = "exited"
     FATAL = "fatal"
+    #: A scheduled unit between two runs (systemd's timers show "active (waiting)").
+    WAITING = "waiting"
 
 
 class Health(enum.StrEnum):
@@ -61,6 +63,9 @@ class DependencyCondition(enum.StrEnum):
 
     STARTED = "started"
     HEALTHY = "healthy"
+    #: The dependency is a one-shot that exited 0 (compose's
+    #: ``service_completed_successfully``).
+    COMPLETED = "completed"
 
 
 S = ServiceState
@@ -77,6 +82,7 @@ TRANSITIONS: dict[ServiceState, frozenset[ServiceState]] = {
     S.STOPPING: frozenset({S.STOPPED, S.BACKOFF, S.EXITED, S.STARTING, S.FATAL}),
     S.EXITED: frozenset({S.STARTING, S.STOPPED}),
     S.FATAL: frozenset({S.STARTING, S.STOPPED}),
+    S.WAITING: frozenset({S.STARTING, S.STOPPED}),
 }
 
 
