@@ -36,7 +36,20 @@ hostvisor.logs.dropped (By)       counter          hostvisor.service.name (none 
 hostvisor.telemetry.dropped       counter          error.type: ``bus_overflow`` (the bus
 ({record})                                         dropped events for us), ``queue_full``,
                                                    ``export_failed``, ``emit_failed``
+hostvisor.job.run.duration (s)    histogram        hostvisor.service.name,
+                                                   hostvisor.job.outcome (``succeeded``,
+                                                   ``failed``, ``timed_out``); the
+                                                   ``hostvisor.job.duration_s`` of each
+                                                   ``hostvisor.job.<outcome>`` event
+hostvisor.job.runs ({run})        counter          the same; one per ended run
+hostvisor.job.skipped             counter          hostvisor.service.name,
+({trigger})                                        hostvisor.job.skip_reason (``running``,
+                                                   ``missed``, ``suspended``); one per
+                                                   ``hostvisor.job.skipped`` event
 ================================  ===============  ======================================
+
+The job metrics never carry ``hostvisor.job.run`` (the run number): one time
+series per run would grow without bound.
 
 Resource: ``service.name`` (``OTEL_SERVICE_NAME``, else ``service.name`` in
 ``OTEL_RESOURCE_ATTRIBUTES``, else ``hostvisor``), ``service.version``,
@@ -107,6 +120,9 @@ _SAMPLE_EVERY: Final = 5.0
 #: Histogram buckets for probe durations in seconds (the semantic conventions'
 #: advice for ``http.client.request.duration``).
 _BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
+#: Histogram buckets for job runs in seconds: from a sub-second script to an
+#: hour-long backup, with the minute marks that ``run_timeout`` is usually set to.
+_JOB_BUCKETS: Final = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 RESTARTS: Final = "hostvisor.service.restarts"
 EXITS: Final = "hostvisor.service.exits"
@@ -115,7 +131,20 @@ STATE: Final = "hostvisor.service.state"
 PROBE_DURATION: Final = "hostvisor.health_check.duration"
 DROPPED: Final = "hostvisor.telemetry.dropped"
 LOG_BYTES_DROPPED: Final = "hostvisor.logs.dropped"
+JOB_RUN_DURATION: Final = "hostvisor.job.run.duration"
+JOB_RUNS: Final = "hostvisor.job.runs"
+JOB_SKIPS: Final = "hostvisor.job.skipped"
 _SERVICE: Final = "hostvisor.service.name"
+_OUTCOME: Final = "hostvisor.job.outcome"
+_SKIP_REASON: Final = "hostvisor.job.skip_reason"
+_DURATION: Final = "hostvisor.job.duration_s"
+#: The job events that end a run (issue 11), with the outcome each one reports.
+_OUTCOMES: Final = {
+    "hostvisor.job.succeeded": "succeeded",
+    "hostvisor.job.failed": "failed",
+    "hostvisor.job.timed_out": "timed_out",
+}
+_JOB_SKIPPED: Final = "hostvisor.job.skipped"
 
 
 class _CountingExporter:
@@ -179,6 +208,14 @@ class Telemetry:
         self._log_drops = meter.create_counter(
             LOG_BYTES_DROPPED, "By", "Log bytes dropped (disk full, file size limit, hung disk)"
         )
+        self._job_duration = meter.create_histogram(
+            JOB_RUN_DURATION,
+            "s",
+            "Duration of job runs",
+            explicit_bucket_boundaries_advisory=_JOB_BUCKETS,
+        )
+        self._job_runs = meter.create_counter(JOB_RUNS, "{run}", "Job runs by outcome")
+        self._job_skips = meter.create_counter(JOB_SKIPS, "{trigger}", "Job triggers skipped")
         meter.create_observable_gauge(
             UP, [self._observe_up], "1", "1 when running and not unhealthy"
         )
@@ -252,6 +289,21 @@ class Telemetry:
             if isinstance(size, int) and size > 0:
                 kind = event.attributes.get("error.type")
                 self._log_drops.add(size, {**service, "error.type": str(kind or "unknown")})
+        elif event.event in _OUTCOMES or event.event == _JOB_SKIPPED:
+            self._count_job(event, service)
+
+    def _count_job(self, event: Event, service: dict[str, Any]) -> None:
+        """A run's outcome and duration, or a skipped trigger; a bad duration is not recorded."""
+        if event.event == _JOB_SKIPPED:
+            reason = event.attributes.get(_SKIP_REASON)
+            self._job_skips.add(1, {**service, _SKIP_REASON: str(reason or "unknown")})
+            return
+        attributes = {**service, _OUTCOME: _OUTCOMES[event.event]}
+        self._job_runs.add(1, attributes)
+        seconds = event.attributes.get(_DURATION)
+        # The bus turns inf and NaN into strings; a bool is an int, not a duration.
+        if isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds >= 0:
+            self._job_duration.record(seconds, attributes)
 
     def _drop(self, reason: str, count: int) -> None:
         with self._lock:
