@@ -36,7 +36,20 @@ hostvisor.logs.dropped (By)       counter          hostvisor.service.name (none 
 hostvisor.telemetry.dropped       counter          error.type: ``bus_overflow`` (the bus
 ({record})                                         dropped events for us), ``queue_full``,
                                                    ``export_failed``, ``emit_failed``
+hostvisor.job.run.duration (s)    histogram        hostvisor.service.name,
+                                                   hostvisor.job.outcome (``succeeded``,
+                                                   ``failed``, ``timed_out``); the
+                                                   ``hostvisor.job.duration_s`` of each
+                                                   ``hostvisor.job.<outcome>`` event
+hostvisor.job.runs ({run})        counter          the same; one per ended run
+hostvisor.job.skipped             counter          hostvisor.service.name,
+({trigger})                                        hostvisor.job.skip_reason (``running``,
+                                                   ``missed``, ``suspended``); one per
+                                                   ``hostvisor.job.skipped`` event
 ================================  ===============  ======================================
+
+The job metrics never carry ``hostvisor.job.run`` (the run number): one time
+series per run would grow without bound.
 
 Resource: ``service.name`` (``OTEL_SERVICE_NAME``, else ``service.name`` in
 ``OTEL_RESOURCE_ATTRIBUTES``, else ``hostvisor``), ``service.version``,
@@ -62,15 +75,12 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal
-from urllib.parse import unquote
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 from anyio.abc import ObjectReceiveStream
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from supervisor.errors import ConfigError, ConfigIssue
 from supervisor.events import (
     LOGS_DROPPED,
     LOGS_DROPPED_BYTES,
@@ -81,6 +91,7 @@ from supervisor.events import (
 )
 from supervisor.spec import TelemetrySpec
 from supervisor.states import Health, ServiceState
+from supervisor.telemetry_settings import ExportSettings, Signal, Target, resolve_export
 
 if TYPE_CHECKING:
     from opentelemetry._logs import Logger
@@ -109,6 +120,9 @@ _SAMPLE_EVERY: Final = 5.0
 #: Histogram buckets for probe durations in seconds (the semantic conventions'
 #: advice for ``http.client.request.duration``).
 _BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
+#: Histogram buckets for job runs in seconds: from a sub-second script to an
+#: hour-long backup, with the minute marks that ``run_timeout`` is usually set to.
+_JOB_BUCKETS: Final = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 RESTARTS: Final = "hostvisor.service.restarts"
 EXITS: Final = "hostvisor.service.exits"
@@ -117,130 +131,20 @@ STATE: Final = "hostvisor.service.state"
 PROBE_DURATION: Final = "hostvisor.health_check.duration"
 DROPPED: Final = "hostvisor.telemetry.dropped"
 LOG_BYTES_DROPPED: Final = "hostvisor.logs.dropped"
+JOB_RUN_DURATION: Final = "hostvisor.job.run.duration"
+JOB_RUNS: Final = "hostvisor.job.runs"
+JOB_SKIPS: Final = "hostvisor.job.skipped"
 _SERVICE: Final = "hostvisor.service.name"
-
-
-Signal = Literal["logs", "metrics"]
-_PROTOCOLS: Final = ("grpc", "http/protobuf")
-_DEFAULT_BASE: Final = {"grpc": "http://localhost:4317", "http/protobuf": "http://localhost:4318"}
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Target:
-    """Where one signal is exported.
-
-    Attributes:
-        protocol: ``"grpc"`` or ``"http/protobuf"``.
-        endpoint: for HTTP the full URL with the signal path (``.../v1/logs``);
-            for gRPC the collector's URL (``http://`` = plaintext, ``https://`` = TLS).
-        headers: extra request headers (``OTEL_EXPORTER_OTLP_[SIGNAL_]HEADERS``).
-    """
-
-    protocol: str
-    endpoint: str
-    headers: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ExportSettings:
-    """The export configuration, resolved from ``[telemetry]`` and the ``OTEL_*`` variables.
-
-    Attributes:
-        logs: where events go.
-        metrics: where metrics go.
-        timeout: seconds any one export may take (``export_timeout``).
-        metric_interval: seconds between metric exports (``OTEL_METRIC_EXPORT_INTERVAL``).
-        schedule_delay: seconds between log batches (``OTEL_BLRP_SCHEDULE_DELAY``).
-        max_queue: log records queued at most (``OTEL_BLRP_MAX_QUEUE_SIZE``).
-        max_batch: log records per export (``OTEL_BLRP_MAX_EXPORT_BATCH_SIZE``).
-        resource: resource attributes from ``OTEL_RESOURCE_ATTRIBUTES`` and
-            ``OTEL_SERVICE_NAME`` (the latter wins for ``service.name``).
-    """
-
-    logs: Target
-    metrics: Target
-    timeout: float
-    metric_interval: float = 60.0
-    schedule_delay: float = 1.0
-    max_queue: int = 2048
-    max_batch: int = 512
-    resource: Mapping[str, str] = field(default_factory=dict)
-
-
-def _pairs(text: str) -> dict[str, str]:
-    """``k1=v1,k2=v2`` with percent-encoded values (W3C Baggage, as the OTEL_* variables)."""
-    pairs: dict[str, str] = {}
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        if sep and key.strip():
-            pairs[key.strip()] = unquote(value.strip())
-    return pairs
-
-
-def _number(environ: Mapping[str, str], name: str, default: float) -> float:
-    """A positive number from ``environ``; the default when unset or invalid (as the SDK does)."""
-    try:
-        value = float(environ.get(name, ""))
-    except ValueError:
-        return default
-    return value if value > 0 else default
-
-
-def _target(spec: TelemetrySpec, environ: Mapping[str, str], signal: Signal) -> Target:
-    upper = signal.upper()
-    keys = (f"OTEL_EXPORTER_OTLP_{upper}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
-    source, protocol = "telemetry.protocol", str(spec.protocol)
-    for key in keys:
-        if not protocol and environ.get(key, "").strip():
-            source, protocol = key, environ[key].strip()
-    protocol = protocol or "http/protobuf"
-    if protocol not in _PROTOCOLS:
-        where = "environment" if source.startswith("OTEL_") else "config.toml"
-        message = f'expected "grpc" or "http/protobuf", got {protocol!r}'
-        raise ConfigError([ConfigIssue(where, source, message)])
-    per_signal = environ.get(f"OTEL_EXPORTER_OTLP_{upper}_ENDPOINT", "").strip()
-    if per_signal and not spec.endpoint:
-        endpoint = per_signal  # a per-signal URL is used as is (OTLP exporter spec)
-    else:
-        base = spec.endpoint or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
-        base = base or _DEFAULT_BASE[protocol]
-        base = base if "://" in base else f"http://{base}"
-        endpoint = f"{base.rstrip('/')}/v1/{signal}" if protocol == "http/protobuf" else base
-    headers = environ.get(f"OTEL_EXPORTER_OTLP_{upper}_HEADERS") or environ.get(
-        "OTEL_EXPORTER_OTLP_HEADERS", ""
-    )
-    return Target(protocol=protocol, endpoint=endpoint, headers=_pairs(headers))
-
-
-def resolve_export(spec: TelemetrySpec, environ: Mapping[str, str]) -> ExportSettings:
-    """Resolve where and how to export, per the OTLP exporter specification.
-
-    ``[telemetry]`` wins over the environment. Protocol: ``protocol``, else
-    ``OTEL_EXPORTER_OTLP_{LOGS,METRICS}_PROTOCOL``, else ``OTEL_EXPORTER_OTLP_PROTOCOL``,
-    else ``http/protobuf``. Endpoint: ``endpoint`` (a base URL), else the
-    per-signal ``OTEL_EXPORTER_OTLP_{LOGS,METRICS}_ENDPOINT`` (used as is), else
-    ``OTEL_EXPORTER_OTLP_ENDPOINT`` (a base URL), else ``localhost:4318`` (HTTP)
-    or ``localhost:4317`` (gRPC). HTTP base URLs get ``/v1/logs`` and
-    ``/v1/metrics`` appended; a URL without a scheme gets ``http://``.
-    TLS files and compression are read by the SDK from the process environment.
-
-    Raises:
-        ConfigError: the protocol is neither ``grpc`` nor ``http/protobuf``.
-    """
-    resource = _pairs(environ.get("OTEL_RESOURCE_ATTRIBUTES", ""))
-    if name := environ.get("OTEL_SERVICE_NAME", "").strip():
-        resource["service.name"] = name
-    max_queue = int(_number(environ, "OTEL_BLRP_MAX_QUEUE_SIZE", 2048))
-    return ExportSettings(
-        logs=_target(spec, environ, "logs"),
-        metrics=_target(spec, environ, "metrics"),
-        timeout=spec.export_timeout,
-        metric_interval=_number(environ, "OTEL_METRIC_EXPORT_INTERVAL", 60_000) / 1000,
-        schedule_delay=_number(environ, "OTEL_BLRP_SCHEDULE_DELAY", 1000) / 1000,
-        max_queue=max_queue,
-        max_batch=min(max_queue, int(_number(environ, "OTEL_BLRP_MAX_EXPORT_BATCH_SIZE", 512))),
-        resource=resource,
-    )
+_OUTCOME: Final = "hostvisor.job.outcome"
+_SKIP_REASON: Final = "hostvisor.job.skip_reason"
+_DURATION: Final = "hostvisor.job.duration_s"
+#: The job events that end a run (issue 11), with the outcome each one reports.
+_OUTCOMES: Final = {
+    "hostvisor.job.succeeded": "succeeded",
+    "hostvisor.job.failed": "failed",
+    "hostvisor.job.timed_out": "timed_out",
+}
+_JOB_SKIPPED: Final = "hostvisor.job.skipped"
 
 
 class _CountingExporter:
@@ -304,6 +208,14 @@ class Telemetry:
         self._log_drops = meter.create_counter(
             LOG_BYTES_DROPPED, "By", "Log bytes dropped (disk full, file size limit, hung disk)"
         )
+        self._job_duration = meter.create_histogram(
+            JOB_RUN_DURATION,
+            "s",
+            "Duration of job runs",
+            explicit_bucket_boundaries_advisory=_JOB_BUCKETS,
+        )
+        self._job_runs = meter.create_counter(JOB_RUNS, "{run}", "Job runs by outcome")
+        self._job_skips = meter.create_counter(JOB_SKIPS, "{trigger}", "Job triggers skipped")
         meter.create_observable_gauge(
             UP, [self._observe_up], "1", "1 when running and not unhealthy"
         )
@@ -377,6 +289,21 @@ class Telemetry:
             if isinstance(size, int) and size > 0:
                 kind = event.attributes.get("error.type")
                 self._log_drops.add(size, {**service, "error.type": str(kind or "unknown")})
+        elif event.event in _OUTCOMES or event.event == _JOB_SKIPPED:
+            self._count_job(event, service)
+
+    def _count_job(self, event: Event, service: dict[str, Any]) -> None:
+        """A run's outcome and duration, or a skipped trigger; a bad duration is not recorded."""
+        if event.event == _JOB_SKIPPED:
+            reason = event.attributes.get(_SKIP_REASON)
+            self._job_skips.add(1, {**service, _SKIP_REASON: str(reason or "unknown")})
+            return
+        attributes = {**service, _OUTCOME: _OUTCOMES[event.event]}
+        self._job_runs.add(1, attributes)
+        seconds = event.attributes.get(_DURATION)
+        # The bus turns inf and NaN into strings; a bool is an int, not a duration.
+        if isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds >= 0:
+            self._job_duration.record(seconds, attributes)
 
     def _drop(self, reason: str, count: int) -> None:
         with self._lock:
