@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from supervisor.service import ServiceSupervisor
 from supervisor.statefile import InstanceRecord, ServiceRecord
 from supervisor.states import ExitStatus, Health, ServiceState
 
 if TYPE_CHECKING:
-    from supervisor.service import ServiceSupervisor
+    from supervisor.supervising import Supervisor
 
 __all__ = ["LIVE", "restore", "snapshot", "wall_offset"]
 
@@ -32,9 +33,16 @@ def wall_offset() -> float:
     return time.time() - anyio.current_time()
 
 
-def snapshot(sup: ServiceSupervisor, *, logs_dropped_bytes: int = 0) -> ServiceRecord:
+def snapshot(sup: Supervisor, *, logs_dropped_bytes: int = 0) -> ServiceRecord:
     """The record of ``sup`` now; its instance only for a process whose leader has not
-    been reaped (a container is found again by name by the next daemon)."""
+    been reaped (a container is found again by name by the next daemon). A job's record
+    holds its runs (:func:`supervisor.jobcarry.snapshot_job`)."""
+    if not isinstance(sup, ServiceSupervisor):
+        from supervisor.job import JobSupervisor
+        from supervisor.jobcarry import snapshot_job
+
+        assert isinstance(sup, JobSupervisor)
+        return snapshot_job(sup, logs_dropped_bytes=logs_dropped_bytes)
     offset = wall_offset()
     now = anyio.current_time()
     rec = ServiceRecord(

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from supervisor import durations as values
+from supervisor.config_jobs import JOB_KEYS, check_completed, parse_job_keys
 from supervisor.configfiles import read_env_file, read_env_files, read_toml
 from supervisor.durations import (
     IssueSink,
@@ -96,7 +97,7 @@ _UNIT_KEYS = (
     "description", "command", "container", "recreate_command", "workdir", "env", "env_files",
     "secret_env_files", "autostart", "restart", "depends_on", "port", "reclaim_port",
     "stop_signal", "stop_timeout", "start_seconds", "give_up_after", "preflight", "health",
-    "backoff", "post_start", "logs",
+    "backoff", "post_start", "logs", *JOB_KEYS,
 )  # fmt: skip
 _PREFLIGHT_KEYS = ("command", "timeout")
 _PROBES = ("http", "tcp", "exec", "docker")
@@ -117,6 +118,7 @@ _ACTIVATING: dict[str, frozenset[str]] = {
     "health": frozenset(_PROBES),
     "preflight": frozenset({"command"}),
     "post_start": frozenset({"http", "command"}),
+    "on_failure": frozenset({"command"}),
 }
 _VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")
 #: Bounds of keys that are not durations, sizes or plain counts (docs-config.md).
@@ -302,7 +304,9 @@ def _load_units(folder: Path, defaults: Table, ctx: _Context) -> dict[str, Servi
         if spec is not None:
             services[name] = replace(spec, source=path)
     _check_dependencies(graph)
-    _check_ports(services, {name: sink for name, (sink, _) in graph.items()})
+    sinks = {name: sink for name, (sink, _) in graph.items()}
+    _check_ports(services, sinks)
+    check_completed(services, sinks)
     return dict(sorted(services.items()))
 
 
@@ -382,6 +386,7 @@ def _parse_unit(
         "post_start": _parse_post_start(unit, partial=partial),
         "logs": _parse_logs(unit),
     }
+    parse_job_keys(unit, fields, partial=partial)
     if partial or unit.sink.count > before or (command is None) == (container is None):
         return None, deps
     target = ProcessSpec(command=command) if command is not None else ContainerSpec(

@@ -1,6 +1,6 @@
 """The daemon: builds the supervisors, handles signals, reloads, shuts down in order.
 
-Data flow: ``config.load() -> specs -> Daemon -> one ServiceSupervisor task per
+Data flow: ``config.load() -> specs -> Daemon -> one supervisor task per
 service -> events on the bus -> daemon log, telemetry, sd_notify, control
 subscribers``. The daemon implements :class:`supervisor.control.server.ControlTarget`
 so that the control socket can query and command it.
@@ -28,6 +28,7 @@ from anyio.abc import TaskGroup
 
 from supervisor import __version__
 from supervisor import events as ev
+from supervisor.daemon_jobs import JobsMixin
 from supervisor.daemon_reload import ReloadMixin
 from supervisor.daemon_takeover import TakeoverMixin
 from supervisor.daemonlog import DaemonLog, LibraryLogHandler
@@ -45,10 +46,11 @@ from supervisor.loghub import LogHub
 from supervisor.ordering import in_stop_order
 from supervisor.paths import log_dir, service_log_path
 from supervisor.reaper import Reaper, signal_verified, wait_gone
-from supervisor.service import Broadcast, ServiceSupervisor, exception_leaves
+from supervisor.service import Broadcast, exception_leaves
 from supervisor.spec import Loaded, ServiceSpec, StopSpec
 from supervisor.statefile import StateFile
 from supervisor.states import Health, ServiceState
+from supervisor.supervising import Supervisor
 
 __all__ = ["EXIT_SOFTWARE", "Daemon", "user_mistake"]
 
@@ -61,7 +63,7 @@ _DOCKER_DOWN = "docker engine unreachable; keeping the last known state"
 Names = Sequence[str] | Literal["all"]
 
 
-class Daemon(ReloadMixin, TakeoverMixin):
+class Daemon(ReloadMixin, TakeoverMixin, JobsMixin):
     """All supervisors of one config, and what they report to.
 
     Args:
@@ -96,7 +98,7 @@ class Daemon(ReloadMixin, TakeoverMixin):
             state_dir=state_dir, reaper=self.reaper, loghub=self.loghub, log_drops=self.drops_for
         )
         self.docker_driver: Any = None
-        self.supervisors: dict[str, ServiceSupervisor] = {}
+        self.supervisors: dict[str, Supervisor] = {}
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._tg: TaskGroup | None = None
         self._reload_lock = anyio.Lock()
@@ -127,8 +129,8 @@ class Daemon(ReloadMixin, TakeoverMixin):
             self.started_at = time.monotonic() - max(0.0, time.time() - self.started_wall)
             self.bus.continue_from(resumed.reexec.event_seq)
             for rec in resumed.services.values():  # before the reaper's first pass
-                if rec.instance is not None:
-                    self.reaper.track(rec.instance.pid)
+                for inst in rec.instances():
+                    self.reaper.track(inst.pid)
 
     def __repr__(self) -> str:
         return f"<Daemon {len(self.supervisors)} services, socket {self.socket_path}>"
@@ -282,26 +284,16 @@ class Daemon(ReloadMixin, TakeoverMixin):
         sup = await self._register(spec)
         await self._tg.start(self._run_supervisor, sup)
 
-    async def _register(self, spec: ServiceSpec) -> ServiceSupervisor:
+    async def _register(self, spec: ServiceSpec) -> Supervisor:
         """Create the supervisor of ``spec`` and make it visible to status, not started yet."""
         if spec.kind == "container":
             await self._ensure_docker()
-        sup = ServiceSupervisor(
-            spec,
-            driver=self._driver_for(spec),
-            bus=self.bus,
-            peers=self.supervisors.get,
-            changed=self.changed,
-            run_command=self.process_driver.run_command,
-            rng=self._rng,
-            on_probe=self._on_probe,
-            on_crash=self._supervisor_crashed,
-        )
+        sup = self._make_supervisor(spec)
         self.supervisors[spec.name] = sup
         return sup
 
     async def _run_supervisor(
-        self, sup: ServiceSupervisor, *, task_status: anyio.abc.TaskStatus[None]
+        self, sup: Supervisor, *, task_status: anyio.abc.TaskStatus[None]
     ) -> None:
         done = self._done[sup.name] = anyio.Event()
         try:
@@ -360,6 +352,7 @@ class Daemon(ReloadMixin, TakeoverMixin):
         with anyio.move_on_after(self.loaded.daemon.shutdown_timeout):
             await in_stop_order(list(self.supervisors), self.loaded.services, stop_one)
         await self._force_kill()
+        self.flush_jobs()
         self._forget_state()
 
     async def _force_kill(self) -> None:
@@ -369,8 +362,9 @@ class Daemon(ReloadMixin, TakeoverMixin):
         with anyio.move_on_after(5, shield=True):
             async with anyio.create_task_group() as tg:
                 for sup in self.supervisors.values():
-                    if sup.handle is not None and sup.spec.kind == "process":
-                        tg.start_soon(sup.handle.stop, kill)
+                    if sup.spec.kind == "process":
+                        for handle in sup.live_handles():
+                            tg.start_soon(handle.stop, kill)
         with anyio.move_on_after(ORPHAN_STOP + 3, shield=True):
             spared = {self.fdstore.pid} if self.fdstore is not None else set()
             orphans = [p for p in self.process_driver.orphans() if p.pid not in spared]
@@ -469,9 +463,11 @@ class Daemon(ReloadMixin, TakeoverMixin):
 
         async def stop_one(name: str) -> None:
             sup = self.supervisors[name]
-            if sup.handle is not None and sup.spec.kind == "process":
+            if sup.spec.kind == "process":
                 with anyio.move_on_after(sup.spec.stop.timeout + 5):
-                    await sup.handle.stop(sup.spec.stop)
+                    async with anyio.create_task_group() as tg:
+                        for handle in sup.live_handles():
+                            tg.start_soon(handle.stop, sup.spec.stop)
 
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as tg:

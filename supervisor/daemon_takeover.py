@@ -19,7 +19,7 @@ from supervisor.statefile import StateFile
 
 if TYPE_CHECKING:
     from supervisor.daemonlog import DaemonLog
-    from supervisor.service import ServiceSupervisor
+    from supervisor.supervising import Supervisor
 
 __all__ = ["TakeoverMixin"]
 
@@ -33,7 +33,7 @@ class TakeoverMixin:
     bus: EventBus
     log: DaemonLog | None
     process_driver: ProcessDriver
-    supervisors: dict[str, ServiceSupervisor]
+    supervisors: dict[str, Supervisor]
     log_drops: dict[str, LogDrops]
     shutting_down: bool
     reexecuting: bool
@@ -51,11 +51,11 @@ class TakeoverMixin:
     state_writer: anyio.CancelScope | None
     state_writer_done: anyio.Event
 
-    async def _register(self, spec: ServiceSpec) -> ServiceSupervisor:
+    async def _register(self, spec: ServiceSpec) -> Supervisor:
         raise NotImplementedError
 
     async def _run_supervisor(
-        self, sup: ServiceSupervisor, *, task_status: anyio.abc.TaskStatus[None]
+        self, sup: Supervisor, *, task_status: anyio.abc.TaskStatus[None]
     ) -> None:
         raise NotImplementedError
 

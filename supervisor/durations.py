@@ -376,12 +376,13 @@ def env_table(value: object) -> dict[str, str]:
 
 
 def depends_on(value: object) -> dict[str, DependencyCondition]:
-    """A list of names (condition ``started``) or a table of name -> ``started``/``healthy``."""
+    """A list of names (condition ``started``) or a table of name -> ``started``,
+    ``healthy`` or ``completed`` (compose's conditions)."""
     if isinstance(value, list):
         names = list_of(nonempty, "service names")(value)
         return dict.fromkeys(names, DependencyCondition.STARTED)
     if isinstance(value, dict):
-        condition = choice("started", "healthy")
+        condition = choice("started", "healthy", "completed")
         result: dict[str, DependencyCondition] = {}
         for name, item in value.items():
             try:

@@ -36,6 +36,7 @@ __all__ = [
     "Event",
     "EventBus",
     "Redactor",
+    "rfc3339",
 ]
 
 #: Every event name of contract section 6.
@@ -59,6 +60,13 @@ POST_START_FAILED: Final = "hostvisor.post_start.failed"
 DOCKER_DISCONNECTED: Final = "hostvisor.docker.disconnected"
 DOCKER_RECONNECTED: Final = "hostvisor.docker.reconnected"
 LOGS_DROPPED: Final = "hostvisor.logs.dropped"
+JOB_TRIGGERED: Final = "hostvisor.job.triggered"
+JOB_SKIPPED: Final = "hostvisor.job.skipped"
+JOB_SUCCEEDED: Final = "hostvisor.job.succeeded"
+JOB_FAILED: Final = "hostvisor.job.failed"
+JOB_TIMED_OUT: Final = "hostvisor.job.timed_out"
+#: The ``[on_failure]`` hook itself failed (it never triggers another hook).
+ON_FAILURE_FAILED: Final = "hostvisor.on_failure.failed"
 
 #: Attributes of ``hostvisor.logs.dropped`` (see :class:`supervisor.logfiles.DropReport`):
 #: bytes and lines dropped since the previous report of the same log.
@@ -87,6 +95,12 @@ SEVERITY: Final[Mapping[str, str]] = {
     DOCKER_DISCONNECTED: "ERROR",
     DOCKER_RECONNECTED: "INFO",
     LOGS_DROPPED: "WARN",
+    JOB_TRIGGERED: "INFO",
+    JOB_SKIPPED: "WARN",
+    JOB_SUCCEEDED: "INFO",
+    JOB_FAILED: "ERROR",
+    JOB_TIMED_OUT: "ERROR",
+    ON_FAILURE_FAILED: "ERROR",
 }
 
 EVENT_NAMES: Final[frozenset[str]] = frozenset(SEVERITY)
@@ -100,8 +114,13 @@ _TINY_SECRET: Final = 3
 AttributeValue = str | int | float | bool | list[str] | None
 
 
-def _rfc3339(moment: datetime) -> str:
+def rfc3339(moment: datetime) -> str:
+    """``moment`` as an RFC 3339 UTC time with microseconds: ``2026-12-02T01:30:00.000000Z``
+    (the ``time`` of events; the job status fields)."""
     return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+_rfc3339 = rfc3339
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

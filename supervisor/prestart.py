@@ -44,11 +44,21 @@ def daemon_trouble(exc: Exception) -> bool:
 async def wait_dependencies(sup: ServiceSupervisor) -> None:
     deps: Mapping[str, DependencyCondition] = sup.spec.depends_on
     while True:
-        waiting = [f"{name} ({cond})" for name, cond in deps.items() if not dep_ok(sup, name, cond)]
+        waiting = [_waiting_for(sup, name, cond) for name, cond in deps.items()
+                   if not dep_ok(sup, name, cond)]  # fmt: skip
         if not waiting:
             return
         sup._set_message(f"waiting for {', '.join(waiting)}")
         await sup.changed.wait()
+
+
+def _waiting_for(sup: ServiceSupervisor, name: str, condition: DependencyCondition) -> str:
+    """``db (healthy)``; for a job whose last run failed, why it will not complete."""
+    peer = sup._peers(name)
+    failed = getattr(peer, "failed_run", None) if peer is not None else None
+    if condition is DependencyCondition.COMPLETED and failed:
+        return f"{name} (completed; its last run failed: {failed}; `hostvisor start {name}`)"
+    return f"{name} ({condition})"
 
 
 def dep_ok(sup: ServiceSupervisor, name: str, condition: DependencyCondition) -> bool:
@@ -57,6 +67,8 @@ def dep_ok(sup: ServiceSupervisor, name: str, condition: DependencyCondition) ->
         # Not launched yet (the daemon launches units in name order; config checked that
         # every dependency exists): wait for it, it fires ``changed`` when it starts.
         return False
+    if condition is DependencyCondition.COMPLETED:
+        return bool(getattr(peer, "completed", False))  # a job (config checked)
     if condition is DependencyCondition.HEALTHY:
         return peer.state is S.RUNNING and peer.health in (Health.HEALTHY, Health.NONE)
     return peer.state is S.RUNNING or (peer.state is S.STARTING and peer.handle is not None)

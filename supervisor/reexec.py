@@ -103,8 +103,8 @@ async def reexec(daemon: Daemon, connection: socket.socket, request_id: Any) -> 
     )
     keep = [daemon.lock_fd, listener.fileno(), reply_fd]
     for rec in state.services.values():
-        if rec.instance is not None:
-            keep.extend(rec.instance.fds)
+        for inst in rec.instances():
+            keep.extend(inst.fds)
     path = state_path(daemon.state_dir)
     try:
         write_state(path, state)
@@ -170,18 +170,21 @@ async def quiesce(daemon: Daemon) -> StateFile:
         await daemon.state_writer_done.wait()
     sups = list(daemon.supervisors.values())
     for sup in sups:
-        handle = sup.handle
-        if handle is not None and hasattr(handle, "handover"):
-            handle.handover.requested = True
+        for handle in sup.live_handles():  # a job may run several
+            if hasattr(handle, "handover"):
+                handle.handover.requested = True
     await daemon.cancel_supervisors()
+    daemon.flush_jobs()
     # What the cancelled drains did not hand over (a drain not started yet) is still open.
     services = {}
     for sup in sups:
         rec = snapshot(sup, logs_dropped_bytes=daemon.dropped_bytes(sup.name))
-        handle = sup.handle
-        if rec.instance is not None and handle is not None and hasattr(handle, "handover"):
-            pending = handle.handover.pending
-            held = [pending.get(fd, b"") for fd in rec.instance.fds]
-            rec.instance.pending = [p.decode("latin-1") for p in held]
+        handles = {h.pid: h for h in sup.live_handles() if hasattr(h, "handover")}
+        for inst in rec.instances():
+            owner = handles.get(inst.pid)
+            if owner is not None:
+                pending = owner.handover.pending
+                held = [pending.get(fd, b"") for fd in inst.fds]
+                inst.pending = [p.decode("latin-1") for p in held]
         services[sup.name] = rec
     return StateFile(pid=os.getpid(), services=services)

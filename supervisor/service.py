@@ -16,7 +16,7 @@ import contextlib
 import functools
 import random
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -31,6 +31,10 @@ from supervisor.instance import readiness
 from supervisor.prestart import daemon_trouble, prepare
 from supervisor.spec import ServiceSpec
 from supervisor.statefile import spec_digest
+
+if TYPE_CHECKING:
+    from supervisor.supervising import Supervisor
+
 from supervisor.states import (
     Decision,
     ExitStatus,
@@ -77,6 +81,8 @@ class ServiceSupervisor:
         on_probe: called with (service, seconds, ok) after each health probe.
         on_crash: called with (service, message, exception) when a bug in this
             supervisor was caught (see :meth:`run`).
+        on_fatal: called with (spec, last exit status or None, message) when the service
+            goes FATAL (runs its ``[on_failure]`` hook).
     """
 
     def __init__(
@@ -85,12 +91,13 @@ class ServiceSupervisor:
         *,
         driver: Driver,
         bus: EventBus,
-        peers: Callable[[str], ServiceSupervisor | None],
+        peers: Callable[[str], Supervisor | None],
         changed: Broadcast,
         run_command: CommandRunner | None = None,
         rng: random.Random | None = None,
         on_probe: Callable[[str, float, bool], None] | None = None,
         on_crash: Callable[[str, str, BaseException], None] | None = None,
+        on_fatal: Callable[[ServiceSpec, ExitStatus | None, str], None] | None = None,
     ) -> None:
         self.spec = spec
         self.driver = driver
@@ -100,6 +107,10 @@ class ServiceSupervisor:
         self._run_command = run_command
         self._on_probe = on_probe
         self._on_crash = on_crash
+        self._on_fatal = on_fatal
+        #: A job's run (:mod:`supervisor.job`): every failed attempt counts towards
+        #: ``give_up_after``, not only those that never reached RUNNING.
+        self.count_all_failures = False
         self.backoff = Backoff(spec.backoff, rng=rng)
         self.state = S.STOPPED
         self.health = self._no_instance_health()
@@ -148,6 +159,10 @@ class ServiceSupervisor:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def live_handles(self) -> list[Handle]:
+        """The instance, if one runs (a job's supervisor may have several)."""
+        return [self.handle] if self.handle is not None else []
 
     @functools.cached_property
     def spec_digest(self) -> str:
@@ -540,6 +555,8 @@ class ServiceSupervisor:
     def _after_failure(
         self, status: ExitStatus | None, *, failed_start: bool, message: str
     ) -> None:
+        if self.count_all_failures:
+            failed_start = True
         if failed_start:
             self.failed_starts += 1
         decision = after_exit(
@@ -556,6 +573,8 @@ class ServiceSupervisor:
             text = f"gave up after {self.failed_starts} failed starts: {message}"
             self._set_state(S.FATAL, text)
             self._publish(ev.SERVICE_FATAL, text, **{"hostvisor.restart.count": self.restarts})
+            if self._on_fatal is not None:
+                self._on_fatal(self.spec, status, text)
             return
         delay = self.backoff.next_delay()
         self.retry_at = anyio.current_time() + delay

@@ -278,8 +278,11 @@ class ServiceSpec:
 
     @property
     def is_job(self) -> bool:
-        """A scheduled unit, or a one-shot (``restart = "no"`` without a schedule): runs
-        that end, rather than an instance kept up."""
+        """A scheduled unit, or a one-shot (a process unit with ``restart = "no"`` and no
+        schedule): runs that end, rather than an instance kept up. A container unit is
+        never a job."""
+        if not isinstance(self.target, ProcessSpec):
+            return False
         return self.schedule is not None or self.restart is Restart.NO
 
     @property

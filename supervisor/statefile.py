@@ -43,9 +43,11 @@ __all__ = [
     "WRITE_EVERY",
     "InstanceRecord",
     "ReexecRecord",
+    "RunRecord",
     "ServiceRecord",
     "StateFile",
     "StateFileError",
+    "atomic_write",
     "read_state",
     "spec_digest",
     "state_path",
@@ -121,6 +123,28 @@ class ServiceRecord:
     logs_dropped_bytes: int = 0
     known: list[list[float]] = field(default_factory=list)
     instance: InstanceRecord | None = None
+    #: A job (:mod:`supervisor.job`): its runs in progress and its suspension.
+    runs: list[RunRecord] = field(default_factory=list)
+    suspended: bool = False
+
+    def instances(self) -> list[InstanceRecord]:
+        """The service's instance, or a job's runs' instances."""
+        found = [self.instance] if self.instance is not None else []
+        return found + [run.sup.instance for run in self.runs if run.sup.instance is not None]
+
+
+@dataclass(slots=True, kw_only=True)
+class RunRecord:
+    """A job's run in progress: its number, how it was triggered, when it started (epoch
+    seconds), seconds it had run, and its supervisor's record (with the instance)."""
+
+    number: int
+    trigger: str
+    started: float
+    elapsed: float
+    timed_out: bool = False
+    stopped: bool = False
+    sup: ServiceRecord
 
 
 @dataclass(slots=True, kw_only=True)
@@ -160,7 +184,16 @@ def write_state(path: Path, state: StateFile) -> None:
         "reexec": asdict(state.reexec) if state.reexec is not None else None,
         "services": {name: asdict(rec) for name, rec in state.services.items()},
     }
-    data = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    atomic_write(path, json.dumps(doc, separators=(",", ":"), allow_nan=False).encode())
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: written to a temporary file beside it (mode 0600,
+    never through a symbolic link), fsynced, then renamed over it.
+
+    Raises:
+        OSError: the folder is not writable or the disk is full (the old file stays).
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
@@ -309,7 +342,11 @@ def _service(value: Any) -> ServiceRecord:
     # file, never crash the daemon that restores it (supervisor.carryover trusts it).
     items = _fields(ServiceRecord, value)
     instance = items.pop("instance", None)
+    runs = _list(items.pop("runs", []))
     rec = ServiceRecord(**items)
+    rec.runs = [_run(run) for run in runs]
+    if not isinstance(rec.suspended, bool):
+        raise ValueError("suspended: expected true or false")
     for name in ("restarts", "attempts", "failed_starts", "backoff_attempt", "logs_dropped_bytes"):
         _int(getattr(rec, name))
     for name in ("kind", "digest", "state", "health", "message"):
@@ -334,3 +371,18 @@ def _service(value: Any) -> ServiceRecord:
         inst.successes, inst.failures = _int(inst.successes), _int(inst.failures)
         rec.instance = inst
     return rec
+
+
+def _run(value: Any) -> RunRecord:
+    items = _fields(RunRecord, value)
+    sup = _service(items.pop("sup", None))
+    if sup.instance is None or sup.runs:
+        raise ValueError("runs: a run without an instance")
+    run = RunRecord(sup=sup, **items)
+    _int(run.number)
+    if not isinstance(run.trigger, str):
+        raise ValueError("runs: trigger: expected a string")
+    run.started, run.elapsed = _num(run.started), _num(run.elapsed)
+    if not isinstance(run.timed_out, bool) or not isinstance(run.stopped, bool):
+        raise ValueError("runs: expected true or false")
+    return run

@@ -37,6 +37,7 @@ from supervisor.carryover import restore, snapshot, wall_offset
 from supervisor.fdlimits import relocate
 from supervisor.fdstore import split_key
 from supervisor.reaper import open_pidfd, signal_verified, wait_gone
+from supervisor.service import ServiceSupervisor
 from supervisor.spec import StopSpec
 from supervisor.statefile import (
     WRITE_EVERY,
@@ -50,7 +51,7 @@ from supervisor.states import Health, ServiceState
 
 if TYPE_CHECKING:
     from supervisor.daemon import Daemon
-    from supervisor.service import ServiceSupervisor
+    from supervisor.supervising import Supervisor
 
 __all__ = ["answer_reexec", "keep_state_file", "take_over"]
 
@@ -59,9 +60,7 @@ S = ServiceState
 LEFTOVER_DRAIN = 2.0
 
 
-async def take_over(
-    daemon: Daemon, supervisors: Iterable[ServiceSupervisor], tg: TaskGroup
-) -> None:
+async def take_over(daemon: Daemon, supervisors: Iterable[Supervisor], tg: TaskGroup) -> None:
     """Restore and resume (re-exec) or adopt (crash) before the supervisors run."""
     sups = {sup.name: sup for sup in supervisors}
     if daemon.resumed is not None:
@@ -77,7 +76,9 @@ async def take_over(
     candidates = await anyio.to_thread.run_sync(
         lambda: scan(daemon.process_driver.scope, skip=skip)
     )
-    units = {name: spec.kind for name, spec in daemon.loaded.services.items()}
+    # A job's run left by a crashed daemon is stopped, not adopted: its outcome cannot be
+    # known, and catch_up decides whether the job runs again.
+    units = {n: "job" if s.is_job else s.kind for n, s in daemon.loaded.services.items()}
     decided = plan(candidates, state=state, units=units, policy=daemon.loaded.daemon.orphans)
     for line in decided.ignored:
         daemon.log_line("warning", line)
@@ -86,6 +87,8 @@ async def take_over(
     for name, sup in sups.items():
         rec = records.get(name)
         cand = decided.adopt.get(name)
+        if not isinstance(sup, ServiceSupervisor):
+            continue  # a job: its history is in jobs.json
         if cand is not None and _adopt(daemon, sup, cand, kept, rec):
             continue
         if rec is not None:
@@ -156,7 +159,7 @@ def _adopt(
 
 
 def _resume_all(
-    daemon: Daemon, state: StateFile, sups: Mapping[str, ServiceSupervisor], tg: TaskGroup
+    daemon: Daemon, state: StateFile, sups: Mapping[str, Supervisor], tg: TaskGroup
 ) -> None:
     """After ``reexec``: every recorded instance is our child, with its pipes open here."""
     driver = daemon.process_driver
@@ -164,9 +167,16 @@ def _resume_all(
     for name, rec in state.services.items():
         sup = sups.get(name)
         inst = rec.instance
-        if sup is None or sup.spec.kind != rec.kind:
-            if inst is not None:  # the unit is gone: stop what it left
-                _stop_gone(daemon, name, inst.pid, inst.fds, tg)
+        is_job = rec.runs or rec.state == "waiting"
+        if sup is None or sup.spec.kind != rec.kind or bool(is_job) != sup.spec.is_job:
+            # The unit is gone (or became another kind): stop what it left.
+            for left in rec.instances():
+                _stop_gone(daemon, name, left.pid, left.fds, tg)
+            continue
+        if not isinstance(sup, ServiceSupervisor):
+            from supervisor.jobcarry import resume_job
+
+            resume_job(sup, rec, driver)  # type: ignore[arg-type]
             continue
         if sup.spec.kind == "container":
             restore(sup, rec, with_instance=False)

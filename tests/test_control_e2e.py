@@ -174,8 +174,12 @@ class TestStatus:
             }  # fmt: skip
             by_name = {s["name"]: s for s in doc["services"]}
             assert [s["name"] for s in doc["services"]] == ["once", "web"]
-            assert all(set(s) == fields for s in doc["services"])
             w, o = by_name["web"], by_name["once"]
+            assert set(w) == fields
+            # "once" (restart = "no") is a one-shot job: the job fields of issue 11 too.
+            assert set(o) == fields | {"schedule", "next_run", "last_run", "suspended"}
+            assert (o["schedule"], o["next_run"], o["suspended"]) == (None, None, False)
+            assert o["last_run"]["outcome"] == "failed" and o["last_run"]["exit"] == o["last_exit"]
             assert w["logs_dropped_bytes"] == 0 and o["logs_dropped_bytes"] == 0
             assert w["adopted"] is False and o["adopted"] is False
             assert (w["kind"], w["state"], w["health"]) == ("process", "running", "healthy")

@@ -29,7 +29,7 @@ import anyio
 import psutil
 from anyio.abc import TaskGroup
 
-from supervisor.drivers.process_handle import MARKER, SCOPE, ProcessHandle
+from supervisor.drivers.process_handle import MARKER, RUN_MARKER, SCOPE, ProcessHandle
 from supervisor.errors import DriverError, SpawnError
 from supervisor.fdlimits import child_limits, fd_headroom_ok, limits, relocate
 from supervisor.logfile import RotatingLog
@@ -270,6 +270,7 @@ class ProcessDriver:
         handle = ProcessHandle(
             popen, service=spec.name, started_at=started_at, reaper=self.reaper, live=self._live
         )
+        handle.run = spec.env.get(RUN_MARKER, "")
         self._start_drain(handle, (out_r, err_r), log, granted=granted, task_group=task_group)
         return handle
 
@@ -385,6 +386,23 @@ class ProcessDriver:
             handle, tuple(fds), log, granted=granted, task_group=task_group, pending=pending
         )
         return True
+
+    async def log_note(self, spec: ServiceSpec, line: str) -> None:
+        """Append ``line`` (one line of our own, e.g. a job run's header) to ``spec``'s log
+        through the log's one shared file, and show it to ``logs -f`` followers. A log
+        that cannot be written is left alone here: the run's spawn reports it."""
+
+        def write() -> None:
+            log = self._open_log(spec)
+            try:
+                log.append(line.encode("utf-8", "replace") + b"\n")
+            finally:
+                log.close()
+
+        with contextlib.suppress(SpawnError, OSError):
+            await anyio.to_thread.run_sync(write)
+        if self.loghub is not None and self.loghub.has_subscribers(spec.name):
+            self.loghub.publish(spec.name, [line])
 
     def _open_log(self, spec: ServiceSpec) -> RotatingLog:
         path = service_log_path(self.state_dir, spec.name)

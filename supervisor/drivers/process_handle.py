@@ -43,10 +43,13 @@ from supervisor.reaper import (
 from supervisor.spec import StopSpec
 from supervisor.states import ExitStatus
 
-__all__ = ["DRAIN_GRACE", "MARKER", "SCOPE", "ProcessHandle"]
+__all__ = ["DRAIN_GRACE", "MARKER", "RUN_MARKER", "SCOPE", "ProcessHandle"]
 
 #: The variable that marks a process as one of ours; its value is the service name.
 MARKER = "HOSTVISOR_SERVICE"
+#: The run of a job a process belongs to (its number): the sweep after one run never
+#: touches another run's processes (``concurrency = "allow"``).
+RUN_MARKER = "HOSTVISOR_RUN"
 #: The variable that says which daemon's: its value is the state folder's path (two
 #: daemons with their own state folders never adopt or stop each other's processes).
 SCOPE = "HOSTVISOR_STATE_DIR"
@@ -98,6 +101,8 @@ class ProcessHandle:
         self.adopted = False
         #: ``HOSTVISOR_STATE_DIR`` of the daemon (escapees of a stranger must carry it).
         self.scope = ""
+        #: ``HOSTVISOR_RUN`` of a job's run ("" for a service): escapees must carry it.
+        self.run = ""
         #: For a stranger: every live process of ours by service, from a shared scan
         #: (:meth:`supervisor.drivers.process.ProcessDriver.marked`).
         self.marked_scan: Callable[[], Awaitable[dict[str, list[psutil.Process]]]] | None = None
@@ -325,7 +330,9 @@ class ProcessHandle:
         if not roots:
             return []  # the common case: no orphan of ours anywhere, no /proc walk
         # A walk of /proc may take a while on a busy host: never in the event loop.
-        also = {SCOPE: self.scope} if self.scope else None
+        also = {SCOPE: self.scope} if self.scope else {}
+        if self.run:
+            also[RUN_MARKER] = self.run
         return await anyio.to_thread.run_sync(
             lambda: find_marked(roots, MARKER, self.service, skip_pgid=self.pgid, also=also)
         )
