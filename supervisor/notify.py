@@ -39,7 +39,13 @@ __all__ = ["Notifier", "summary"]
 
 #: Non-running states worth naming in the status line, in this order. STOPPED
 #: and EXITED are left out: they are where a service is meant to be.
-_NOTABLE = (ServiceState.STARTING, ServiceState.BACKOFF, ServiceState.STOPPING, ServiceState.FATAL)
+_NOTABLE = (
+    ServiceState.STARTING,
+    ServiceState.BACKOFF,
+    ServiceState.STOPPING,
+    ServiceState.FATAL,
+    ServiceState.WAITING,  # jobs between runs
+)
 
 
 def summary(states: Iterable[ServiceState]) -> str:
@@ -50,7 +56,7 @@ def summary(states: Iterable[ServiceState]) -> str:
 
     Returns:
         ``"<running>/<total> running"``, followed by the count of each of
-        starting, backoff, stopping and fatal that is not zero.
+        starting, backoff, stopping, fatal and waiting (jobs) that is not zero.
     """
     counts = Counter(states)
     total = sum(counts.values())

@@ -92,6 +92,10 @@ SLICE: float = 60.0
 GRACE: float = 60.0
 #: The shortest sleep a tick asks for, seconds: a caller never spins.
 MIN_SLEEP: float = 0.001
+#: Seconds the wall clock may go back behind the last trigger before a cron schedule
+#: starts afresh from the new time (ISC cron's rule: 3 hours); smaller steps never
+#: fire a trigger twice.
+BACK_STEP: float = 3 * 3600.0
 #: Triggers counted one by one for ``missed``; beyond, the count is an estimate.
 COUNT_LIMIT: int = 256
 
@@ -490,9 +494,16 @@ class Timetable:
 
     def _reanchor(self, now_ts: float, now: datetime) -> None:
         """``every``: a wall clock stepped back never makes the wait longer than one
-        interval; the grid moves to now + every."""
+        interval; the grid moves to now + every. Cron: a clock now more than
+        :data:`BACK_STEP` before the last trigger handled (set back by hand, an RTC-less
+        board booting in the past, a stamp from a clock that ran ahead) starts afresh
+        from now, as ISC cron does, instead of waiting that time out."""
         every = self.calendar.every
         if every is not None and _stamp(self.next_run) - now_ts > every:
+            self.next_run = self.calendar.next_after(now)
+        last = self.last_trigger
+        if every is None and last is not None and now_ts < _stamp(last) - BACK_STEP:
+            self.last_trigger = None
             self.next_run = self.calendar.next_after(now)
 
     def _sleep(self, now_ts: float) -> float:

@@ -198,3 +198,8 @@ class TestSummary:
     def test_empty(self) -> None:
         """No services at all is still a readable line."""
         assert summary([]) == "0/0 running"
+
+    def test_jobs_between_runs_are_counted_as_waiting(self) -> None:
+        """Scheduled jobs between runs show up as "waiting", not as missing."""
+        S = ServiceState
+        assert summary([S.RUNNING, S.WAITING, S.WAITING]) == "1/3 running, 2 waiting"

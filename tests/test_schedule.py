@@ -427,6 +427,27 @@ class TestClockSteps:
         fired, _ = drive(tt, now - timedelta(seconds=30), now + timedelta(seconds=60))
         assert [utc(t) for t in fired] == [datetime(2024, 5, 6, 12, 1, tzinfo=UTC)]
 
+    def test_cron_with_a_day_back_starts_afresh_from_the_new_time(self) -> None:
+        """The clock set back a day (more than BACK_STEP): the next minute runs, not the
+        minute after the last trigger a day later (ISC cron's rule)."""
+        tt = table(cron("* * * * *"), T0)
+        fired, now = drive(tt, T0, T0 + timedelta(seconds=3))
+        assert len(fired) == 1
+        back = now - timedelta(days=1)
+        tick = tt.poll(back)
+        assert tick.fire is None and tick.sleep <= 60
+        fired, _ = drive(tt, back, back + timedelta(seconds=61))
+        minute = back.replace(second=0, microsecond=0) + timedelta(minutes=1)
+        assert [utc(t) for t in fired] == [minute]
+
+    def test_a_last_trigger_from_a_clock_that_ran_ahead_is_not_waited_for(self) -> None:
+        """A stamp a year ahead (written while the clock was wrong) does not silence the
+        job for a year: the schedule starts from now."""
+        ahead = T0 + timedelta(days=365)
+        tt = Timetable(cron("* * * * *"), catch_up="once", last_trigger=ahead, now=T0)
+        assert tt.next_run == datetime(2024, 5, 6, 12, 0, tzinfo=UTC)
+        assert tt.last_trigger is None
+
     def test_every_with_an_hour_back_waits_at_most_one_interval(self) -> None:
         """``every = "10s"``: the clock set back 1 h re-anchors the grid to now."""
         tt = table(every(10), T0)
