@@ -56,6 +56,7 @@ by their wall readings and ignore ``fold``, which is wrong in the repeated hour.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import os
@@ -186,6 +187,24 @@ def check_cron(text: str) -> str:
                 f"cron expression {stripped!r}: the {_FIELDS[index][0]} field {value!r} "
                 "is hashed (H) or random (R), which is not supported; write the value out"
             )
+    try:
+        croniter(" ".join(fields), _REFERENCE).get_next(datetime)
+    except CroniterBadDateError:
+        raise ScheduleError(
+            f"cron expression {stripped!r} never fires (no such date within 50 years)"
+        ) from None
+    except (CroniterError, ValueError, TypeError, KeyError, IndexError) as exc:
+        _name_bad_field(stripped, fields)  # the field to blame, when one alone is wrong
+        raise ScheduleError(
+            f"cron expression {stripped!r} is not valid ({exc}): {_EXPECTED}"
+        ) from None
+    return stripped
+
+
+def _name_bad_field(stripped: str, fields: list[str]) -> None:
+    """Raise ScheduleError naming the first field that is invalid on its own (each
+    probed with ``*`` elsewhere); return if none is."""
+    for index, value in enumerate(fields):
         probe = ["*"] * len(fields)
         probe[index] = value
         try:
@@ -196,17 +215,6 @@ def check_cron(text: str) -> str:
                 f"cron expression {stripped!r}: the {name} field {value!r} is not valid "
                 f"({exc}); expected values {allowed}, lists (1,5), ranges (1-5) and steps (*/5)"
             ) from None
-    try:
-        croniter(" ".join(fields), _REFERENCE).get_next(datetime)
-    except CroniterBadDateError:
-        raise ScheduleError(
-            f"cron expression {stripped!r} never fires (no such date within 50 years)"
-        ) from None
-    except (CroniterError, ValueError, TypeError, KeyError, IndexError) as exc:
-        raise ScheduleError(
-            f"cron expression {stripped!r} is not valid ({exc}): {_EXPECTED}"
-        ) from None
-    return stripped
 
 
 def check_timezone(name: str) -> str:
@@ -324,6 +332,8 @@ class Calendar:
             self.cron = check_cron(spec.cron)
             fields = _expand(self.cron)
             self._fields = " ".join(fields)
+            # Parsed once: each lookup copies it (croniter's own state is its position).
+            self._cursor = croniter(self._fields, _REFERENCE)
             # ISC cron's MIN_STAR|HR_STAR: a field *starting* with "*" makes a wildcard job.
             self._fixed_time = not (fields[0].startswith("*") or fields[1].startswith("*"))
         else:
@@ -347,6 +357,12 @@ class Calendar:
         _stamp(when)
         return when.astimezone(UTC).astimezone(self.tz)
 
+    def _at(self, start: datetime) -> croniter:
+        """A croniter positioned at ``start``, without parsing the expression again."""
+        cursor = copy.copy(self._cursor)
+        cursor.set_current(start, force=True)
+        return cursor
+
     def _counts(self, trigger: datetime) -> bool:
         """False for a fixed-time trigger in the second pass of a repeated hour (ISC cron)."""
         return not (self._fixed_time and trigger.fold == 1)
@@ -359,7 +375,7 @@ class Calendar:
         """
         if self.cron is None:
             raise TypeError(f"{self!r}: an every calendar has no fixed triggers")
-        cursor = croniter(self._fields, self.local(when))
+        cursor = self._at(self.local(when))
         while True:
             try:
                 raw = cursor.get_next(datetime)
@@ -388,7 +404,7 @@ class Calendar:
             return None
         # get_prev is strictly before its start: start 1 us later to include ``when``.
         start = self.local(when.astimezone(UTC) + timedelta(microseconds=1))
-        cursor = croniter(self._fields, start)
+        cursor = self._at(start)
         while True:
             try:
                 trigger = self.local(cursor.get_prev(datetime))
