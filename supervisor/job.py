@@ -292,12 +292,16 @@ class JobSupervisor:
     def command_start(self) -> int:
         """Run now (subject to ``concurrency``) and end a suspension; the command settles
         when that run ends (or, skipped under ``forbid``, when the running one ends)."""
+        return self._run_now("start")
+
+    def _run_now(self, trigger: str) -> int:
         gen, _ = self._command()
         self._want_up = True
         if self.suspended:
             self.suspended = False
             self._fresh_timetable = True
-        self._request("start", None, gen)
+        self._request(trigger, None, gen)
+        self._poke()  # the schedule loop sleeps while suspended: wake it
         return gen
 
     def command_stop(self) -> int:
@@ -326,13 +330,7 @@ class JobSupervisor:
 
     def command_restart(self) -> int:
         """Stop the runs in progress and start a new one at once."""
-        gen, _ = self._command()
-        self._want_up = True
-        if self.suspended:
-            self.suspended = False
-            self._fresh_timetable = True
-        self._request("restart", None, gen)
-        return gen
+        return self._run_now("restart")
 
     async def wait_settled(self, gen: int, targets: frozenset[ServiceState]) -> None:
         """Return once command ``gen`` has had its effect (module docstring of the
