@@ -243,7 +243,7 @@ def _action(args: argparse.Namespace, client: ControlClient) -> int:
     for entry in result.get("services", []):
         name, state = entry.get("name"), entry.get("state")
         if wait and args.verb != "stop" and is_job(entry):
-            ok, line = action_verdict(entry, args.verb)
+            ok, line = action_verdict(entry, args.verb, resumed=args.all)
             if not ok:
                 failed += 1
                 _fail(

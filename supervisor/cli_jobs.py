@@ -90,10 +90,15 @@ def job_cells(entry: dict[str, Any], now: float | None = None) -> list[str]:
     return [upcoming, outcome.replace("_", " ") + (f" {_ago(now - ended)} ago" if ended else "")]
 
 
-def action_verdict(entry: dict[str, Any], verb: str) -> tuple[bool, str]:
+def action_verdict(entry: dict[str, Any], verb: str, *, resumed: bool = False) -> tuple[bool, str]:
     """After ``start``/``restart`` waited on a job: whether its run succeeded, and the line
-    to print (``migrate: run 3 succeeded`` or why it did not)."""
+    to print (``migrate: run 3 succeeded`` or why it did not).
+
+    ``resumed``: ``start --all``, which only ends a job's suspension (and runs a one-shot
+    that has not run yet): fine unless its last run failed."""
     name = entry.get("name")
+    if resumed and verb == "start" and entry.get("state") == "waiting":
+        return fine(entry), f"{name}: waiting" + ("" if fine(entry) else " (its last run failed)")
     last = entry.get("last_run")
     outcome = _outcome(entry)
     number = last.get("run") if isinstance(last, dict) else "?"

@@ -215,7 +215,11 @@ class Daemon(ReloadMixin, TakeoverMixin, JobsMixin):
         async with self._reload_lock:
             self._refuse_when_stopping()
             chosen = [self.supervisors[name] for name in self._resolve(names)]
-            gens = [(sup, getattr(sup, f"command_{verb}")()) for sup in chosen]
+            # `start --all` resumes jobs rather than running each now (command_resume).
+            method = "command_resume" if names == "all" and verb == "start" else f"command_{verb}"
+            gens = [
+                (sup, getattr(sup, method, getattr(sup, f"command_{verb}"))()) for sup in chosen
+            ]
         if wait:
             with anyio.move_on_after(timeout):
                 async with anyio.create_task_group() as tg:
@@ -566,6 +570,13 @@ class Daemon(ReloadMixin, TakeoverMixin, JobsMixin):
             notifier.status(summary(sup.state for sup in self.supervisors.values()))
             await self.changed.wait()
             await anyio.sleep(0.05)  # coalesce bursts of changes into one STATUS datagram
+
+
+def _command_of(sup: Supervisor, verb: str, resume: bool) -> Any:
+    """``sup.command_<verb>``; for ``start --all``, a job's ``command_resume``."""
+    if resume and hasattr(sup, "command_resume"):
+        return sup.command_resume
+    return getattr(sup, f"command_{verb}")
 
 
 def user_mistake(exc: BaseException) -> HostvisorError | None:

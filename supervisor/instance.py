@@ -57,7 +57,8 @@ async def readiness(sup: ServiceSupervisor, handle: Handle, tg: TaskGroup) -> No
 def promote(sup: ServiceSupervisor, handle: Handle, tg: TaskGroup) -> None:
     if sup.state is not S.STARTING:
         return
-    sup.failed_starts = 0
+    if not sup.count_all_failures:  # a job's run: every failed attempt counts
+        sup.failed_starts = 0
     sup._reached_running = True
     remember(sup, handle)
     sup._set_state(S.RUNNING, "")

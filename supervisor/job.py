@@ -23,11 +23,12 @@ job stopped with ``hostvisor stop`` is ``stopped``, and a scheduled one is *susp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,87 +36,22 @@ import anyio
 from anyio.abc import TaskGroup
 
 from supervisor import events as ev
+from supervisor.backoff import Backoff
 from supervisor.drivers.base import Driver, Handle
 from supervisor.drivers.process_handle import RUN_MARKER
 from supervisor.events import EventBus, rfc3339
 from supervisor.health import CommandRunner
+from supervisor.jobrun import LastRun, Relay, Run, wall_now
 from supervisor.service import Broadcast, ServiceSupervisor
 from supervisor.spec import ServiceSpec
 from supervisor.statefile import spec_digest
 from supervisor.states import ExitStatus, Health, Restart, ServiceState
 
-__all__ = ["JobSupervisor", "LastRun", "Run"]
+__all__ = ["JobSupervisor", "LastRun", "Run"]  # the last two from supervisor.jobrun
 
 S = ServiceState
 #: States in which a run's supervisor has nothing left to do.
 _OVER = frozenset({S.STOPPED, S.EXITED, S.FATAL})
-Outcome = str  # "running" | "succeeded" | "failed" | "timed_out" | "stopped"
-
-
-def wall_now() -> datetime:
-    """The wall clock, as an aware UTC datetime (the default clock of a job)."""
-    return datetime.now(UTC)
-
-
-class _Relay(Broadcast):
-    """A run's own "changed" signal that also fires the daemon's: the job waits on one
-    run without being woken by every other service's changes."""
-
-    def __init__(self, parent: Broadcast) -> None:
-        super().__init__()
-        self._parent = parent
-
-    def fire(self) -> None:
-        super().fire()
-        self._parent.fire()
-
-
-@dataclass(slots=True, kw_only=True)
-class LastRun:
-    """The most recent run of a job (the ``last_run`` status field).
-
-    Attributes:
-        number: the run's number (from 1, kept across daemon restarts).
-        trigger: ``"schedule"``, ``"catch_up"`` or ``"start"``.
-        started: epoch seconds.
-        duration: seconds, ``None`` while it runs.
-        exit: how its last attempt ended, if a process ran.
-        outcome: ``running``, ``succeeded``, ``failed``, ``timed_out`` or ``stopped``.
-    """
-
-    number: int
-    trigger: str
-    started: float
-    duration: float | None = None
-    exit: ExitStatus | None = None
-    outcome: Outcome = "running"
-
-    def as_json(self) -> dict[str, Any]:
-        """``{"run", "trigger", "started", "duration_seconds", "exit", "outcome"}``."""
-        return {
-            "run": self.number,
-            "trigger": self.trigger,
-            "started": rfc3339(datetime.fromtimestamp(self.started, UTC)),
-            "duration_seconds": round(self.duration, 3) if self.duration is not None else None,
-            "exit": self.exit.as_json() if self.exit is not None else None,
-            "outcome": self.outcome,
-        }
-
-
-@dataclass(slots=True, kw_only=True, eq=False)
-class Run:
-    """One run in progress: its supervisor and what the job must know about it."""
-
-    number: int
-    trigger: str
-    sup: ServiceSupervisor
-    record: LastRun
-    started: float = field(default_factory=anyio.current_time)
-    timed_out: bool = False
-    stopped: bool = False
-    done: anyio.Event = field(default_factory=anyio.Event)
-    #: Commands (their numbers) that wait for this run to end.
-    waiters: list[int] = field(default_factory=list)
 
 
 class JobSupervisor:
@@ -179,6 +115,7 @@ class JobSupervisor:
         self._tg: TaskGroup | None = None
         self._queued: list[tuple[str, datetime | None, int | None]] = []
         self._carried: list[Run] = []
+        self._crash_backoff = Backoff(spec.backoff, rng=rng)
         self._wake = anyio.Event()
         self._fresh_timetable = True
         self.timetable: Any = None
@@ -304,6 +241,21 @@ class JobSupervisor:
         self._poke()  # the schedule loop sleeps while suspended: wake it
         return gen
 
+    def command_resume(self) -> int:
+        """``hostvisor start --all``: end a suspension, and run a one-shot that has not run
+        in this daemon's life; a scheduled job waits for its next trigger (settled at once)."""
+        if self.spec.schedule is None and self.state is S.STOPPED and not self.runs:
+            return self._run_now("start")
+        gen, settled = self._command()
+        self._want_up = True
+        if self.suspended:
+            self.suspended = False
+            self._fresh_timetable = True
+            self._poke()
+        settled.set()
+        self._settled.pop(gen, None)
+        return gen
+
     def command_stop(self) -> int:
         """Stop every run in progress and suspend the schedule until the next start; the
         command settles once no run is left."""
@@ -370,10 +322,23 @@ class JobSupervisor:
             for item in queued:
                 self._request(*item)
             task_status.started()
-            if self.spec.schedule is not None:
-                await self._schedule_loop()
-            else:
+            if self.spec.schedule is None:
                 await anyio.sleep_forever()
+            while True:
+                try:
+                    await self._schedule_loop()
+                except Exception as exc:  # the last line of defence: runs go on
+                    delay = self._crash_backoff.next_delay()
+                    self.message = f"internal error in the schedule: {exc!r}; again in {delay:.1f}s"
+                    on_crash = self._sup_args.get("on_crash")
+                    if on_crash is not None:
+                        on_crash(self.spec.name, self.message, exc)
+                    self._publish(
+                        ev.SERVICE_BACKOFF, self.message,
+                        **{"error.type": type(exc).__name__, "hostvisor.backoff.delay_s": delay},
+                    )  # fmt: skip
+                    self._fresh_timetable = True
+                    await anyio.sleep(delay)
 
     async def _schedule_loop(self) -> None:
         from supervisor.schedule import Calendar, Timetable
@@ -427,11 +392,12 @@ class JobSupervisor:
             return
         waiters = [gen] if gen is not None else []
         policy = self.spec.schedule.concurrency if self.spec.schedule is not None else "forbid"
-        if self.spec.give_up_after == 0:
+        if self.spec.give_up_after == 0 and trigger != "start":
             for run in self.runs:  # retrying "until the next trigger": that was it
-                if run.sup.state is S.BACKOFF and trigger != "start":
+                if run.sup.state is S.BACKOFF:
+                    run.gave_up = True
                     run.sup.command_stop()
-        active = [run for run in self.runs if not run.stopped]
+        active = [run for run in self.runs if not run.stopped and not run.gave_up]
         if trigger == "restart":
             policy = "replace"
         if active and policy == "forbid":
@@ -472,7 +438,7 @@ class JobSupervisor:
             self.spec, env=env, restart=policy, autostart=True, start_seconds=0.0,
             schedule=None, on_failure=None, run_timeout=None,
         )  # fmt: skip
-        sup = ServiceSupervisor(run_spec, changed=_Relay(self.changed), **self._sup_args)
+        sup = ServiceSupervisor(run_spec, changed=Relay(self.changed), **self._sup_args)
         sup.count_all_failures = True
         record = LastRun(number=number, trigger=trigger, started=time.time())
         run = Run(number=number, trigger=trigger, sup=sup, record=record, waiters=waiters)
@@ -482,17 +448,38 @@ class JobSupervisor:
     async def _one_run(
         self, run: Run, scheduled: datetime | None, replaced: list[Run], delay: float
     ) -> None:
-        for old in replaced:
-            await old.done.wait()
-        if delay > 0:
-            with anyio.move_on_after(delay):
-                while not run.stopped:
-                    await run.sup.changed.wait()
-        if not run.stopped:
-            # Cancelled (a re-exec, the daemon's last stand): the run is left as it is,
-            # for the next code to resume or the caller to kill; no outcome is reported.
-            await self._execute(run, scheduled)
-        self._finish(run)
+        try:
+            for old in replaced:
+                await old.done.wait()
+            if delay > 0:
+                with anyio.move_on_after(delay):
+                    while not run.stopped:
+                        await run.sup.changed.wait()
+            if not run.stopped:
+                # Cancelled (a re-exec, the daemon's last stand): the run is left as it
+                # is, for the next code to resume or the caller to kill; no outcome.
+                await self._execute(run, scheduled)
+            self._finish(run)
+        except Exception as exc:
+            await self._run_crashed(run, exc)
+
+    async def _run_crashed(self, run: Run, exc: Exception) -> None:
+        """A bug while running ``run``: its instance is stopped (shielded, bounded), the
+        traceback goes to ``on_crash``, the run counts as failed; the schedule goes on."""
+        on_crash = self._sup_args.get("on_crash")
+        if on_crash is not None:
+            on_crash(self.spec.name, f"internal error in run {run.number}: {exc!r}", exc)
+        handle = run.sup.handle
+        if handle is not None:
+            with anyio.move_on_after(self.spec.stop.timeout + 5, shield=True):
+                await handle.stop(self.spec.stop)
+            run.sup.handle = None
+        with contextlib.suppress(Exception):
+            self._finish(run)
+        if run in self.runs:
+            self.runs.remove(run)
+            run.done.set()
+            self.changed.fire()
 
     async def _execute(self, run: Run, scheduled: datetime | None) -> None:
         attrs: dict[str, Any] = {

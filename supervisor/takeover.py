@@ -285,14 +285,24 @@ async def keep_state_file(daemon: Daemon) -> None:
 
 async def _write_forever(daemon: Daemon, path: Any) -> None:
     failing = False
+    last: dict[str, Any] | None = None
     while not daemon.shutting_down:
+        # Services only: a crashed daemon's job runs are stopped, not adopted, and a job's
+        # history is in jobs.json; so a job's runs (20 a second with 200 jobs every 10 s)
+        # cause no write. (A re-exec writes every supervisor, jobs too: reexec.quiesce.)
         records = {
             name: snapshot(sup, logs_dropped_bytes=daemon.dropped_bytes(name))
             for name, sup in daemon.supervisors.items()
+            if isinstance(sup, ServiceSupervisor)
         }
-        state = StateFile(pid=os.getpid(), services=records)
         if daemon.fdstore is not None:
             daemon.fdstore.flush()  # a keeper that was respawned gets every live pipe again
+        if records == last and not failing:
+            await daemon.changed.wait()
+            await anyio.sleep(WRITE_EVERY)
+            continue
+        last = records
+        state = StateFile(pid=os.getpid(), services=records)
         try:
             await anyio.to_thread.run_sync(write_state, path, state)
         except OSError as exc:

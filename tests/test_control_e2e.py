@@ -424,7 +424,7 @@ class TestSocketFile:
             d.start()
             assert stat.S_ISSOCK(d.socket.lstat().st_mode)
             assert stat.S_IMODE(d.socket.lstat().st_mode) == 0o600
-            assert stat.S_IMODE(folder.lstat().st_mode) == 0o700
+            assert stat.S_IMODE(folder.lstat().st_mode) == 0o700, sorted(os.listdir(folder))
             assert d.cli("status").returncode in (0, 3)
 
     def test_a_stale_socket_of_a_killed_daemon_is_replaced(self, tmp_path: Path) -> None:

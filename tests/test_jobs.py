@@ -306,11 +306,6 @@ class TestRunBounds:
         assert entry["last_run"]["outcome"] == "timed_out"
         assert d.cli("status", "slow").returncode == 3
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="instance.promote resets failed_starts when a run reaches RUNNING "
-        "(start_seconds = 0), so a job's run retries forever (report)",
-    )
     def test_on_failure_retries_exactly_give_up_after_times_per_run(self, d: DaemonProcess) -> None:
         tries = d.root / "tries.txt"
         line = f'echo "$HOSTVISOR_RUN" >> {shlex.quote(str(tries))}; exit 4'
@@ -329,6 +324,21 @@ class TestRunBounds:
         counted = tries.read_text().split()
         assert counted.count("1") == 3 and counted.count("2") == 3
         assert d.status("flaky")["state"] in ("waiting", "starting", "running", "backoff")
+
+    def test_retries_until_the_next_trigger_with_give_up_after_0(self, d: DaemonProcess) -> None:
+        """give_up_after = 0: a run retrying in backoff is ended, failed, by the next
+        trigger, which starts the next run (not skipped as "still going")."""
+        d.write_unit(
+            "flaky",
+            'command = ["sh", "-c", "exit 6"]\nevery = "2s"\nrestart = "on-failure"\n'
+            '[backoff]\ninitial = "30s"\nmax = "30s"\njitter = 0\n',
+        )
+        d.start()
+        first = ended(d, "flaky", 1, timeout=15)
+        assert first["event"] == "hostvisor.job.failed"
+        assert attr(first, "process.exit.code") == 6
+        d.wait_event("hostvisor.job.triggered", "flaky", timeout=10, after=first["seq"])
+        assert not [e for e in of(d, "hostvisor.job.skipped", "flaky")]
 
 
 # ---------------------------------------------------------------- one-shots, depends_on
@@ -527,6 +537,21 @@ class TestCli:
         assert result.returncode == 0, result
         ended(d, "job", 3, after=seq)
         assert d.cli("status", "job").returncode == 0
+
+    def test_start_all_resumes_jobs_without_running_them(self, d: DaemonProcess) -> None:
+        """`start --all` (make everything up) ends suspensions; it does not run every
+        scheduled job now, as `start NAME` does."""
+        d.write_unit("hourly", 'command = ["true"]\nevery = "1h"\n')
+        d.write_unit("idle", 'command = ["sleep", "600"]\n')
+        d.start()
+        d.wait_state("idle", "running")
+        assert d.cli("stop", "hourly").returncode == 0
+        assert d.status("hourly")["suspended"] is True
+        result = d.cli("start", "--all")
+        assert result.returncode == 0, result
+        entry = d.status("hourly")
+        assert entry["state"] == "waiting" and entry["suspended"] is False
+        assert not of(d, "hostvisor.job.triggered", "hourly")
 
     def test_stop_suspends_the_schedule_and_start_resumes_it(self, d: DaemonProcess) -> None:
         d.write_unit("tick", 'command = ["true"]\nevery = "1s"\n')

@@ -96,10 +96,24 @@ def _has_acl(path: Path) -> list[str]:
     return found
 
 
-def prepare_socket_folder(folder: Path) -> None:
+def _foreign_entries(folder: Path, own: str) -> bool:
+    """Whether ``folder`` holds anything besides our socket (``own``, and its temporary
+    names): a folder other programs use (``/run``), not one hostvisor made for itself."""
+    try:
+        with os.scandir(folder) as entries:
+            # Ours: the socket, its temporary names, the fd keeper's socket (fdstore).
+            return any(not e.name.startswith((own, f".{own}", "fds-")) for e in entries)
+    except OSError:
+        return True
+
+
+def prepare_socket_folder(folder: Path, own: str = "") -> None:
     """Create ``folder`` 0700, or make an existing folder of ours 0700 without any ACL.
 
-    A root-owned folder (``/tmp``, ``/run``) is used as it is. An ACL left by an
+    A sticky folder (``/tmp``) and a root-owned folder that already held other files
+    (``/run``, even when the daemon runs as root) are used as they are: changing their
+    mode would lock every other user and service of the host out of them. ``own`` is
+    the socket's file name. An ACL left by an
     earlier run with ``allow_uids`` is removed, and so is a default ACL, which would
     make the kernel ignore the umask when the socket is created.
 
@@ -108,13 +122,17 @@ def prepare_socket_folder(folder: Path) -> None:
             belongs to another user.
     """
     try:
+        existed = folder.is_dir()
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = folder.lstat()
     except OSError as exc:
         raise SocketPathError(f"cannot create socket folder {folder}: {exc.strerror}") from None
     if not stat.S_ISDIR(info.st_mode):
         raise SocketPathError(f"socket folder {folder} is not a folder")
-    if info.st_uid == os.geteuid():
+    shared = bool(info.st_mode & stat.S_ISVTX) or (
+        info.st_uid == 0 and existed and _foreign_entries(folder, own)
+    )
+    if info.st_uid == os.geteuid() and not shared:
         for name in _has_acl(folder):
             try:
                 os.removexattr(folder, name, follow_symlinks=False)
@@ -272,7 +290,7 @@ def bind_socket(path: Path, *, allow_uids: Iterable[int] = (), backlog: int = 51
             listens on it (or does not answer in time).
     """
     check_socket_path(path)
-    prepare_socket_folder(path.parent)
+    prepare_socket_folder(path.parent, path.name)
     _clear_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)  # the socket is created 0600: no window where others could connect

@@ -139,6 +139,37 @@ class TestClientRefusesAnUnsafeFolder:
             assert "services" in await call(path)
 
 
+class TestSharedFoldersKeepTheirMode:
+    """Fault: as root, a socket placed straight in /tmp (or /run) made the daemon chmod
+    that folder 0700, locking every other user and service of the host out of it (the
+    folder is root's, so it looked like "ours")."""
+
+    async def test_a_sticky_folder_stays_1777(self, tmp_path: Path) -> None:
+        folder = tmp_path / "tmp-like"
+        folder.mkdir()
+        folder.chmod(0o1777)
+        async with running(folder / "ctl.sock") as path:
+            assert "services" in await call(path)
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o1777
+
+    async def test_a_folder_other_programs_use_stays_0755(self, tmp_path: Path) -> None:
+        folder = tmp_path / "run-like"
+        folder.mkdir()
+        folder.chmod(0o755)
+        (folder / "other.pid").write_text("1\n")
+        async with running(folder / "ctl.sock") as path:
+            assert "services" in await call(path)
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+
+    async def test_a_folder_of_our_own_is_still_made_0700(self, tmp_path: Path) -> None:
+        folder = tmp_path / "ours"
+        folder.mkdir()
+        folder.chmod(0o755)
+        async with running(folder / "ctl.sock") as path:
+            assert "services" in await call(path)
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
 FOREIGN_CLIENT = r"""
 import json, socket, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
