@@ -97,15 +97,21 @@ class ReloadMixin:
 
     def _refuse_new_code(self, new: Loaded) -> None:
         """Refuse a reload that would import a module of ours for the first time from files
-        an upgrade replaced (the Docker driver): ``hostvisor reexec`` first."""
+        an upgrade replaced (the Docker driver, the job modules): ``hostvisor reexec`` first."""
         from supervisor.upgrade import guard_lazy_import
 
+        lazy = []
         if self.docker_driver is None and any(s.kind == "container" for s in new.services.values()):
-            try:
-                guard_lazy_import(self.installed, "supervisor.drivers.docker")
-            except HostvisorError as exc:
-                self.bus.publish(ev.CONFIG_REJECTED, message=f"reload rejected: {exc}")
-                raise ConfigRejected(f"reload rejected: {exc}", data=[str(exc)]) from None
+            lazy.append("supervisor.drivers.docker")
+        if any(s.is_job for s in new.services.values()):
+            # The first job of this daemon's life brings the job modules (and croniter).
+            lazy += ["supervisor.job", "supervisor.schedule"]
+        try:
+            for module in lazy:
+                guard_lazy_import(self.installed, module)
+        except HostvisorError as exc:
+            self.bus.publish(ev.CONFIG_REJECTED, message=f"reload rejected: {exc}")
+            raise ConfigRejected(f"reload rejected: {exc}", data=[str(exc)]) from None
 
     def _warn_daemon_changes(self, new: Loaded) -> None:
         """Say which ``[daemon]``/``[telemetry]`` changes a reload cannot apply (a revoked

@@ -234,3 +234,40 @@ class TestGuardLazyImport:
         """``None`` (a daemon built without one, as in tests) lets every import go."""
         monkeypatch.delitem(sys.modules, "supervisor.drivers.docker", raising=False)
         guard_lazy_import(None, "supervisor.drivers.docker")
+
+
+class TestReloadOfTheFirstJob:
+    """A reload that brings the daemon's first job after an upgrade would import the job
+    modules (and croniter) from the new files into the old daemon: refused, as the Docker
+    driver is, with the way out (``hostvisor reexec``)."""
+
+    def _daemon(self, tmp_path: Path, units: dict[str, str]) -> tuple[object, object]:
+        from supervisor.config import load
+        from supervisor.daemon import Daemon
+
+        (tmp_path / "units").mkdir(exist_ok=True)
+        for name, text in units.items():
+            (tmp_path / "units" / f"{name}.toml").write_text(text)
+        config = tmp_path / "config.toml"
+        config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n')
+        loaded = load(config)
+        return Daemon(loaded, state_dir=tmp_path / "state", socket_path=tmp_path / "s"), loaded
+
+    def test_refused_after_an_upgrade(
+        self, tmp_path: Path, copy: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from supervisor.errors import ConfigRejected
+
+        daemon, _ = self._daemon(tmp_path, {"web": 'command = ["sleep", "60"]\n'})
+        versions = Versions("0.2.0")
+        daemon.installed = Installed.snapshot(root=copy, version=versions)  # type: ignore[attr-defined]
+        _, new = self._daemon(tmp_path, {"tick": 'command = ["true"]\nevery = "1m"\n'})
+        for module in ("supervisor.job", "supervisor.schedule"):
+            monkeypatch.delitem(sys.modules, module, raising=False)
+        daemon._refuse_new_code(new)  # type: ignore[attr-defined]  # nothing changed yet
+        replace(copy / "job.py", "raise ImportError('0.3.0')\n")
+        versions.now = "0.3.0"
+        with pytest.raises(ConfigRejected) as caught:
+            daemon._refuse_new_code(new)  # type: ignore[attr-defined]
+        assert "not loading supervisor.job from the new files" in str(caught.value)
+        assert "hostvisor reexec" in str(caught.value)
