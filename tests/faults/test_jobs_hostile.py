@@ -12,6 +12,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.daemon_harness import DaemonProcess
@@ -100,3 +101,66 @@ class TestHostileLedger:
         # The file is a history again, readable by the next start.
         doc = json.loads((d.state / "jobs.json").read_text())
         assert doc["jobs"]["tick"]["runs"] >= 1
+
+
+def _headers(d: DaemonProcess, name: str) -> list[int]:
+    path = d.state / "logs" / f"{name}.log"
+    if not path.exists():
+        return []
+    marker = f"--- hostvisor: {name} run "
+    return [
+        int(line[len(marker) :].split()[0])
+        for line in path.read_text(errors="replace").splitlines()
+        if line.startswith(marker)
+    ]
+
+
+def _ledger_entry(d: DaemonProcess, name: str) -> dict[str, Any]:
+    try:
+        doc = json.loads((d.state / "jobs.json").read_text())
+        return dict(doc["jobs"][name])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+class TestRunNumbers:
+    def test_reexec_with_two_runs_going_never_gives_a_number_twice(self, d: DaemonProcess) -> None:
+        """0.1.x (issue 11): jobs.json was written before a run took its number, so after
+        ``reexec`` the next run got the number of a carried run still going: two runs
+        marked HOSTVISOR_RUN=2 at once, the one thing the markers are for."""
+        d.write_unit(
+            "overlap",
+            'command = ["/bin/sh", "-c", "sleep 2.5"]\nevery = "1s"\nconcurrency = "allow"\n',
+        )
+        d.start()
+        d.wait_for(lambda: len(_headers(d, "overlap")) >= 2, 15, "two runs going")
+        result = d.cli("reexec")
+        assert result.returncode == 0, result.stderr
+        before = len(_headers(d, "overlap"))
+        d.wait_for(lambda: len(_headers(d, "overlap")) >= before + 3, 20, "three runs after")
+        numbers = _headers(d, "overlap")
+        assert len(numbers) == len(set(numbers)), numbers
+
+    def test_a_run_the_daemon_died_in_keeps_its_number(self, d: DaemonProcess) -> None:
+        """0.1.x (issue 11): a one-shot's run was written to jobs.json only when it ended,
+        so after a kill -9 of the daemon its run took the dead run's number again, and
+        the "running means the daemon died: failed" rule of the history never applied.
+        The dead run's process being stopped is a guard (takeover.py, kind "job")."""
+        d.write_unit("long", 'command = ["sleep", "60"]\nrestart = "no"\n')
+        d.start()
+        d.wait_event("hostvisor.job.triggered", "long")
+        pid = d.wait_state("long", "running")["pid"]
+        d.wait_for(
+            lambda: (_ledger_entry(d, "long").get("last_run") or {}).get("number") == 1,
+            10,
+            "run 1 in jobs.json",
+        )
+        assert _ledger_entry(d, "long")["last_run"]["outcome"] == "running"
+        assert d.proc is not None
+        d.proc.kill()
+        d.proc.wait()
+        d.events, d.stderr = [], []
+        d.start()
+        again = d.wait_event("hostvisor.job.triggered", "long")
+        assert again["attributes"]["hostvisor.job.run"] == 2
+        d.wait_for(lambda: not psutil.pid_exists(pid), 15, "the dead run's process stopped")
