@@ -423,6 +423,8 @@ class JobSupervisor:
         """A run the previous code started (``reexec``, :mod:`supervisor.jobcarry`): it is
         watched to its end from :meth:`run`, with no trigger and no header."""
         run = self._new_run(trigger, [], number=number)
+        # Numbers only go on: the history on disk may predate this run's number.
+        self.run_count = max(self.run_count, number)
         run.record.started = started
         self.last_run = run.record
         self._carried.append(run)
@@ -491,6 +493,10 @@ class JobSupervisor:
         run.record.started = time.time()
         run.started = anyio.current_time()
         self.last_run = run.record
+        if self._ledger is not None:
+            # On disk at once: after a reexec or a crash its number is never given again,
+            # and a run the daemon died in is a failed last run, not a forgotten one.
+            self._ledger.record(self)
         self._publish(ev.JOB_TRIGGERED, f"run {run.number} ({run.trigger})", **attrs)
         note = getattr(self.driver, "log_note", None)
         if note is not None:

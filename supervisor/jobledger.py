@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import stat
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +40,13 @@ FORMAT = 1
 FLUSH_EVERY = 1.0
 #: The file is read only up to this size (a job's entry is ~300 bytes).
 MAX_SIZE = 16 * 1024 * 1024
+#: The latest epoch second read back: 9998-12-31, so a datetime (and RFC 3339) of it and
+#: of it plus a run's duration or an interval still exists (``datetime`` ends at 9999).
+MAX_STAMP = 253370764800.0
+
+
+_TRIGGERS = ("schedule", "catch_up", "start")
+_OUTCOMES = ("succeeded", "failed", "timed_out", "stopped")
 
 
 def ledger_path(state_dir: Path) -> Path:
@@ -68,17 +77,33 @@ class JobLedger:
             self._warn(line)
 
     def _load(self) -> dict[str, dict[str, Any]]:
+        # Never through a symbolic link, never blocking (a FIFO would hang the start, and
+        # SIGTERM with it), a regular file only, read up to MAX_SIZE + 1 bytes.
         try:
-            with open(self.path, "rb") as file:
-                data = file.read(MAX_SIZE + 1)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             return {}
         except OSError as exc:
-            self._say(f"cannot read {self.path}: {exc}; job history starts afresh")
+            self._say(f"cannot read {self.path}: {exc.strerror}; job history starts afresh")
             return {}
         try:
-            doc = json.loads(data) if len(data) <= MAX_SIZE else None
-        except ValueError:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                self._say(f"{self.path} is not a regular file; job history starts afresh")
+                return {}
+            data = bytearray()
+            while len(data) <= MAX_SIZE:
+                chunk = os.read(fd, MAX_SIZE + 1 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as exc:
+            self._say(f"cannot read {self.path}: {exc.strerror}; job history starts afresh")
+            return {}
+        finally:
+            os.close(fd)
+        try:
+            doc = json.loads(bytes(data)) if len(data) <= MAX_SIZE else None
+        except (ValueError, RecursionError):  # RecursionError: nested thousands deep
             doc = None
         jobs = doc.get("jobs") if isinstance(doc, dict) and doc.get("format") == FORMAT else None
         if not isinstance(jobs, dict):
@@ -97,23 +122,25 @@ class JobLedger:
         stamp = _number(entry.get("last_trigger"))
         if stamp is not None:
             job.last_trigger = datetime.fromtimestamp(stamp, UTC)
-        runs = entry.get("runs")
-        if isinstance(runs, int) and not isinstance(runs, bool) and 0 <= runs < 2**53:
+        runs = _count(entry.get("runs"))
+        if runs is not None:
             job.run_count = runs
         last = entry.get("last_run")
         if isinstance(last, dict):
             started = _number(last.get("started"))
-            number = last.get("number")
-            if started is not None and isinstance(number, int):
+            number = _count(last.get("number"))
+            if started is not None and number:
+                job.run_count = max(job.run_count, number)  # run numbers only go on
                 exit_ = _exit(last.get("exit"))
-                outcome = str(last.get("outcome", "failed"))
+                outcome = last.get("outcome")
+                trigger = last.get("trigger")
                 job.last_run = LastRun(
                     number=number,
-                    trigger=str(last.get("trigger", "schedule")),
+                    trigger=trigger if trigger in _TRIGGERS else "schedule",
                     started=started,
                     duration=_number(last.get("duration")),
                     exit=exit_,
-                    outcome="failed" if outcome == "running" else outcome,
+                    outcome=outcome if outcome in _OUTCOMES else "failed",  # "running": died
                 )
                 job.last_exit = exit_
 
@@ -175,7 +202,13 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     number = float(value)
-    return number if math.isfinite(number) and 0 <= number < 2**40 else None
+    return number if math.isfinite(number) and 0 <= number <= MAX_STAMP else None
+
+
+def _count(value: Any, limit: int = 2**53) -> int | None:
+    """``value`` if it is an int (not a bool) in ``[0, limit)``, else None."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < limit
+    return value if ok else None
 
 
 def _exit(value: Any) -> ExitStatus | None:
@@ -183,6 +216,6 @@ def _exit(value: Any) -> ExitStatus | None:
         return None
     code, sig = value.get("code"), value.get("signal")
     return ExitStatus(
-        code=code if isinstance(code, int) and not isinstance(code, bool) else None,
-        signal=sig if isinstance(sig, int) and not isinstance(sig, bool) else None,
+        code=_count(code, 2**31),
+        signal=_count(sig, 2**31),
     )
