@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from supervisor import __version__
-from supervisor.cli_jobs import JOB_COLUMNS, action_verdict, fine, is_job, job_cells
+from supervisor.cli_jobs import (
+    JOB_COLUMNS,
+    action_verdict,
+    duration_text,
+    fine,
+    is_job,
+    job_cells,
+)
 from supervisor.control.client import ControlClient
 from supervisor.errors import (
     ConfigError,
@@ -96,20 +103,6 @@ def _socket_path(args: argparse.Namespace) -> Path:
 # --------------------------------------------------------------------------- output
 
 
-def _duration(seconds: float | None) -> str:
-    """``42s``, ``3m12s``, ``2h03m``, ``3d04h``; ``-`` for none."""
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
 def _last_exit(last: Any) -> str:
     if not isinstance(last, dict):
         return "-"
@@ -153,7 +146,7 @@ def _row(entry: dict[str, Any]) -> list[str]:
         str(entry.get("state", "?")),
         "-" if health == "none" else str(health),
         str(pid) if pid is not None else (str(container)[:12] if container else "-"),
-        _duration(entry.get("uptime_seconds")),
+        duration_text(entry.get("uptime_seconds")),
         str(entry.get("restarts", 0)),
         _last_exit(entry.get("last_exit")),
     ]

@@ -12,7 +12,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-__all__ = ["JOB_COLUMNS", "action_verdict", "fine", "is_job", "job_cells"]
+__all__ = ["JOB_COLUMNS", "action_verdict", "duration_text", "fine", "is_job", "job_cells"]
 
 #: Columns added to the status table when any job is listed.
 JOB_COLUMNS = ("NEXT-RUN", "LAST-RUN")
@@ -45,7 +45,10 @@ def fine(entry: dict[str, Any]) -> bool:
     return False
 
 
-def _ago(seconds: float) -> str:
+def duration_text(seconds: float | None) -> str:
+    """``42s``, ``3m12s``, ``2h03m``, ``3d04h``; ``-`` for none (status columns)."""
+    if seconds is None:
+        return "-"
     s = int(max(0.0, seconds))
     if s < 60:
         return f"{s}s"
@@ -75,7 +78,7 @@ def job_cells(entry: dict[str, Any], now: float | None = None) -> list[str]:
         upcoming = "suspended"
     else:
         moment = _epoch(entry.get("next_run"))
-        upcoming = "-" if moment is None else f"in {_ago(moment - now)}"
+        upcoming = "-" if moment is None else f"in {duration_text(moment - now)}"
     last = entry.get("last_run")
     if not isinstance(last, dict):
         return [upcoming, "-"]
@@ -87,7 +90,10 @@ def job_cells(entry: dict[str, Any], now: float | None = None) -> list[str]:
     ended = (
         started + duration if started is not None and isinstance(duration, int | float) else None
     )
-    return [upcoming, outcome.replace("_", " ") + (f" {_ago(now - ended)} ago" if ended else "")]
+    return [
+        upcoming,
+        outcome.replace("_", " ") + (f" {duration_text(now - ended)} ago" if ended else ""),
+    ]
 
 
 def action_verdict(entry: dict[str, Any], verb: str, *, resumed: bool = False) -> tuple[bool, str]:

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from supervisor import durations as values
-from supervisor.config_jobs import JOB_KEYS, check_completed, parse_job_keys
+from supervisor.config_jobs import JOB_KEYS, check_completed, command_table, parse_job_keys
 from supervisor.configfiles import read_env_file, read_env_files, read_toml
 from supervisor.durations import (
     IssueSink,
@@ -395,16 +395,8 @@ def _parse_unit(
 
 
 def _parse_preflight(unit: TableReader, *, partial: bool) -> PreflightSpec | None:
-    table = unit.sub("preflight", _PREFLIGHT_KEYS)
-    if table is None:
-        return None
-    command = table.get("command", values.argv, None)
-    timeout = table.get("timeout", values.positive_duration, 30.0)
-    if command is None:
-        if not partial and "command" not in table.data:
-            table.fail("", "needs a command")
-        return None
-    return PreflightSpec(command=command, timeout=timeout)
+    found = command_table(unit, "preflight", _PREFLIGHT_KEYS, partial=partial)
+    return PreflightSpec(command=found[0], timeout=found[1]) if found is not None else None
 
 
 def _parse_health(unit: TableReader, container: bool, *, partial: bool) -> HealthCheckSpec | None:

@@ -29,7 +29,7 @@ from supervisor.durations import IssueSink, TableReader, parse_duration
 from supervisor.spec import CatchUp, Concurrency, OnFailureSpec, ScheduleSpec, ServiceSpec
 from supervisor.states import DependencyCondition, Restart
 
-__all__ = ["JOB_KEYS", "ON_FAILURE_KEYS", "check_completed", "parse_job_keys"]
+__all__ = ["JOB_KEYS", "ON_FAILURE_KEYS", "check_completed", "command_table", "parse_job_keys"]
 
 #: The unit keys this module reads.
 JOB_KEYS = (
@@ -127,8 +127,13 @@ def parse_job_keys(unit: TableReader, fields: dict[str, Any], *, partial: bool) 
     fields["run_timeout"] = run_timeout
 
 
-def _parse_on_failure(unit: TableReader, *, partial: bool) -> OnFailureSpec | None:
-    table = unit.sub("on_failure", ON_FAILURE_KEYS)
+def command_table(
+    unit: TableReader, key: str, keys: tuple[str, ...], *, partial: bool
+) -> tuple[tuple[str, ...], float] | None:
+    """The ``command`` and ``timeout`` (default 30 s) of the table ``key`` (``[preflight]``,
+    ``[on_failure]``), or ``None`` when absent or invalid (an issue is added; a table
+    without a command is one, except in ``[defaults]``)."""
+    table = unit.sub(key, keys)
     if table is None:
         return None
     command = table.get("command", values.argv, None)
@@ -137,7 +142,12 @@ def _parse_on_failure(unit: TableReader, *, partial: bool) -> OnFailureSpec | No
         if not partial and "command" not in table.data:
             table.fail("", "needs a command")
         return None
-    return OnFailureSpec(command=command, timeout=timeout)
+    return command, timeout
+
+
+def _parse_on_failure(unit: TableReader, *, partial: bool) -> OnFailureSpec | None:
+    found = command_table(unit, "on_failure", ON_FAILURE_KEYS, partial=partial)
+    return OnFailureSpec(command=found[0], timeout=found[1]) if found is not None else None
 
 
 def check_completed(services: Mapping[str, ServiceSpec], sinks: Mapping[str, IssueSink]) -> None:

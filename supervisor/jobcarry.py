@@ -43,7 +43,9 @@ def snapshot_job(job: JobSupervisor, *, logs_dropped_bytes: int = 0) -> ServiceR
     for run in job.runs:
         sup = snapshot(run.sup)
         if sup.instance is None:
-            continue  # between retries, or not spawned yet: the new code starts it again
+            # Between retries, or in its random delay, or not spawned yet: no process to
+            # carry. The run is dropped; the next trigger starts a new one.
+            continue
         rec.runs.append(
             RunRecord(
                 number=run.number,

@@ -43,8 +43,8 @@ hostvisor.job.run.duration (s)    histogram        hostvisor.service.name,
                                                    ``hostvisor.job.<outcome>`` event
 hostvisor.job.runs ({run})        counter          the same; one per ended run
 hostvisor.job.skipped             counter          hostvisor.service.name,
-({trigger})                                        hostvisor.job.skip_reason (``running``,
-                                                   ``missed``, ``suspended``); one per
+({trigger})                                        hostvisor.job.skip_reason (``running``
+                                                   or ``missed``); one per
                                                    ``hostvisor.job.skipped`` event
 ================================  ===============  ======================================
 

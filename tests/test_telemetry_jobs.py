@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-from supervisor import events
 from supervisor.events import EventBus
 from supervisor.spec import TelemetrySpec
 from supervisor.telemetry import (
@@ -30,19 +29,8 @@ from tests.otlp_receivers import GrpcReceiver, HttpReceiver, Receiver
 
 #: No periodic metric export during a test: only the final one, on leaving.
 ONE_EXPORT = {"OTEL_BLRP_SCHEDULE_DELAY": "50", "OTEL_METRIC_EXPORT_INTERVAL": "60000"}
-JOB_EVENTS = frozenset(
-    f"hostvisor.job.{name}" for name in ("triggered", "skipped", "succeeded", "failed", "timed_out")
-)
 SERVICE, OUTCOME = "hostvisor.service.name", "hostvisor.job.outcome"
 REASON, DURATION = "hostvisor.job.skip_reason", "hostvisor.job.duration_s"
-
-
-@pytest.fixture(autouse=True)
-def _bus_knows_job_events(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The bus accepts only the names of contract section 6. Until events.py
-    # lists the job events (the scheduler's part of issue 11) they are added
-    # here; once it does, this adds nothing.
-    monkeypatch.setattr(events, "EVENT_NAMES", events.EVENT_NAMES | JOB_EVENTS)
 
 
 @pytest.fixture(params=["grpc", "http/protobuf"])
