@@ -83,7 +83,8 @@ class TestNothingAccumulates:
             assert d.proc is not None
             d.wait_for(lambda: d.status("c0")["restarts"] >= 2, timeout=30)
             d.call("stop", services=names, wait=True)
-            before = len(os.listdir(f"/proc/{d.proc.pid}/fd"))
+            d.wait_for(lambda: not marked_any(names), timeout=15, what="escapees gone")
+            before = settled_fds(d)  # the last drains close DRAIN_GRACE after their sweep
             d.call("start", services=names, wait=False)
 
             def restarted() -> bool:
@@ -93,8 +94,22 @@ class TestNothingAccumulates:
             d.wait_for(restarted, timeout=120, what="300 restarts")
             d.call("stop", services=names, wait=True)
             d.wait_for(lambda: not marked_any(names), timeout=15, what="escapees gone")
-            after = len(os.listdir(f"/proc/{d.proc.pid}/fd"))
+            after = settled_fds(d)
             assert abs(after - before) <= 2, (before, after)
+
+
+def settled_fds(d: DaemonProcess) -> int:
+    """The daemon's descriptor count once three readings in a row (0.5 s apart while no
+    event comes) agree: drains cut off after a sweep close a moment later."""
+    seen: list[int] = []
+
+    def same() -> bool:
+        assert d.proc is not None
+        seen.append(len(os.listdir(f"/proc/{d.proc.pid}/fd")))
+        return len(seen) >= 3 and seen[-1] == seen[-2] == seen[-3]
+
+    d.wait_for(same, timeout=20, what="the daemon's descriptors to settle")
+    return seen[-1]
 
 
 def marked_any(names: list[str]) -> bool:
