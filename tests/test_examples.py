@@ -42,6 +42,13 @@ def test_the_example_runs(tmp_path: Path) -> None:
             what="the worker's env from env_files and env",
         )
         assert d.cli("status").returncode == 0
+        # The example job: `start` runs it now and waits for the run (issue 11).
+        result = d.cli("start", "disk-report")
+        assert result.returncode == 0, result
+        assert "disk-report: run 1 succeeded" in result.stdout
+        log = (d.state / "logs" / "disk-report.log").read_text()
+        assert "--- hostvisor: disk-report run 1 (start)" in log and "%" in log  # df's line
+        assert d.status("disk-report")["state"] == "waiting"
     finally:
         assert d.stop() == 0
         d.cleanup()
