@@ -87,11 +87,12 @@ def parse_job_keys(unit: TableReader, fields: dict[str, Any], *, partial: bool) 
     if partial:
         return
     container = "container" in unit.data
-    scheduled = _own(unit, "schedule") or _own(unit, "every")
-    if "schedule" in unit.data and "every" in unit.data and scheduled:
+    by_cron, by_interval = _own(unit, "schedule"), _own(unit, "every")
+    scheduled = by_cron or by_interval
+    if by_cron and by_interval:
         unit.fail("every", "set either schedule (cron) or every (an interval), not both")
     if scheduled and container:
-        unit.fail("schedule" if "schedule" in unit.data else "every",
+        unit.fail("schedule" if by_cron else "every",
                   "only process units can be scheduled (set command, not container)")  # fmt: skip
     if not scheduled:
         for key in _SCHEDULE_ONLY:
@@ -116,9 +117,9 @@ def parse_job_keys(unit: TableReader, fields: dict[str, Any], *, partial: bool) 
             unit.fail(key, f"a scheduled unit has no {key}: its runs end, they are not kept up")
         fields[key] = None
     fields["schedule"] = ScheduleSpec(
-        cron=cron if "schedule" in unit.data else None,
-        every=every[0] if every is not None and "schedule" not in unit.data else None,
-        every_text=every[1] if every is not None else "",
+        cron=cron if by_cron else None,
+        every=every[0] if every is not None and not by_cron else None,
+        every_text=every[1] if every is not None and not by_cron else "",
         timezone=zone,
         concurrency=cast(Concurrency, concurrency),
         catch_up=cast(CatchUp, catch_up),

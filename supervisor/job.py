@@ -112,6 +112,8 @@ class JobSupervisor:
         self._rest = S.STOPPED  # a one-shot's state between runs
         self._gen = 0
         self._settled: dict[int, anyio.Event] = {}
+        #: Commands (stop) settled once no run is left.
+        self._when_idle: list[int] = []
         self._tg: TaskGroup | None = None
         self._queued: list[tuple[str, datetime | None, int | None]] = []
         self._carried: list[Run] = []
@@ -233,33 +235,32 @@ class JobSupervisor:
 
     def _run_now(self, trigger: str) -> int:
         gen, _ = self._command()
+        self._unsuspend()
+        self._request(trigger, None, gen)
+        self._poke()  # the schedule loop sleeps while suspended: wake it
+        return gen
+
+    def _unsuspend(self) -> None:
         self._want_up = True
         if self.suspended:
             self.suspended = False
             self._fresh_timetable = True
-        self._request(trigger, None, gen)
-        self._poke()  # the schedule loop sleeps while suspended: wake it
-        return gen
 
     def command_resume(self) -> int:
         """``hostvisor start --all``: end a suspension, and run a one-shot that has not run
         in this daemon's life; a scheduled job waits for its next trigger (settled at once)."""
         if self.spec.schedule is None and self.state is S.STOPPED and not self.runs:
             return self._run_now("start")
-        gen, settled = self._command()
-        self._want_up = True
-        if self.suspended:
-            self.suspended = False
-            self._fresh_timetable = True
-            self._poke()
-        settled.set()
-        self._settled.pop(gen, None)
+        gen, _ = self._command()
+        self._unsuspend()
+        self._poke()
+        self._settle([gen])
         return gen
 
     def command_stop(self) -> int:
         """Stop every run in progress and suspend the schedule until the next start; the
         command settles once no run is left."""
-        gen, settled = self._command()
+        gen, _ = self._command()
         self._want_up = False
         self.suspended = self.spec.schedule is not None
         self._queued.clear()
@@ -268,15 +269,12 @@ class JobSupervisor:
             run.sup.command_stop()
             run.sup.changed.fire()  # a run still in its random delay ends it now
         if self.runs:
-            self.runs[-1].waiters.append(gen)
-            for run in self.runs[:-1]:  # settled by the newest run, so wait for every one
-                run.waiters.append(-1)
+            self._when_idle.append(gen)  # settled by _release once the last one ended
         else:
             if self.spec.schedule is None and self._rest is not S.STOPPED:
                 self._rest = S.STOPPED
                 self._publish(ev.SERVICE_STOPPED, "stopped by request")
-            settled.set()
-            self._settled.pop(gen, None)
+            self._settle([gen])
         self._poke()
         return gen
 
@@ -478,10 +476,7 @@ class JobSupervisor:
             run.sup.handle = None
         with contextlib.suppress(Exception):
             self._finish(run)
-        if run in self.runs:
-            self.runs.remove(run)
-            run.done.set()
-            self.changed.fire()
+        self._release(run)
 
     async def _execute(self, run: Run, scheduled: datetime | None) -> None:
         attrs: dict[str, Any] = {
@@ -529,6 +524,18 @@ class JobSupervisor:
         run.timed_out = True
         run.sup.command_stop()
 
+    def _release(self, run: Run) -> None:
+        """``run`` is over: forget it, settle the commands that waited for it (and, with no
+        run left, those that waited for every run), tell the waiters."""
+        if run in self.runs:
+            self.runs.remove(run)
+        waiters = run.waiters
+        if not self.runs:
+            waiters, self._when_idle = waiters + self._when_idle, []
+        run.done.set()
+        self._settle(waiters)
+        self.changed.fire()
+
     def _finish(self, run: Run) -> None:
         sup = run.sup
         record = run.record
@@ -547,9 +554,7 @@ class JobSupervisor:
         took = f"after {record.duration:.3f}s"
         if sup._attempts == 0 and run.stopped:
             # Stopped during its random delay: it never ran, the last run stays the last.
-            run.done.set()
-            self._settle([gen for gen in run.waiters if gen >= 0])
-            self.changed.fire()
+            self._release(run)
             return
         if run.timed_out:
             record.outcome = "timed_out"
@@ -578,14 +583,10 @@ class JobSupervisor:
         if self.last_run is None or self.last_run.number <= run.number:
             self.last_run = record
         if self.spec.schedule is None and not self.runs:
-            self._rest = {"stopped": S.STOPPED, "running": S.STOPPED}.get(
-                record.outcome, S.FATAL if sup.state is S.FATAL else S.EXITED
-            )
+            stopped = record.outcome == "stopped"
+            self._rest = S.STOPPED if stopped else S.FATAL if sup.state is S.FATAL else S.EXITED
         if record.outcome in ("failed", "timed_out") and self._on_failure is not None:
             self._on_failure(self.spec, sup.last_exit, self.message)
         if self._ledger is not None:
             self._ledger.record(self)
-        waiters = [gen for gen in run.waiters if gen >= 0]
-        run.done.set()
-        self._settle(waiters)
-        self.changed.fire()
+        self._release(run)

@@ -17,12 +17,16 @@ import anyio
 
 from supervisor.carryover import restore, snapshot, wall_offset
 from supervisor.statefile import RunRecord, ServiceRecord
+from supervisor.states import ServiceState
 
 if TYPE_CHECKING:
     from supervisor.drivers.process import ProcessDriver
     from supervisor.job import JobSupervisor
 
 __all__ = ["resume_job", "snapshot_job"]
+
+#: A one-shot's states between runs, carried as they were.
+_RESTING = ("exited", "fatal", "stopped")
 
 
 def snapshot_job(job: JobSupervisor, *, logs_dropped_bytes: int = 0) -> ServiceRecord:
@@ -38,6 +42,7 @@ def snapshot_job(job: JobSupervisor, *, logs_dropped_bytes: int = 0) -> ServiceR
         restarts=job._restarts_done,
         last_exit=job.last_exit.as_json() if job.last_exit is not None else None,
         logs_dropped_bytes=logs_dropped_bytes,
+        job=True,
         suspended=job.suspended,
     )
     for run in job.runs:
@@ -69,6 +74,8 @@ def resume_job(job: JobSupervisor, rec: ServiceRecord, driver: ProcessDriver) ->
     """
     job.resumed = True
     job.suspended = rec.suspended
+    if rec.state in _RESTING:  # a one-shot between runs
+        job._rest = ServiceState(rec.state)
     job._want_up = rec.want_up
     job._restarts_done = rec.restarts
     job.message = rec.message

@@ -19,15 +19,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import stat
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from supervisor.statefile import atomic_write
+from supervisor.statefile import atomic_write, read_regular
 from supervisor.states import ExitStatus
 
 if TYPE_CHECKING:
@@ -77,32 +75,16 @@ class JobLedger:
             self._warn(line)
 
     def _load(self) -> dict[str, dict[str, Any]]:
-        # Never through a symbolic link, never blocking (a FIFO would hang the start, and
-        # SIGTERM with it), a regular file only, read up to MAX_SIZE + 1 bytes.
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except FileNotFoundError:
+            data = read_regular(self.path, MAX_SIZE)
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else exc
+            self._say(f"cannot read {self.path}: {why}; job history starts afresh")
             return {}
-        except OSError as exc:
-            self._say(f"cannot read {self.path}: {exc.strerror}; job history starts afresh")
+        if data is None:
             return {}
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                self._say(f"{self.path} is not a regular file; job history starts afresh")
-                return {}
-            data = bytearray()
-            while len(data) <= MAX_SIZE:
-                chunk = os.read(fd, MAX_SIZE + 1 - len(data))
-                if not chunk:
-                    break
-                data += chunk
-        except OSError as exc:
-            self._say(f"cannot read {self.path}: {exc.strerror}; job history starts afresh")
-            return {}
-        finally:
-            os.close(fd)
-        try:
-            doc = json.loads(bytes(data)) if len(data) <= MAX_SIZE else None
+            doc = json.loads(data)
         except (ValueError, RecursionError):  # RecursionError: nested thousands deep
             doc = None
         jobs = doc.get("jobs") if isinstance(doc, dict) and doc.get("format") == FORMAT else None

@@ -48,6 +48,7 @@ __all__ = [
     "StateFile",
     "StateFileError",
     "atomic_write",
+    "read_regular",
     "read_state",
     "spec_digest",
     "state_path",
@@ -123,7 +124,8 @@ class ServiceRecord:
     logs_dropped_bytes: int = 0
     known: list[list[float]] = field(default_factory=list)
     instance: InstanceRecord | None = None
-    #: A job (:mod:`supervisor.job`): its runs in progress and its suspension.
+    #: A job's (:mod:`supervisor.job`): its runs in progress and its suspension.
+    job: bool = False
     runs: list[RunRecord] = field(default_factory=list)
     suspended: bool = False
 
@@ -219,21 +221,13 @@ def read_state(path: Path) -> StateFile | None:
             names the file and what was wrong.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise StateFileError(f"{path}: cannot open the state file: {exc.strerror}") from None
-    try:
-        if not _regular(fd):
-            raise StateFileError(f"{path}: not a regular file")
-        data = os.read(fd, MAX_SIZE + 1)
+        data = read_regular(path, MAX_SIZE)
     except OSError as exc:
         raise StateFileError(f"{path}: cannot read the state file: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_SIZE:
-        raise StateFileError(f"{path}: larger than {MAX_SIZE} bytes")
+    except ValueError as exc:
+        raise StateFileError(f"{path}: {exc}") from None
+    if data is None:
+        return None
     try:
         doc = json.loads(data, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
@@ -241,10 +235,32 @@ def read_state(path: Path) -> StateFile | None:
     return _parse(path, doc)
 
 
-def _regular(fd: int) -> bool:
+def read_regular(path: Path, limit: int) -> bytes | None:
+    """The bytes of ``path``, read without following a symbolic link and without
+    blocking (a FIFO planted there would hang the daemon's start, deaf to SIGTERM);
+    ``None`` when there is no file. The counterpart of :func:`atomic_write`.
+
+    Raises:
+        OSError: it cannot be opened or read (``strerror`` says why).
+        ValueError: it is not a regular file, or larger than ``limit`` bytes.
+    """
     import stat
 
-    return stat.S_ISREG(os.fstat(fd).st_mode)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        data = bytearray()
+        while len(data) <= limit and (chunk := os.read(fd, limit + 1 - len(data))):
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit} bytes")
+    return bytes(data)
 
 
 def _no_constant(name: str) -> Any:
@@ -345,8 +361,8 @@ def _service(value: Any) -> ServiceRecord:
     runs = _list(items.pop("runs", []))
     rec = ServiceRecord(**items)
     rec.runs = [_run(run) for run in runs]
-    if not isinstance(rec.suspended, bool):
-        raise ValueError("suspended: expected true or false")
+    if not isinstance(rec.suspended, bool) or not isinstance(rec.job, bool):
+        raise ValueError("job, suspended: expected true or false")
     for name in ("restarts", "attempts", "failed_starts", "backoff_attempt", "logs_dropped_bytes"):
         _int(getattr(rec, name))
     for name in ("kind", "digest", "state", "health", "message"):

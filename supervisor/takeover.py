@@ -167,8 +167,7 @@ def _resume_all(
     for name, rec in state.services.items():
         sup = sups.get(name)
         inst = rec.instance
-        is_job = rec.runs or rec.state == "waiting"
-        if sup is None or sup.spec.kind != rec.kind or bool(is_job) != sup.spec.is_job:
+        if sup is None or sup.spec.kind != rec.kind or rec.job != sup.spec.is_job:
             # The unit is gone (or became another kind): stop what it left.
             for left in rec.instances():
                 _stop_gone(daemon, name, left.pid, left.fds, tg)

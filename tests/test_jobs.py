@@ -622,6 +622,20 @@ class TestDaemonLife:
         assert [e["attributes"]["hostvisor.job.run"] for e in triggered] == [1]
         assert not (work(d) / "run-2.pid").exists()
 
+    def test_a_completed_one_shot_does_not_run_again_after_reexec(self, d: DaemonProcess) -> None:
+        """A one-shot runs once per daemon life: `reexec` keeps its life (and its exited
+        state), so migrate does not migrate twice."""
+        d.write_unit("migrate", 'command = ["true"]\nrestart = "no"\n')
+        d.start()
+        d.wait_event("hostvisor.job.succeeded", "migrate")
+        assert d.cli("reexec").returncode == 0
+        assert d.cli("status", "migrate").returncode == 0  # exited 0: a completed one-shot
+        # A second run would be triggered at once by the new code, and a stop waits for it.
+        d.call("stop", services=["migrate"], wait=True)
+        since = d.call("events")["events"]  # the new code's own events only
+        assert not [e for e in since if e["event"] == "hostvisor.job.triggered"]
+        assert d.status("migrate")["last_run"]["run"] == 1
+
     def test_a_run_orphaned_by_a_killed_daemon_is_stopped_by_the_next(
         self, d: DaemonProcess
     ) -> None:

@@ -114,6 +114,20 @@ def test_service_defaults_do_not_break_a_scheduled_unit(root: Path) -> None:
     assert not svc.is_job
 
 
+def test_a_units_own_every_wins_over_a_defaults_schedule(root: Path) -> None:
+    """A ``schedule`` in ``[defaults]`` neither makes a unit with its own ``every`` a
+    "both set" error nor replaces its interval; a unit without either stays a service."""
+    write(root / "config.toml", '[defaults]\nschedule = "0 3 * * *"\n')
+    write(root / "units" / "tick.toml", CMD + 'every = "10m"\n')
+    write(root / "units" / "svc.toml", CMD)
+    assert [str(i) for i in check(root / "config.toml", environ={})] == []
+    loaded = load(root / "config.toml", environ={})
+    tick = loaded.services["tick"].schedule
+    assert tick is not None and (tick.cron, tick.every) == (None, 600.0)
+    assert tick.describe() == "every 10m"
+    assert not loaded.services["svc"].is_job
+
+
 def test_job_keys_parse_to_the_documented_values(root: Path) -> None:
     write(
         root / "units" / "claim.toml",
