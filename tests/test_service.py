@@ -77,7 +77,12 @@ class TestBackoffAndGiveUp:
 
     async def test_gives_up_after_n_failed_starts(self, tmp_path: Path) -> None:
         """give_up_after = 3: the third failed start in a row is FATAL, with an event."""
-        spec = make_spec(tmp_path, "doomed", program("svc_exit", "--code", "1"), give_up_after=3)
+        # start_seconds far above the program's life: a slow interpreter start on a loaded
+        # machine (0.2 s here once, on a CI clone) must not count as a start that succeeded.
+        spec = make_spec(
+            tmp_path, "doomed", program("svc_exit", "--code", "1"), give_up_after=3,
+            start_seconds=10.0,
+        )  # fmt: skip
         async with supervising(tmp_path, spec) as h:
             fatal = await h.wait_event(ev.SERVICE_FATAL, "doomed")
             assert "3 failed starts" in fatal.message
