@@ -86,6 +86,11 @@ class ControlTarget(Protocol):
         """``{"services": [status entries]}`` once restarted (or timed out, with ``wait``)."""
         ...
 
+    async def signal(self, names: Sequence[str], sig: int, *, group: bool) -> dict[str, Any]:
+        """``{"services": [status entries, each with "signalled": bool]}`` once ``sig``
+        was sent to each running instance's main process (or ``group``)."""
+        ...
+
     async def reexec(self, connection: socket.socket, request_id: Any) -> dict[str, Any]:
         """Re-execute the daemon in place; the NEW code answers ``request_id`` on
         ``connection`` (kept across ``exec``), so this returns only on failure, raising
@@ -162,6 +167,10 @@ async def _restart(target: ControlTarget, params: dict[str, Any]) -> Any:
     return await target.restart(params["services"], wait=params["wait"], timeout=params["timeout"])
 
 
+async def _signal(target: ControlTarget, params: dict[str, Any]) -> Any:
+    return await target.signal(params["services"], params["signal"], group=params["group"])
+
+
 async def _reload(target: ControlTarget, params: dict[str, Any]) -> Any:
     return await target.reload()
 
@@ -181,6 +190,7 @@ HANDLERS: dict[str, Callable[[ControlTarget, dict[str, Any]], Awaitable[Any]]] =
     "stop": _stop,
     "restart": _restart,
     "reload": _reload,
+    "signal": _signal,
     "reexec": _reload,  # not reached: the server calls dispatch_reexec
     "logs": _logs,
     "events": _events,

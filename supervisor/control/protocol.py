@@ -28,6 +28,7 @@ from supervisor.errors import (
     PeerNotAllowed,
     UnknownService,
 )
+from supervisor.signals import SignalError, parse_signal
 
 __all__ = [
     "CONFIG_REJECTED",
@@ -288,6 +289,18 @@ def _action(params: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _signal(params: Mapping[str, Any]) -> dict[str, Any]:
+    _only(params, frozenset({"services", "signal", "group"}))
+    if "services" not in params or "signal" not in params:
+        raise _bad("services and signal: required (a list of service names, a signal)")
+    try:
+        number = parse_signal(params["signal"])
+    except SignalError as exc:
+        raise _bad(str(exc)) from None
+    services = _names(params["services"], "services")
+    return {"services": services, "signal": number, "group": _bool(params, "group", False)}
+
+
 def _reload(params: Mapping[str, Any]) -> dict[str, Any]:
     _only(params, frozenset())
     return {}
@@ -340,6 +353,7 @@ METHODS: Final[Mapping[str, Method]] = {
         Method("restart", _action),
         Method("reload", _reload),
         Method("reexec", _reload),
+        Method("signal", _signal),
         Method("logs", _logs, streams=True, notification="log"),
         Method("events", _events, streams=True, notification="event"),
     )

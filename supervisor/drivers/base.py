@@ -47,6 +47,19 @@ class Handle(Protocol):
         """
         ...
 
+    async def send_signal(self, sig: int, *, group: bool = False) -> bool:
+        """Send ``sig`` to the main process, or with ``group`` to its whole process group
+        (``killpg(2)``); a container's goes through the engine (``docker kill --signal``)
+        to its main process, with or without ``group``. Never reaches a reused pid.
+
+        Returns:
+            True if sent; False once the instance has ended (nothing is sent).
+
+        Raises:
+            DriverError: the engine refused or did not answer (containers).
+        """
+        ...
+
 
 class Driver(Protocol):
     """Starts instances of one kind of service."""

@@ -239,6 +239,23 @@ class ContainerHandle:
         assert self._exit is not None
         return self._exit
 
+    async def send_signal(self, sig: int, *, group: bool = False) -> bool:
+        """``docker kill --signal=sig``: the engine signals the container's main process
+        (PID 1 inside it). ``group`` changes nothing: the engine has no group signal,
+        and a container's init passes signals on, or not, as it was built to.
+
+        Returns:
+            True if sent; False once this run has ended, or the engine says the
+            container is not running (or gone).
+
+        Raises:
+            DockerUnavailable: the engine did not answer within ``call_timeout``.
+            DriverError: the engine refused (message from the engine).
+        """
+        if self._exit is not None:
+            return False
+        return await self._driver._kill_container(self._record, sig)
+
     async def health_status(self) -> str | None:
         """``State.Health.Status``: ``"starting"``, ``"healthy"``, ``"unhealthy"``, or
         ``None`` for a container without HEALTHCHECK. Inspects when the engine answers;
@@ -368,6 +385,19 @@ class DockerDriver(EngineEvents):
         except docker.errors.APIError as exc:
             raise DriverError(f"docker stop {record.name!r}: {exc.explanation or exc}") from exc
         await self.refresh(record)
+
+    async def _kill_container(self, record: _Record, sig: int) -> bool:
+        """``docker kill --signal`` of a tracked container; False if it does not run."""
+        api = self._api()
+        try:
+            await self._call(lambda: api.kill(record.id, signal=sig))
+        except docker.errors.NotFound:
+            return False
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:  # "is not running"
+                return False
+            raise DriverError(f"docker kill {record.name!r}: {exc.explanation or exc}") from exc
+        return True
 
     # ------------------------------------------------------------- Driver
     async def adopt(self, spec: ServiceSpec, *, task_group: TaskGroup) -> ContainerHandle | None:

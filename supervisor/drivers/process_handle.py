@@ -273,6 +273,27 @@ class ProcessHandle:
             return True
         return False
 
+    async def send_signal(self, sig: int, *, group: bool = False) -> bool:
+        """Send ``sig`` to the main process (``group``: to its whole process group) while it
+        runs, never to a reused pid (module docstring); False once it has ended."""
+        if self._leader is not None:
+            return False
+        if group:
+            return self.signal_group(sig)
+        try:
+            if self._pidfd is not None:  # names this very process, even after it exits
+                signal.pidfd_send_signal(self._pidfd, sig)
+                return True
+            if self.own_child:  # unreaped, so its pid cannot be reused
+                os.kill(self.pid, sig)
+                return True
+            proc = psutil.Process(self.pid)  # a stranger without pidfds: check its start
+            if self._create_time is not None and proc.create_time() != self._create_time:
+                return False
+        except (ProcessLookupError, psutil.Error):
+            return False
+        return signal_verified(proc, sig)
+
     async def kill(self) -> ExitStatus:
         """SIGKILL the whole group and wait until it is gone."""
         self.signal_group(signal.SIGKILL)
