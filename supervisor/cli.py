@@ -34,6 +34,8 @@ from supervisor.cli_jobs import (
     is_job,
     job_cells,
 )
+from supervisor.cli_signal import add_arguments as add_signal
+from supervisor.cli_signal import signal_verb
 from supervisor.control.client import ControlClient
 from supervisor.errors import (
     ConfigError,
@@ -216,9 +218,13 @@ def _status(args: argparse.Namespace, client: ControlClient) -> int:
     params = {"services": args.names} if args.names else {}
     doc = client.call("status", params)
     services = doc.get("services", [])
-    if args.json:
+    if args.json or args.format == "json":
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
+    elif args.format == "markdown":
+        from supervisor.statuspage import render_here
+
+        sys.stdout.write(render_here(doc))
     elif any(is_job(e) for e in services):
         rows = [_row(e) + job_cells(e) for e in services]
         _print_table(rows, sys.stdout, (*_COLUMNS, *JOB_COLUMNS))
@@ -502,6 +508,7 @@ def _parser() -> argparse.ArgumentParser:
     status = verb("status", _with_client(_status), "show services (exit 3 if any is not running)")
     status.add_argument("names", nargs="*", metavar="NAME")
     status.add_argument("--json", action="store_true", help="print the JSON document")
+    status.add_argument("--format", choices=("table", "markdown", "json"), help="default table")
     for name in ("start", "stop", "restart"):
         action = verb(name, _with_client(_action), f"{name} services and wait for them")
         action.add_argument("names", nargs="*", metavar="NAME")
@@ -510,6 +517,7 @@ def _parser() -> argparse.ArgumentParser:
         action.add_argument(
             "--timeout", type=_seconds, default=60.0, metavar="S", help="seconds (default 60)"
         )
+    add_signal(verb("signal", _with_client(signal_verb), "send a signal to services (SIG)"))
     verb("reload", _with_client(_reload), "re-read config and units; restart changed units")
     verb("reexec", _with_client(_reexec), "re-execute the daemon in place, keeping every service")
     logs = verb("logs", _with_client(_logs), "print a service's log (the daemon's without NAME)")
@@ -539,6 +547,8 @@ def execute(argv: Sequence[str]) -> int:
         return EXIT_USAGE
     if args.verb in _TARGETS and bool(args.names) == bool(args.all):
         parser.error(f"{args.verb}: name services or give --all (one of them)")
+    if args.verb == "status" and args.json and args.format not in (None, "json"):
+        parser.error(f"status: --json means --format json, not --format {args.format}")
     try:
         code: int = args.run(args)
     except KeyboardInterrupt:

@@ -72,6 +72,7 @@ from supervisor.spec import (
     TelemetrySpec,
 )
 from supervisor.states import DependencyCondition, Restart
+from supervisor.statuspage import check_page_path
 
 __all__ = ["SERVICE_NAME", "check", "load", "parse_duration", "parse_size", "read_env_file"]
 
@@ -91,6 +92,7 @@ _DAEMON_KEYS = (
     "log_level",
     "allow_uids",
     "orphans",
+    "status_page",
 )
 _TELEMETRY_KEYS = ("enabled", "endpoint", "protocol", "export_timeout")
 _UNIT_KEYS = (
@@ -231,7 +233,7 @@ def _parse_daemon(top: TableReader, ctx: _Context) -> tuple[DaemonSpec, bool]:
         daemon.fail("units_dir", f"folder {units_dir} {why}")
         units_ok = False
     optional: dict[str, Path | None] = {}
-    for key in ("socket", "state_dir"):
+    for key in ("socket", "state_dir", "status_page"):
         raw = daemon.get(key, values.string, "")
         optional[key] = ctx.path(raw) if raw else None
     if optional["socket"] is not None:
@@ -239,6 +241,9 @@ def _parse_daemon(top: TableReader, ctx: _Context) -> tuple[DaemonSpec, bool]:
             check_socket_path(optional["socket"])
         except SocketPathError as exc:
             daemon.fail("socket", str(exc))
+    page = optional["status_page"]
+    if page is not None and (problem := check_page_path(page)) is not None:
+        daemon.fail("status_page", problem)
     spec = DaemonSpec(
         config_path=ctx.config,
         units_dir=units_dir,
@@ -252,6 +257,7 @@ def _parse_daemon(top: TableReader, ctx: _Context) -> tuple[DaemonSpec, bool]:
             "allow_uids", values.list_of(values.integer(0, _MAX_UID), "uids (integers)"), ()
         ),
         orphans=daemon.get("orphans", values.choice("adopt", "stop"), "adopt"),
+        status_page=optional["status_page"],
         telemetry=_parse_telemetry(top),
     )
     return spec, units_ok

@@ -174,6 +174,7 @@ class Daemon(ReloadMixin, TakeoverMixin, JobsMixin):
         entry = self.supervisors[name].status_entry()
         drops = self.log_drops.get(name)
         entry["logs_dropped_bytes"] = drops.bytes if drops is not None else 0
+        entry["description"] = self.supervisors[name].spec.description
         return entry
 
     def _resolve(self, names: Names) -> list[str]:
@@ -234,6 +235,12 @@ class Daemon(ReloadMixin, TakeoverMixin, JobsMixin):
                             waits.start_soon(sup.wait_settled, gen, targets)
                     tg.cancel_scope.cancel()
         return {"services": [self._entry(sup.name) for sup in chosen]}
+
+    async def signal(self, names: Sequence[str], sig: int, *, group: bool) -> dict[str, Any]:
+        """Send ``sig`` to each service's main process (or group): :func:`signals.deliver`."""
+        from supervisor.signals import deliver
+
+        return await deliver(self, names, sig, group=group)
 
     def log_path(self, service: str | None) -> Path:
         """``<state>/logs/<service>.log``, or the daemon's log for None; raises UnknownService."""
@@ -485,6 +492,7 @@ class Daemon(ReloadMixin, TakeoverMixin, JobsMixin):
     async def _open_for_business(self, tg: TaskGroup, notifier: Any) -> None:
         """Listen on the control socket, launch every service, tell systemd we are ready."""
         from supervisor.control.server import serve
+        from supervisor.statuspage import keep_page
         from supervisor.takeover import answer_reexec, keep_state_file, take_over
 
         spec = self.loaded.daemon
@@ -517,6 +525,7 @@ class Daemon(ReloadMixin, TakeoverMixin, JobsMixin):
         answer_reexec(self)
         self.resumed = None
         tg.start_soon(keep_state_file, self)
+        tg.start_soon(keep_page, self)  # [daemon] status_page, if set (supervisor.statuspage)
         notifier.ready()
         if notifier.watchdog_interval() is not None:
             tg.start_soon(notifier.run_watchdog)

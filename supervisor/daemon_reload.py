@@ -32,6 +32,7 @@ class ReloadMixin:
     docker_driver: Any
     installed: Any
     shutting_down: bool
+    changed: Any
     _reload_lock: anyio.Lock
 
     @staticmethod
@@ -88,6 +89,7 @@ class ReloadMixin:
             if not self.shutting_down:  # a shutdown began meanwhile: launch nothing new
                 await self._launch(new.services[name])
         result = {"added": added, "removed": removed, "changed": changed, "unchanged": unchanged}
+        self.changed.fire()  # the status page follows a new [daemon] status_page at once
         self.bus.publish(
             ev.DAEMON_RELOADED,
             message=f"reloaded: {len(added)} added, {len(removed)} removed, {len(changed)} changed",

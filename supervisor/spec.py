@@ -358,6 +358,8 @@ class DaemonSpec:
         orphans: processes with our marker that the state file does not name (it was
             lost): ``"adopt"`` (the only candidate of a unit; extras are stopped) or
             ``"stop"`` (pitchfork's ``orphan_policy``).
+        status_page: the absolute path of the Markdown page the daemon keeps
+            (:mod:`supervisor.statuspage`), or ``None`` for none.
     """
 
     config_path: Path
@@ -368,6 +370,7 @@ class DaemonSpec:
     log_level: str = "info"
     allow_uids: tuple[int, ...] = ()
     orphans: str = "adopt"
+    status_page: Path | None = None
     telemetry: TelemetrySpec = TelemetrySpec()
 
 
