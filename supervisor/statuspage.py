@@ -5,7 +5,7 @@ The page (:func:`render_markdown`) is a heading with the host name, the time (RF
 local offset) and the daemon's version, a one-line summary, then one table row per
 service: service, kind, port, state, health, uptime, restarts, last exit, description.
 Every cell is escaped for GitHub-flavoured Markdown (``|``, backticks, backslashes,
-brackets, ``*``, ``<``/``>``; a line break becomes a space) and stripped of control
+brackets, ``*``, ``_``, ``<``/``>``; a line break becomes a space) and stripped of control
 characters, so a hostile description can neither break the table nor put a terminal
 escape on the screen of whoever ``cat``\\ s the file.
 
@@ -265,8 +265,7 @@ class _Keeper:
         self.host = socket.gethostname()
 
     def path(self) -> Path | None:
-        page: Path | None = getattr(self.daemon.loaded.daemon, "status_page", None)
-        return page
+        return self.daemon.loaded.daemon.status_page  # read at every write: a reload moves it
 
     async def page(self, note: str) -> str:
         doc: Any = self.daemon.status(None)
@@ -296,8 +295,8 @@ class _Keeper:
             finally:
                 self.busy.release()
 
-        try:
-            with anyio.fail_after(WRITE_TIMEOUT):
+        try:  # shielded: a write under way at shutdown ends before the last one starts
+            with anyio.CancelScope(shield=True), anyio.fail_after(WRITE_TIMEOUT):
                 await anyio.to_thread.run_sync(
                     work, abandon_on_cancel=True, limiter=_pool().limiter()
                 )
@@ -325,7 +324,8 @@ async def keep_page(daemon: Daemon) -> None:
     :data:`WRITE_EVERY` seconds (retrying a failed write after :data:`RETRY_EVERY`
     seconds), and a last time when cancelled, shielded and bounded, with a note that
     the daemon stopped. The path is read again at every write, so a reload that sets,
-    moves or removes ``status_page`` applies at the next change. Never raises.
+    moves or removes ``status_page`` applies at once (a reload fires ``changed``).
+    Never raises.
     """
     import anyio
 
@@ -342,12 +342,12 @@ async def keep_page(daemon: Daemon) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch)
             await keeper.write(note=_KEPT)
-            while True:
+            while True:  # a write, WRITE_EVERY seconds' rest, then the next change
+                await anyio.sleep(WRITE_EVERY)
                 with anyio.move_on_after(RETRY_EVERY if keeper.failing else float("inf")):
                     await dirty.wait()
                 dirty = anyio.Event()
                 await keeper.write(note=_KEPT)
-                await anyio.sleep(WRITE_EVERY)
     finally:
         with anyio.CancelScope(shield=True):
             stopped = datetime.now().astimezone().isoformat(timespec="seconds")

@@ -337,7 +337,8 @@ class TestDaemonKeepsThePage:
         target.write_text("mine\n")
         with daemon(tmp_path, config='status_page = "page.md"', units={"web": SLEEPER}) as d:
             d.wait_state("web", "running")
-            d.wait_for(page.exists, 10, "the first page")
+            # Once the page shows web running, no write is due until the next change.
+            d.wait_for(lambda: (page_row(page, "web") or [""] * 4)[3] == "running", 10, "page")
             page.unlink()
             page.symlink_to(target)
             assert d.cli("stop", "web").returncode == 0
