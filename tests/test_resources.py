@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from supervisor import gpu
 from supervisor.control.client import ControlClient
 from supervisor.errors import ControlError
 from supervisor.resources import (
@@ -261,3 +265,70 @@ class TestDaemon:
             assert raised.value.code == -32001
             with pytest.raises(ValueError, match="max_age"):  # the shared validator (-32602)
                 ControlClient(d.socket).call("resources", {"max_age": "soon"})
+
+
+class FakeNvml(types.ModuleType):
+    """Satisfies the pynvml functions supervisor.gpu calls (no GPU on CI machines)."""
+
+    def __init__(self, devices: list[list[tuple[int, int | None]]], *, fail_init: bool = False):
+        super().__init__("pynvml")
+        self.devices = devices
+        self.fail_init = fail_init
+        self.inits = 0
+
+    def nvmlInit(self) -> None:
+        self.inits += 1
+        if self.fail_init:
+            raise RuntimeError("NVML Shared Library Not Found")
+
+    def nvmlShutdown(self) -> None:
+        pass
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.devices)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[Any]:
+        return [types.SimpleNamespace(pid=p, usedGpuMemory=m) for p, m in self.devices[handle]]
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle: int) -> list[Any]:
+        return [types.SimpleNamespace(pid=p, usedGpuMemory=m) for p, m in self.devices[handle][:1]]
+
+
+class TestGpu:
+    @pytest.fixture(autouse=True)
+    def _fresh(self) -> Iterator[None]:
+        gpu.reset()
+        yield
+        gpu.reset()
+
+    def test_bytes_are_summed_by_pid_over_devices(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Two GPUs: a pid's memory is summed over them; a process listed as compute and
+        graphics counts once per device; an unknown figure (None) counts 0."""
+        fake = FakeNvml([[(10, 4 * MIB), (11, None)], [(10, MIB)]])
+        monkeypatch.setitem(sys.modules, "pynvml", fake)
+        assert gpu.gpu_memory_by_pid() == {10: 5 * MIB, 11: 0}
+
+    def test_a_failing_nvml_is_tried_once(
+        self, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """NVML failing to initialise: None, nothing logged as an error, not tried again."""
+        fake = FakeNvml([], fail_init=True)
+        monkeypatch.setitem(sys.modules, "pynvml", fake)
+        assert gpu.gpu_memory_by_pid() is None
+        assert gpu.gpu_memory_by_pid() is None
+        assert fake.inits == 1
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+    def test_no_gpu_is_none(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """NVML works but finds no device: None (no figure), as without NVML."""
+        monkeypatch.setitem(sys.modules, "pynvml", FakeNvml([]))
+        assert gpu.gpu_memory_by_pid() is None
+
+    def test_without_the_package_nothing_changes(self) -> None:
+        """nvidia-ml-py not installed (the test environment): None."""
+        if importlib.util.find_spec("pynvml") is not None:
+            pytest.skip("pynvml is installed here")
+        assert gpu.gpu_memory_by_pid() is None
