@@ -33,7 +33,7 @@ import os
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import psutil
@@ -60,9 +60,10 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _PROC = "/proc"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Figures:
-    """One instance's (or service's) figures; ``None`` = not known.
+    """One instance's (or service's) figures; ``None`` = not known. Read-only by
+    convention (not frozen: 200 are built per sample, and a frozen init is slow).
 
     Attributes:
         cpu_percent: 100 = one core fully busy (psutil's convention).
@@ -128,12 +129,12 @@ class Tree:
     pgid: int
 
 
-@dataclass(frozen=True, slots=True)
-class ProcInfo:
+class ProcInfo(NamedTuple):
     """What one pass knows of one process (``proc(5)``, ``/proc/<pid>/stat``).
 
     ``utime``, ``stime`` and ``start`` are in clock ticks (``start``: since boot);
-    ``rss`` in bytes; ``zombie`` for state Z or X.
+    ``rss`` in bytes; ``zombie`` for state Z or X. (A tuple: built once per process
+    per sample, a frozen dataclass would double the pass's cost.)
     """
 
     pid: int
@@ -146,9 +147,16 @@ class ProcInfo:
     zombie: bool
 
 
-def _parse_stat(pid: int, data: bytes) -> ProcInfo | None:
-    # The command name may hold spaces and parentheses: the fields start after the last ')'.
-    rest = data[data.rfind(b")") + 2 :].split()
+#: What a pass keeps of a process: (ppid, pgrp, the rest of its stat line or its ProcInfo).
+#: Only the processes attributed to an instance are parsed further (:func:`_detail`).
+Link = tuple[int, int, "bytes | ProcInfo"]
+
+
+def _detail(pid: int, link: Link) -> ProcInfo | None:
+    body = link[2]
+    if isinstance(body, ProcInfo):
+        return body
+    rest = body.split()
     if len(rest) < 22:
         return None
     return ProcInfo(
@@ -163,25 +171,30 @@ def _parse_stat(pid: int, data: bytes) -> ProcInfo | None:
     )
 
 
-def _read_proc(root: str) -> dict[int, ProcInfo]:
-    found: dict[int, ProcInfo] = {}
+def _scan_proc(root: str) -> dict[int, Link]:
+    found: dict[int, Link] = {}
+    prefix = root + "/"
+    read, close, flags = os.read, os.close, os.O_RDONLY | os.O_CLOEXEC
     for name in os.listdir(root):
         if not name.isdigit():
             continue
         try:
-            fd = os.open(f"{root}/{name}/stat", os.O_RDONLY)
+            fd = os.open(prefix + name + "/stat", flags)
         except OSError:
             continue  # gone meanwhile
         try:
-            data = os.read(fd, 4096)
+            data = read(fd, 4096)
         except OSError:
             continue
         finally:
-            os.close(fd)
-        with contextlib.suppress(ValueError, IndexError):
-            info = _parse_stat(int(name), data)
-            if info is not None:
-                found[info.pid] = info
+            close(fd)
+        # The command name may hold spaces and parentheses: fields start after the last ')'.
+        rest = data[data.rfind(b")") + 2 :]
+        head = rest.split(b" ", 3)
+        try:
+            found[int(name)] = (int(head[1]), int(head[2]), rest)
+        except (ValueError, IndexError):
+            continue
     return found
 
 
@@ -209,12 +222,18 @@ def _read_psutil() -> dict[int, ProcInfo]:
     return found
 
 
-def read_processes(root: str = _PROC) -> dict[int, ProcInfo]:
-    """Every process of the host, by pid: ``/proc`` when there is one, else psutil
-    (blocking; about 5 us a process from ``/proc``)."""
+def _scan(root: str) -> dict[int, Link]:
+    """Every process of the host: ``/proc`` when there is one (about 5 us a process),
+    else psutil's process list (about 6 times slower). Blocking."""
     if os.path.isdir(root) and os.path.exists(f"{root}/self/stat"):
-        return _read_proc(root)
-    return _read_psutil()
+        return _scan_proc(root)
+    return {pid: (i.ppid, i.pgrp, i) for pid, i in _read_psutil().items()}
+
+
+def read_processes(root: str = _PROC) -> dict[int, ProcInfo]:
+    """Every process of the host, by pid, fully read (blocking)."""
+    found = {pid: _detail(pid, link) for pid, link in _scan(root).items()}
+    return {pid: info for pid, info in found.items() if info is not None}
 
 
 def _boot_seconds() -> float:
@@ -277,21 +296,35 @@ class Sampler:
         """The figures of each tree, by its key (blocking; never raises: a failed pass
         gives ``{}``)."""
         try:
-            procs = read_processes(self.proc_root)
+            links = _scan(self.proc_root)
         except OSError:
             return {}
         now = _boot_seconds()
-        owner = self._attribute(procs, trees)
+        owner, procs = self._attribute(links, trees)
         gpu = self._gpu() if self._gpu is not None else None
         return self._figures(procs, trees, owner, now, gpu)
 
-    def _attribute(self, procs: Mapping[int, ProcInfo], trees: Sequence[Tree]) -> dict[int, Tree]:
+    def _attribute(
+        self, links: Mapping[int, Link], trees: Sequence[Tree]
+    ) -> tuple[dict[int, Tree], dict[int, ProcInfo]]:
+        """Which tree each process belongs to, and the full stat of those (and of the
+        daemon's children)."""
         children: dict[int, list[int]] = {}
         groups: dict[int, list[int]] = {}
-        for info in procs.values():
-            children.setdefault(info.ppid, []).append(info.pid)
-            groups.setdefault(info.pgrp, []).append(info.pid)
+        for pid, (ppid, pgrp, _) in links.items():
+            children.setdefault(ppid, []).append(pid)
+            groups.setdefault(pgrp, []).append(pid)
         owner: dict[int, Tree] = {}
+        procs: dict[int, ProcInfo] = {}
+
+        def detail(pid: int) -> ProcInfo | None:
+            info = procs.get(pid)
+            if info is None:
+                with contextlib.suppress(ValueError, IndexError):
+                    info = _detail(pid, links[pid])
+                if info is not None:
+                    procs[pid] = info
+            return info
 
         def claim(roots: Iterable[int], tree: Tree) -> None:
             stack = list(roots)
@@ -308,8 +341,7 @@ class Sampler:
         by_marker = {(t.service, t.run): t for t in trees}
         markers: dict[tuple[int, int], tuple[str, str] | None] = {}
         for pid in children.get(self.daemon_pid, ()):
-            info = procs[pid]
-            if pid in owner or info.zombie:
+            if pid in owner or (info := detail(pid)) is None or info.zombie:
                 continue
             ident = (pid, info.start)
             marker = (
@@ -320,7 +352,8 @@ class Sampler:
             if found is not None:
                 claim([pid], found)
         self._markers = markers  # the children gone are forgotten
-        return owner
+        owner = {pid: tree for pid, tree in owner.items() if detail(pid) is not None}
+        return owner, procs
 
     def _figures(
         self,

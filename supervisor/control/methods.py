@@ -160,7 +160,8 @@ async def _status(target: ControlTarget, params: dict[str, Any]) -> Any:
 
 
 async def _resources(target: ControlTarget, params: dict[str, Any]) -> Any:
-    target.resources(params["services"])  # an unknown name fails before any sample
+    if params["services"]:  # an unknown name fails before any sample
+        target.resources(params["services"])
     await target.refresh_resources(params["max_age"])
     return target.resources(params["services"])
 
