@@ -99,7 +99,7 @@ _UNIT_KEYS = (
     "description", "command", "container", "recreate_command", "workdir", "env", "env_files",
     "secret_env_files", "autostart", "restart", "depends_on", "port", "reclaim_port",
     "stop_signal", "stop_timeout", "start_seconds", "give_up_after", "preflight", "health",
-    "backoff", "post_start", "logs", *JOB_KEYS,
+    "backoff", "post_start", "logs", "max_memory", "memory_grace", *JOB_KEYS,
 )  # fmt: skip
 _PREFLIGHT_KEYS = ("command", "timeout")
 _PROBES = ("http", "tcp", "exec", "docker")
@@ -127,6 +127,8 @@ _VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")
 _MAX_UID = 2**32 - 2  # uid_t; (uid_t) -1 means "no uid"
 _MAX_BACKUPS = 1000  # each rotation renames every backup
 _MAX_MULTIPLIER = 100.0
+_MIN_MEMORY = 1024**2  # max_memory: a limit below 1 MiB is one no program can meet
+_MAX_GRACE = 86400.0  # memory_grace: at most a day
 #: A message for what the validation did not foresee (the fuzz test looks for it).
 INTERNAL_ERROR = "internal error while loading"
 
@@ -391,6 +393,8 @@ def _parse_unit(
         "backoff": _parse_backoff(unit),
         "post_start": _parse_post_start(unit, partial=partial),
         "logs": _parse_logs(unit),
+        "max_memory": unit.get("max_memory", _max_memory, None),
+        "memory_grace": unit.get("memory_grace", _memory_grace, 5.0),
     }
     parse_job_keys(unit, fields, partial=partial)
     if partial or unit.sink.count > before or (command is None) == (container is None):
@@ -398,6 +402,20 @@ def _parse_unit(
     target = ProcessSpec(command=command) if command is not None else ContainerSpec(
         name=cast(str, container), recreate_command=recreate)  # fmt: skip
     return ServiceSpec(name=name, target=target, **fields), deps
+
+
+def _max_memory(value: object) -> int:
+    size = parse_size(value)
+    if size < _MIN_MEMORY:
+        raise ValueError(f"must be at least 1MiB, got {values.describe_value(value)}")
+    return size
+
+
+def _memory_grace(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds > _MAX_GRACE:
+        raise ValueError(f"must be at most 1d, got {values.describe_value(value)}")
+    return seconds
 
 
 def _parse_preflight(unit: TableReader, *, partial: bool) -> PreflightSpec | None:

@@ -30,6 +30,7 @@ from supervisor import __version__
 from supervisor import events as ev
 from supervisor.daemon_jobs import JobsMixin
 from supervisor.daemon_reload import ReloadMixin
+from supervisor.daemon_resources import ResourcesMixin
 from supervisor.daemon_takeover import TakeoverMixin
 from supervisor.daemonlog import DaemonLog, LibraryLogHandler
 from supervisor.drivers.base import Driver
@@ -63,7 +64,7 @@ _DOCKER_DOWN = "docker engine unreachable; keeping the last known state"
 Names = Sequence[str] | Literal["all"]
 
 
-class Daemon(ReloadMixin, TakeoverMixin, JobsMixin):
+class Daemon(ReloadMixin, TakeoverMixin, JobsMixin, ResourcesMixin):
     """All supervisors of one config, and what they report to.
 
     Args:
@@ -175,6 +176,7 @@ class Daemon(ReloadMixin, TakeoverMixin, JobsMixin):
         drops = self.log_drops.get(name)
         entry["logs_dropped_bytes"] = drops.bytes if drops is not None else 0
         entry["description"] = self.supervisors[name].spec.description
+        entry.update(self.resource_fields(name))
         return entry
 
     def _resolve(self, names: Names) -> list[str]:
@@ -530,6 +532,7 @@ class Daemon(ReloadMixin, TakeoverMixin, JobsMixin):
         if notifier.watchdog_interval() is not None:
             tg.start_soon(notifier.run_watchdog)
         tg.start_soon(self._notify_status, notifier)
+        tg.start_soon(self.watch_resources)
 
     async def _signals(self, signals: Any, notifier: Any) -> None:
         """Serve SIGHUP (reload) until SIGTERM/SIGINT, then shut down; a 2nd SIGINT kills."""

@@ -60,6 +60,7 @@ POST_START_FAILED: Final = "hostvisor.post_start.failed"
 DOCKER_DISCONNECTED: Final = "hostvisor.docker.disconnected"
 DOCKER_RECONNECTED: Final = "hostvisor.docker.reconnected"
 LOGS_DROPPED: Final = "hostvisor.logs.dropped"
+MEMORY_EXCEEDED: Final = "hostvisor.service.memory_exceeded"
 JOB_TRIGGERED: Final = "hostvisor.job.triggered"
 JOB_SKIPPED: Final = "hostvisor.job.skipped"
 JOB_SUCCEEDED: Final = "hostvisor.job.succeeded"
@@ -95,6 +96,7 @@ SEVERITY: Final[Mapping[str, str]] = {
     DOCKER_DISCONNECTED: "ERROR",
     DOCKER_RECONNECTED: "INFO",
     LOGS_DROPPED: "WARN",
+    MEMORY_EXCEEDED: "WARN",
     JOB_TRIGGERED: "INFO",
     JOB_SKIPPED: "WARN",
     JOB_SUCCEEDED: "INFO",

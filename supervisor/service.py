@@ -124,7 +124,7 @@ class ServiceSupervisor:
         self._want_up = spec.autostart
         self._kick = False
         self._restart_requested = False
-        self._health_restart = False
+        self._health_restart, self._forced = False, ""  # a forced restart, and its reason
         self._attempts = 0
         self._gen = 0
         self._seen_gen = 0
@@ -206,6 +206,15 @@ class ServiceSupervisor:
         self._restart_requested = True
         self._interrupt()
         return self._gen
+
+    def restart_for(self, message: str) -> bool:
+        """Restart the live instance through the failure path (policy, backoff, give_up_after)
+        as failing health checks do; ``message`` says why. False (nothing done) if none is live."""
+        if self.handle is None or self._scope is None:
+            return False
+        self._health_restart, self._forced = True, message
+        self._scope.cancel()
+        return True
 
     def _interrupt(self) -> None:
         self._interrupted = True
@@ -357,11 +366,8 @@ class ServiceSupervisor:
         self.retry_at = anyio.current_time() + delay
         # Outside the transition table on purpose: the state we were in is unknown.
         self.state, self.message = S.BACKOFF, f"{text}; supervisor restarts in {delay:.1f}s"
-        self._publish(
-            ev.SERVICE_BACKOFF,
-            self.message,
-            **{"error.type": type(cause).__name__, "hostvisor.backoff.delay_s": round(delay, 6)},
-        )
+        attrs = {"error.type": type(cause).__name__, "hostvisor.backoff.delay_s": round(delay, 6)}
+        self._publish(ev.SERVICE_BACKOFF, self.message, **attrs)
         self.changed.fire()
 
     def _settle(self) -> None:
@@ -405,19 +411,17 @@ class ServiceSupervisor:
         elif self._interrupted:
             self._after_interrupt()
         else:
-            # An unreachable Docker engine, or the daemon out of descriptors or memory, is
-            # not the service's failure: retry through backoff, not counted towards
-            # give_up_after.
+            # An unreachable Docker engine, or the daemon out of descriptors or memory, is not
+            # the service's failure: retry through backoff, not counted towards give_up_after.
             counted, self._not_counted = not self._not_counted, False
             self._after_failure(None, failed_start=counted, message=failure or "start failed")
 
     async def _spawn(self) -> tuple[Handle | None, str | None]:
         self._set_message("")
         assert self._task_group is not None
-        # A process spawn is shielded (it takes a millisecond, and a command arriving
-        # mid-spawn must not lose track of a child; the interrupt is seen by the next
-        # scope). A container start is not: it may run recreate_command for minutes, and
-        # the Docker driver leaves a container whose start was cancelled stopped.
+        # A process spawn is shielded (it takes a millisecond, and a command arriving mid-spawn
+        # must not lose track of a child; the next scope sees the interrupt). A container start
+        # is not: it may run recreate_command for minutes, and the driver stops it if cancelled.
         shield = self.spec.kind == "process"
         try:
             with anyio.CancelScope(shield=shield):
@@ -442,7 +446,7 @@ class ServiceSupervisor:
         if not resumed or self.instance_started_at is None:
             self.instance_started_at = anyio.current_time()
             self._reached_running = False
-        self._health_restart = False
+        self._health_restart, self._forced = False, ""
         status: ExitStatus | None = None
         if resumed and (self.state is S.STOPPING or self._restart_resumed):
             if self._restart_resumed:
@@ -462,8 +466,7 @@ class ServiceSupervisor:
                 tg.start_soon(readiness, self, handle, tg)
         self._scope = None
         if status is None:
-            # Interrupted by a command or by failing health checks: stop it ourselves,
-            # shielded and bounded.
+            # Interrupted by a command or a forced restart: stop it ourselves, shielded, bounded.
             self._set_state(S.STOPPING)
             status = await self._stop_handle(handle)
             self._record_exit(handle, status)
@@ -478,12 +481,11 @@ class ServiceSupervisor:
         self.instance_started_at = None
         self.health = self._no_instance_health()
         if self._health_restart:
-            # The same path as a crash: restart policy, backoff and give_up_after. The
-            # exit status is ours (we stopped it), so the decision sees a failure.
+            # The crash path (policy, backoff, give_up_after); the exit status is ours: a failure.
             self._after_failure(
                 None,
                 failed_start=not self._reached_running,
-                message="restarted: health checks failed",
+                message=self._forced or "restarted: health checks failed",
             )
         elif self._interrupted:
             self._after_interrupt()
@@ -579,14 +581,10 @@ class ServiceSupervisor:
         delay = self.backoff.next_delay()
         self.retry_at = anyio.current_time() + delay
         self._set_state(S.BACKOFF, f"{message}; retry in {delay:.1f}s")
-        self._publish(
-            ev.SERVICE_BACKOFF,
-            f"{message}; retry in {delay:.3f}s (attempt {self.backoff.attempt})",
-            **{
-                "hostvisor.backoff.delay_s": round(delay, 6),
-                "hostvisor.backoff.attempt": self.backoff.attempt,
-            },
-        )
+        attempt = self.backoff.attempt
+        attrs = {"hostvisor.backoff.delay_s": round(delay, 6), "hostvisor.backoff.attempt": attempt}
+        text = f"{message}; retry in {delay:.3f}s (attempt {attempt})"
+        self._publish(ev.SERVICE_BACKOFF, text, **attrs)
 
 
 def exception_leaves(exc: BaseException) -> Iterator[BaseException]:

@@ -249,6 +249,8 @@ class ServiceSpec:
         run_timeout: seconds a run of a job (scheduled or one-shot) may take before it is
             stopped with ``stop``; ``None`` = no limit.
         on_failure: the hook run when a job's run fails or a service goes FATAL.
+        max_memory: bytes of resident memory the instance's whole tree may hold for
+            ``memory_grace`` seconds before it is restarted; ``None`` = no limit.
     """
 
     name: str
@@ -275,6 +277,8 @@ class ServiceSpec:
     schedule: ScheduleSpec | None = None
     run_timeout: float | None = None
     on_failure: OnFailureSpec | None = None
+    max_memory: int | None = None
+    memory_grace: float = 5.0
 
     @property
     def is_job(self) -> bool:

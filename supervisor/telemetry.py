@@ -46,7 +46,21 @@ hostvisor.job.skipped             counter          hostvisor.service.name,
 ({trigger})                                        hostvisor.job.skip_reason (``running``
                                                    or ``missed``); one per
                                                    ``hostvisor.job.skipped`` event
+process.cpu.utilization (1)       gauge            hostvisor.service.name; the tree's CPU
+                                                   time delta / (elapsed x logical CPUs)
+process.cpu.time (s)              observable       hostvisor.service.name, cpu.mode
+                                  counter          (``user``, ``system``); accumulated over
+                                                   every instance, so it only grows
+process.memory.usage (By)         observable up-   hostvisor.service.name; resident memory
+                                  down counter     summed over the tree
+hostvisor.service.gpu.memory      observable up-   hostvisor.service.name; GPU memory of the
+.usage (By)                       down counter     tree (only where NVML works)
 ================================  ===============  ======================================
+
+The resource metrics (names and units of the semantic conventions' ``process.*``
+metrics) report the last sample of :mod:`supervisor.resources`; the daemon samples at
+the metric export interval while telemetry is on and hands the result over with
+:meth:`Telemetry.update_resources`.
 
 The job metrics never carry ``hostvisor.job.run`` (the run number): one time
 series per run would grow without bound.
@@ -134,6 +148,10 @@ LOG_BYTES_DROPPED: Final = "hostvisor.logs.dropped"
 JOB_RUN_DURATION: Final = "hostvisor.job.run.duration"
 JOB_RUNS: Final = "hostvisor.job.runs"
 JOB_SKIPS: Final = "hostvisor.job.skipped"
+CPU_UTILIZATION: Final = "process.cpu.utilization"
+CPU_TIME: Final = "process.cpu.time"
+MEMORY_USAGE: Final = "process.memory.usage"
+GPU_MEMORY_USAGE: Final = "hostvisor.service.gpu.memory.usage"
 _SERVICE: Final = "hostvisor.service.name"
 _OUTCOME: Final = "hostvisor.job.outcome"
 _SKIP_REASON: Final = "hostvisor.job.skip_reason"
@@ -191,6 +209,9 @@ class Telemetry:
         self._observation = Observation
         self._severity = SeverityNumber  # members are named DEBUG, INFO, WARN, ERROR
         self._states: Mapping[str, tuple[ServiceState, Health]] = {}
+        self._usage: Mapping[str, Any] = {}  # service -> daemon_resources.Usage
+        #: Seconds between metric exports: the daemon samples resources this often.
+        self.metric_interval = 60.0
         self._last_seq: int | None = None
         self._drops: Counter[str] = Counter()
         self._lock = threading.Lock()  # drops come from the loop and the export thread
@@ -220,6 +241,17 @@ class Telemetry:
             UP, [self._observe_up], "1", "1 when running and not unhealthy"
         )
         meter.create_observable_gauge(STATE, [self._observe_state], "1", "1 for the current state")
+        self._cpus = os.cpu_count() or 1
+        meter.create_observable_gauge(
+            CPU_UTILIZATION, [self._observe_cpu], "1", "CPU time / (elapsed x logical CPUs)"
+        )
+        meter.create_observable_counter(CPU_TIME, [self._observe_cpu_time], "s", "CPU seconds")
+        meter.create_observable_up_down_counter(
+            MEMORY_USAGE, [self._observe_memory], "By", "Resident memory of the tree"
+        )
+        meter.create_observable_up_down_counter(
+            GPU_MEMORY_USAGE, [self._observe_gpu], "By", "GPU memory of the tree"
+        )
 
     def __repr__(self) -> str:
         return f"<Telemetry emitted={self.emitted} dropped={self.dropped}>"
@@ -321,6 +353,39 @@ class Telemetry:
             for name, (state, health) in self._states.items()
         ]
 
+    def update_resources(self, usage: Mapping[str, Any]) -> None:
+        """Replace (on the event loop) what the resource metrics report: service ->
+        :class:`supervisor.daemon_resources.Usage`."""
+        self._usage = dict(usage)
+
+    def _observe_cpu(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            self._observation(u.figures.cpu_percent / 100 / self._cpus, {_SERVICE: name})
+            for name, u in self._usage.items()
+            if u.figures.cpu_percent is not None
+        ]
+
+    def _observe_cpu_time(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            self._observation(seconds, {_SERVICE: name, "cpu.mode": mode})
+            for name, u in self._usage.items()
+            for mode, seconds in zip(("user", "system"), u.cpu_seconds, strict=True)
+        ]
+
+    def _observe_memory(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            self._observation(u.figures.memory_bytes, {_SERVICE: name})
+            for name, u in self._usage.items()
+            if u.figures.memory_bytes is not None
+        ]
+
+    def _observe_gpu(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            self._observation(u.figures.gpu_memory_bytes, {_SERVICE: name})
+            for name, u in self._usage.items()
+            if u.figures.gpu_memory_bytes is not None
+        ]
+
     def _observe_state(self, _options: CallbackOptions) -> Iterable[Observation]:
         return [
             self._observation(
@@ -393,6 +458,7 @@ def _build(
         on_failed=lambda count: telemetry._drop("export_failed", count),
     )
     telemetry._exporter = exporter
+    telemetry.metric_interval = settings.metric_interval
     processor = BatchLogRecordProcessor(
         exporter,  # type: ignore[arg-type]  # duck-typed LogRecordExporter
         schedule_delay_millis=settings.schedule_delay * 1000,

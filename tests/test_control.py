@@ -210,7 +210,18 @@ class TestFraming:
 
     def test_every_method_of_the_contract_is_served(self) -> None:
         """One table: the contract's methods, each with a server handler."""
-        expected = {"status", "start", "stop", "restart", "reload", "reexec", "logs", "events"}
+        expected = {
+            "status",
+            "start",
+            "stop",
+            "restart",
+            "reload",
+            "reexec",
+            "logs",
+            "events",
+            "signal",
+            "resources",
+        }
         assert set(protocol.METHODS) == expected
         assert set(HANDLERS) == expected
 

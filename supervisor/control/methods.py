@@ -101,6 +101,14 @@ class ControlTarget(Protocol):
         """``{"added","removed","changed","unchanged"}``; raises ConfigRejected(data=[str])."""
         ...
 
+    async def refresh_resources(self, max_age: float) -> None:
+        """Sample CPU and memory unless the last sample is at most ``max_age`` s old."""
+        ...
+
+    def resources(self, names: Sequence[str] | None) -> dict[str, Any]:
+        """``{"time", "services": {name: {cpu_percent, memory_bytes, processes}}}``."""
+        ...
+
     def log_path(self, service: str | None) -> Path:
         """The log file of ``service``; ``None`` is the daemon log."""
         ...
@@ -152,7 +160,15 @@ async def dispatch_reexec(
 
 
 async def _status(target: ControlTarget, params: dict[str, Any]) -> Any:
+    await target.refresh_resources(2.0)
     return target.status(params["services"])
+
+
+async def _resources(target: ControlTarget, params: dict[str, Any]) -> Any:
+    if params["services"]:  # an unknown name fails before any sample
+        target.resources(params["services"])
+    await target.refresh_resources(params["max_age"])
+    return target.resources(params["services"])
 
 
 async def _start(target: ControlTarget, params: dict[str, Any]) -> Any:
@@ -194,6 +210,7 @@ HANDLERS: dict[str, Callable[[ControlTarget, dict[str, Any]], Awaitable[Any]]] =
     "reexec": _reload,  # not reached: the server calls dispatch_reexec
     "logs": _logs,
     "events": _events,
+    "resources": _resources,
 }
 
 

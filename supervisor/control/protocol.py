@@ -269,6 +269,20 @@ def _status(params: Mapping[str, Any]) -> dict[str, Any]:
     return {"services": None if services is None else _names(services, "services")}
 
 
+def _resources(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"services": [names]?, "max_age": seconds?}``: max_age defaults to 1 and is
+    clamped to 0.2 .. 60 seconds."""
+    _only(params, frozenset({"services", "max_age"}))
+    services = params.get("services")
+    age = params.get("max_age", 1.0)
+    if isinstance(age, bool) or not isinstance(age, int | float) or not math.isfinite(age):
+        raise _bad("max_age: expected seconds (a number)")
+    return {
+        "services": None if services is None else _names(services, "services"),
+        "max_age": min(60.0, max(0.2, float(age))),
+    }
+
+
 def _action(params: Mapping[str, Any]) -> dict[str, Any]:
     _only(params, frozenset({"services", "wait", "timeout"}))
     if "services" not in params:
@@ -356,6 +370,7 @@ METHODS: Final[Mapping[str, Method]] = {
         Method("signal", _signal),
         Method("logs", _logs, streams=True, notification="log"),
         Method("events", _events, streams=True, notification="event"),
+        Method("resources", _resources),
     )
 }
 

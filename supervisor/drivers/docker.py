@@ -399,6 +399,18 @@ class DockerDriver(EngineEvents):
             raise DriverError(f"docker kill {record.name!r}: {exc.explanation or exc}") from exc
         return True
 
+    async def stats(self, container_id: str) -> dict[str, Any] | None:
+        """One ``docker stats --no-stream`` answer for a container (the engine's
+        ``GET /containers/{id}/stats?stream=false&one-shot=true``, bounded like every call);
+        ``None`` when it is gone, the engine is unreachable or refused, or the answer is not
+        an object. Read by :func:`supervisor.resources.container_figures`."""
+        try:
+            api = self._api()
+            doc = await self._call(lambda: api.stats(container_id, stream=False, one_shot=True))
+        except (DriverError, docker.errors.APIError):
+            return None
+        return doc if isinstance(doc, dict) else None
+
     # ------------------------------------------------------------- Driver
     async def adopt(self, spec: ServiceSpec, *, task_group: TaskGroup) -> ContainerHandle | None:
         """A handle on the unit's container if it runs (no restart), else ``None``.

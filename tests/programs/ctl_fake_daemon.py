@@ -108,6 +108,20 @@ class FakeTarget:
     async def restart(self, names: Names, *, wait: bool, timeout: float) -> dict[str, Any]:
         return await self._act("restart", names, wait, timeout)
 
+    async def signal(self, names: Sequence[str], sig: int, *, group: bool) -> dict[str, Any]:
+        self.calls.append(("signal", (list(names), sig, group)))
+        return {"services": [{**self._entry(n), "signalled": True} for n in self._check(names)]}
+
+    async def refresh_resources(self, max_age: float) -> None:
+        self.calls.append(("refresh_resources", max_age))
+
+    def resources(self, names: Sequence[str] | None) -> dict[str, Any]:
+        figures = {"cpu_percent": None, "memory_bytes": None, "processes": None}
+        return {
+            "time": "2026-01-01T00:00:00Z",
+            "services": {n: dict(figures) for n in self._check(names)},
+        }
+
     async def reload(self) -> dict[str, Any]:
         self.calls.append(("reload", None))
         if self.reject_reload:
