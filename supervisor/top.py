@@ -48,6 +48,9 @@ __all__ = ["TopApp", "run_top"]
 SAMPLE_EVERY = 1.0
 #: Events after which every service is fetched again.
 _FULL_REFRESH = frozenset({"hostvisor.daemon.reloaded", "hostvisor.daemon.started"})
+#: Right-aligned columns, and fixed widths of those whose figures change (no jitter).
+_RIGHT = frozenset({"PID", "CPU%", "MEM", "RESTARTS"})
+_WIDTHS = {"PID": 8, "CPU%": 6, "MEM": 10, "UPTIME": 7, "RESTARTS": 8, "LAST-EXIT": 16}
 
 
 class FilterInput(Input):
@@ -97,6 +100,8 @@ class TopApp(App[int]):
         self._fetching: dict[str, bool] = {}  # name -> fetch again when this one ends
         self._shown: list[str] = []
         self._change = asyncio.Event()
+        #: The actions sent this session, ``"restart api"``: for tests and scripts.
+        self.sent: list[str] = []
         self.plain = self.no_color or os.environ.get("NO_COLOR", "") != ""
 
     # ------------------------------------------------------------------ layout
@@ -106,7 +111,8 @@ class TopApp(App[int]):
         yield Static("daemon unreachable, retrying", id="banner", markup=False)
         table: DataTable[str | Text] = DataTable(cursor_type="row", zebra_stripes=False)
         for column in COLUMNS:
-            table.add_column(column, key=column)
+            label = Text(column, justify="right" if column in _RIGHT else "left")
+            table.add_column(label, key=column, width=_WIDTHS.get(column))
         yield table
         yield Static("", id="detail", markup=False)
         with Horizontal(classes="spark"):
@@ -158,6 +164,8 @@ class TopApp(App[int]):
     # ------------------------------------------------------------------ drawing
 
     def _styled(self, column: str, text: str) -> str | Text:
+        if column in _RIGHT:
+            return Text(text, justify="right")
         if self.plain or column not in ("STATE", "HEALTH"):
             return text
         return Text(text, style=STYLES.get(text, ""))
@@ -182,7 +190,9 @@ class TopApp(App[int]):
                 new = self.board.rows[name].cells(now, wall)
                 for column, text, before in zip(COLUMNS, new, self.cells(name), strict=True):
                     if text != before:
-                        table.update_cell(name, column, self._styled(column, text))
+                        table.update_cell(
+                            name, column, self._styled(column, text), update_width=True
+                        )
         self._show_detail()
         self.changed()
 
@@ -337,6 +347,7 @@ class TopApp(App[int]):
         self.changed()
 
     async def _send(self, verb: str, name: str) -> None:
+        self.sent.append(f"{verb} {name}")
         try:
             result = await self.control.call(verb, {"services": [name], "wait": False})
         except ControlError as exc:
