@@ -103,32 +103,38 @@ class TopApp(App[int]):
         #: The actions sent this session, ``"restart api"``: for tests and scripts.
         self.sent: list[str] = []
         self.plain = self.no_color or os.environ.get("NO_COLOR", "") != ""
+        # Kept, not queried: workers and messages may outlive the default screen at exit.
+        self._banner = Static("daemon unreachable, retrying", id="banner", markup=False)
+        self._table: DataTable[str | Text] = DataTable(cursor_type="row", zebra_stripes=False)
+        self._detail = Static("", id="detail", markup=False)
+        self._cpu = Sparkline([], id="cpu-spark")
+        self._memory = Sparkline([], id="memory-spark")
+        self._filter = FilterInput(placeholder="filter by name", id="filter")
 
     # ------------------------------------------------------------------ layout
 
     def compose(self) -> ComposeResult:
         yield Static(f"hostvisor top  {self.control.path}", id="title", markup=False)
-        yield Static("daemon unreachable, retrying", id="banner", markup=False)
-        table: DataTable[str | Text] = DataTable(cursor_type="row", zebra_stripes=False)
+        yield self._banner
         for column in COLUMNS:
             label = Text(column, justify="right" if column in _RIGHT else "left")
-            table.add_column(label, key=column, width=_WIDTHS.get(column))
-        yield table
-        yield Static("", id="detail", markup=False)
+            self._table.add_column(label, key=column, width=_WIDTHS.get(column))
+        yield self._table
+        yield self._detail
         with Horizontal(classes="spark"):
             yield Static("CPU", markup=False)
-            yield Sparkline([], id="cpu-spark")
+            yield self._cpu
         with Horizontal(classes="spark"):
             yield Static("MEM", markup=False)
-            yield Sparkline([], id="memory-spark")
-        yield FilterInput(placeholder="filter by name", id="filter")
+            yield self._memory
+        yield self._filter
         yield Footer()
 
     def on_mount(self) -> None:
         if self._initial is not None:
             self.board.replace(self._initial.get("services", []))
             self._show()
-        self.query_one(DataTable).focus()
+        self._table.focus()
         self.run_worker(self._follow_events(), name="events", exit_on_error=False)
         self.run_worker(self._sample_loop(), name="resources", exit_on_error=False)
 
@@ -151,12 +157,12 @@ class TopApp(App[int]):
 
     def cells(self, name: str) -> list[str]:
         """The text of ``name``'s row as shown (KeyError if it is not shown)."""
-        return [str(cell) for cell in self.query_one(DataTable).get_row(name)]
+        return [str(cell) for cell in self._table.get_row(name)]
 
     @property
     def selected(self) -> str | None:
         """The name of the selected row, None when no row is shown."""
-        table = self.query_one(DataTable)
+        table = self._table
         if not self._shown or table.cursor_row < 0:
             return None
         return self._shown[min(table.cursor_row, len(self._shown) - 1)]
@@ -172,7 +178,7 @@ class TopApp(App[int]):
 
     def _show(self) -> None:
         """Bring the table in line with the board (only changed cells are touched)."""
-        table: DataTable[str | Text] = self.query_one(DataTable)
+        table = self._table
         names = self.board.visible(self.needle)
         now, wall = time.monotonic(), time.time()
         if names != self._shown:
@@ -198,9 +204,7 @@ class TopApp(App[int]):
 
     def _show_detail(self) -> None:
         name = self.selected
-        detail = self.query_one("#detail", Static)
-        cpu = self.query_one("#cpu-spark", Sparkline)
-        memory = self.query_one("#memory-spark", Sparkline)
+        detail, cpu, memory = self._detail, self._cpu, self._memory
         row = self.board.rows.get(name) if name else None
         if row is None:
             detail.update(f"no service matches {self.needle!r}" if self.needle else "no service")
@@ -216,7 +220,7 @@ class TopApp(App[int]):
 
     def _set_reachable(self, reachable: bool) -> None:
         self.reachable = reachable
-        self.query_one("#banner", Static).set_class(not reachable, "shown")
+        self._banner.set_class(not reachable, "shown")
         self.changed()
 
     @on(DataTable.RowHighlighted)
@@ -316,7 +320,7 @@ class TopApp(App[int]):
         self.changed()
 
     def action_filter(self) -> None:
-        field = self.query_one("#filter", FilterInput)
+        field = self._filter
         field.add_class("shown")
         field.focus()
         self.changed()
@@ -329,8 +333,8 @@ class TopApp(App[int]):
     @on(Input.Submitted, "#filter")
     def _filter_done(self, event: Input.Submitted) -> None:
         self.needle = event.value.strip()
-        self.query_one("#filter", FilterInput).remove_class("shown")
-        self.query_one(DataTable).focus()
+        self._filter.remove_class("shown")
+        self._table.focus()
         self._show()
 
     def action_act(self, verb: str) -> None:
