@@ -50,7 +50,7 @@ SAMPLE_EVERY = 1.0
 _FULL_REFRESH = frozenset({"hostvisor.daemon.reloaded", "hostvisor.daemon.started"})
 #: Right-aligned columns, and fixed widths of those whose figures change (no jitter).
 _RIGHT = frozenset({"PID", "CPU%", "MEM", "RESTARTS"})
-_WIDTHS = {"PID": 8, "CPU%": 6, "MEM": 10, "UPTIME": 7, "RESTARTS": 8, "LAST-EXIT": 16}
+_WIDTHS = {"PID": 12, "CPU%": 6, "MEM": 10, "UPTIME": 7, "RESTARTS": 8, "LAST-EXIT": 16}
 
 
 class FilterInput(Input):

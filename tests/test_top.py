@@ -276,6 +276,14 @@ class TestDaemon:
             f"hostvisor: no daemon at {tmp_path / 'no.sock'} (start one with: hostvisor run -c {config})"
         ]
 
+    def test_not_a_terminal_is_2(self, two: DaemonProcess) -> None:
+        """Piped (no terminal), ``top`` says so in one line and exits 2 (a usage mistake)."""
+        done = two.cli("top")
+        assert done.returncode == 2
+        assert done.stderr.splitlines() == [
+            "hostvisor: top: needs a terminal (stdin and stdout); try: hostvisor status"
+        ]
+
     def test_other_verbs_do_not_import_textual(self, tmp_path: Path) -> None:
         """textual is imported by ``top`` only: ``status`` stays fast."""
         code = (
