@@ -99,6 +99,7 @@ class TopApp(App[int]):
         self._resources = True  # the daemon may have the method; False after -32601
         self._fetching: dict[str, bool] = {}  # name -> fetch again when this one ends
         self._shown: list[str] = []
+        self._texts: dict[str, list[str]] = {}  # the cells shown, by name
         self._change = asyncio.Event()
         #: The actions sent this session, ``"restart api"``: for tests and scripts.
         self.sent: list[str] = []
@@ -184,8 +185,9 @@ class TopApp(App[int]):
         if names != self._shown:
             keep = self.selected
             table.clear()
+            self._texts = {}
             for name in names:
-                cells = self.board.rows[name].cells(now, wall)
+                cells = self._texts[name] = self.board.rows[name].cells(now, wall)
                 styled = (self._styled(c, t) for c, t in zip(COLUMNS, cells, strict=True))
                 table.add_row(*styled, key=name)
             self._shown = names
@@ -194,11 +196,14 @@ class TopApp(App[int]):
         else:
             for name in names:
                 new = self.board.rows[name].cells(now, wall)
-                for column, text, before in zip(COLUMNS, new, self.cells(name), strict=True):
-                    if text != before:
+                old = self._texts.get(name, [])
+                for column, text, before in zip(COLUMNS, new, old, strict=True):
+                    if text != before:  # fixed-width columns need no new layout
+                        fit = column not in _WIDTHS
                         table.update_cell(
-                            name, column, self._styled(column, text), update_width=True
+                            name, column, self._styled(column, text), update_width=fit
                         )
+                self._texts[name] = new
         self._show_detail()
         self.changed()
 
