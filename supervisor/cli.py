@@ -484,6 +484,16 @@ def _reexec(args: argparse.Namespace, client: ControlClient) -> int:
     return EXIT_OK
 
 
+def _top(args: argparse.Namespace, client: ControlClient) -> int:
+    doc = client.call("status", {})  # no daemon: exit 4 here, before the screen opens
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        _fail("top: needs a terminal (stdin and stdout); try: hostvisor status")
+        return EXIT_USAGE
+    from supervisor.top import run_top  # textual: only for this verb
+
+    return run_top(client.path, doc)
+
+
 def _parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument(
@@ -527,6 +537,7 @@ def _parser() -> argparse.ArgumentParser:
     events = verb("events", _with_client(_events), "print recent events")
     events.add_argument("-f", "--follow", action="store_true", help="follow new events")
     events.add_argument("--json", action="store_true", help="one JSON object per line")
+    verb("top", _with_client(_top), "a live view of the services; start, stop, restart from it")
     for name, run in (("install", _install), ("uninstall", _uninstall)):
         sub = verb(name, run, f"{name} a systemd user unit or launchd agent")
         managers = sub.add_mutually_exclusive_group()
