@@ -171,6 +171,7 @@ class TestStatus:
             fields = {
                 "name", "kind", "state", "health", "pid", "container_id", "restarts",
                 "uptime_seconds", "last_exit", "message", "port", "logs_dropped_bytes", "adopted",
+                "description", "cpu_percent", "memory_bytes", "processes",
             }  # fmt: skip
             by_name = {s["name"]: s for s in doc["services"]}
             assert [s["name"] for s in doc["services"]] == ["once", "web"]
@@ -189,6 +190,10 @@ class TestStatus:
             assert isinstance(w["message"], str)
             assert (o["state"], o["health"], o["pid"], o["port"]) == ("exited", "none", None, None)
             assert o["last_exit"] == {"code": 3, "signal": None} and o["uptime_seconds"] is None
+            # Resource figures (issue 12): the running tree is sampled, an ended one is null.
+            assert isinstance(w["cpu_percent"], float) and w["cpu_percent"] >= 0
+            assert w["memory_bytes"] > 0 and w["processes"] >= 1
+            assert (o["cpu_percent"], o["memory_bytes"], o["processes"]) == (None, None, None)
 
 
 class TestActions:
