@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from supervisor import gpu
+from supervisor import gpu, resources
 from supervisor.control.client import ControlClient
 from supervisor.errors import ControlError
 from supervisor.resources import (
@@ -134,6 +134,50 @@ class TestSampler:
                 assert found["k"].processes == 3
                 assert escapee.pid in found["k"].pids
                 assert found["run2"].pids == {other_run.pid}
+
+    def test_a_child_born_between_full_passes_is_counted(self) -> None:
+        """Passes between two full ones skip only processes known to be foreign: a child
+        a service forks after a sample is counted by the next one."""
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", "read x; sleep 3600 & wait"],
+            stdin=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            sampler = Sampler()
+            trees = [service_tree(proc)]  # type: ignore[arg-type]
+            assert sampler.sample(trees)["k"].processes == 1
+            assert os.getpid() in sampler._foreign  # the test runner is none of ours
+            assert proc.stdin is not None
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
+            until(sampler, trees, lambda f: f["k"].processes == 2)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def test_a_foreign_pid_is_read_again_at_the_next_full_pass(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A /proc of files: pid 50 is foreign at the first pass and not read again until
+        the next full one (FULL_PASS_EVERY), which sees it in the service's group."""
+        (tmp_path / "self").mkdir()
+        (tmp_path / "self" / "stat").write_text("")
+
+        def write(pid: int, ppid: int, pgrp: int) -> None:
+            (tmp_path / str(pid)).mkdir(exist_ok=True)
+            fields = ["S", str(ppid), str(pgrp), *["0"] * 16, "100", "0", "0", "25"]
+            (tmp_path / str(pid) / "stat").write_text(f"{pid} (x y) " + " ".join(fields))
+
+        write(40, 1, 40)
+        write(50, 1, 50)
+        sampler = Sampler(proc_root=str(tmp_path), daemon_pid=2)
+        trees = [Tree(key="k", service="s", run="", pgid=40)]
+        assert sampler.sample(trees)["k"].processes == 1
+        write(50, 40, 40)  # what a reused pid would look like
+        assert sampler.sample(trees)["k"].processes == 1  # skipped: known foreign
+        monkeypatch.setattr(resources, "FULL_PASS_EVERY", 0.0)
+        assert sampler.sample(trees)["k"].processes == 2
 
     def test_cpu_seconds_only_grow(self) -> None:
         """process.cpu.time's source: the per-service total never goes down, even after
