@@ -275,11 +275,12 @@ class ProcessHandle:
 
     async def send_signal(self, sig: int, *, group: bool = False) -> bool:
         """Send ``sig`` to the main process (``group``: to its whole process group) while it
-        runs, never to a reused pid (module docstring); False once it has ended."""
-        if self._leader is not None:
-            return False
+        runs, never to a reused pid (module docstring); False once it has ended. The group
+        is reached while any member remains, even after the main process exited."""
         if group:
             return self.signal_group(sig)
+        if self._leader is not None:
+            return False
         try:
             if self._pidfd is not None:  # names this very process, even after it exits
                 signal.pidfd_send_signal(self._pidfd, sig)

@@ -38,3 +38,16 @@ def test_stop_after_sigstop_is_graceful(tmp_path: Path) -> None:
         assert entry["last_exit"] == {"code": 0, "signal": None}, entry["last_exit"]
         log = (d.state / "logs" / "frozen.log").read_text()
         assert "graceful" in log
+
+
+def test_group_reaches_members_left_after_the_main_process_exited(tmp_path: Path) -> None:
+    """The main process exited, a member that ignores SIGTERM lingers in the group (the
+    sweep waits stop_timeout for it): ``signal NAME KILL --group`` reaches it, so the
+    service need not wait the whole stop_timeout."""
+    script = "trap '' TERM; (trap '' TERM; exec sleep 1000) & exit 0"
+    unit = f'command = ["bash", "-c", "{script}"]\nrestart = "no"\nstop_timeout = "60s"\n'
+    with daemon(tmp_path, units={"linger": unit}) as d:
+        d.wait_state("linger", "stopping")
+        done = d.cli("signal", "linger", "KILL", "--group")
+        assert done.returncode == 0, done.stderr
+        d.wait_for(lambda: d.status("linger")["state"] != "stopping", 15, "the group gone")
