@@ -263,6 +263,7 @@ class _Keeper:
         self.failing: str | None = None  # the path of a failure episode under way
         self.busy = threading.Lock()
         self.host = socket.gethostname()
+        self.written: Path | None = None  # the last page written (it says it is kept)
 
     def path(self) -> Path | None:
         return self.daemon.loaded.daemon.status_page  # read at every write: a reload moves it
@@ -274,20 +275,32 @@ class _Keeper:
         return render_markdown(doc, host=self.host, now=datetime.now().astimezone(), note=note)
 
     async def write(self, *, note: str) -> None:
-        """Render and write the page once (if one is configured); never raises."""
+        """Render and write the page once (if one is configured); never raises. A page
+        that a reload moved or removed is rewritten once to say it is no longer kept."""
+        path = self.path()
+        if getattr(self.daemon, "reexecuting", False):
+            return
+        old = self.written
+        if old is not None and old != path:  # moved or removed by a reload: say so there
+            self.written = None
+            now = datetime.now().astimezone().isoformat(timespec="seconds")
+            where = f"status_page is now {path}" if path else "status_page was removed"
+            await self._write_to(old, f"This page is no longer kept since {now}: {where}.")
+        if path is not None and await self._write_to(path, note):
+            self.written = path
+
+    async def _write_to(self, path: Path, note: str) -> bool:
+        """:meth:`write` at ``path``; True when written."""
         import anyio
 
-        path = self.path()
-        if path is None or getattr(self.daemon, "reexecuting", False):
-            return
         try:
             data = (await self.page(note)).encode("utf-8", "replace")
         except Exception as exc:  # a status entry that cannot be shown must not end us
             self._failed(path, f"cannot render the status page: {type(exc).__name__}: {exc}")
-            return
+            return False
         if not self.busy.acquire(blocking=False):
             self._failed(path, f"cannot write {path}: an earlier write still hangs")
-            return
+            return False
 
         def work() -> None:
             try:
@@ -310,6 +323,8 @@ class _Keeper:
             if self.failing is not None:
                 self.daemon.log_line("info", f"status page {path} written again")
             self.failing = None
+            return True
+        return False
 
     def _failed(self, path: Path, line: str) -> None:
         if self.failing != str(path):  # one warning per episode (and per path)

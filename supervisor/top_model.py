@@ -9,7 +9,9 @@ moment an entry arrived), ``wall`` is :func:`time.time` (a job's next run).
 
 from __future__ import annotations
 
+import re
 import time
+import unicodedata
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -17,7 +19,16 @@ from typing import Any
 
 from supervisor.cli_jobs import duration_text, is_job, job_cells
 
-__all__ = ["COLUMNS", "HISTORY", "STYLES", "Board", "Row", "human_bytes", "percent_text"]
+__all__ = [
+    "COLUMNS",
+    "HISTORY",
+    "STYLES",
+    "Board",
+    "Row",
+    "human_bytes",
+    "percent_text",
+    "printable",
+]
 
 #: The table's columns, left to right.
 COLUMNS = (
@@ -32,6 +43,33 @@ COLUMNS = (
     "RESTARTS",
     "LAST-EXIT",
 )
+#: Terminal escape sequences (ECMA-48): CSI, the string commands (OSC, DCS, SOS, PM, APC)
+#: up to their terminator, then any other ESC + one character; 7-bit and 8-bit forms.
+_ESCAPES = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]?"
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f]).*?(?:\x07|\x1b\\|\x9c|$)"
+    r"|\x1b[ -~]?",
+    re.DOTALL,
+)
+#: Bidirectional overrides and isolates (Trojan Source): never shown.
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(line: str) -> str:
+    """``line`` (a service's own output) safe to put on a terminal: escape sequences are
+    removed (they would clear the screen, move the cursor, retitle the window or set the
+    clipboard), tabs expanded, line breaks (CR, VT, FF, U+2028...) become a space, other
+    control characters (C0, DEL, C1) and bidi overrides are dropped."""
+    out = []
+    for char in _ESCAPES.sub("", line).expandtabs(8):
+        category = unicodedata.category(char)
+        if category in ("Zl", "Zp") or char in "\r\n\v\f\x1c\x1d\x1e\x85":
+            out.append(" ")
+        elif category != "Cc" and char not in _BIDI:
+            out.append(char)
+    return "".join(out)
+
+
 #: Samples kept per service for the sparklines: one a second, the last minute.
 HISTORY = 60
 #: rich styles of states and health values (as ``hostvisor status`` on a terminal).

@@ -13,6 +13,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Log, Static
 
 from supervisor.errors import ControlError, DaemonUnreachable, UnknownService
+from supervisor.top_model import printable
 
 if TYPE_CHECKING:
     from supervisor.top_client import AsyncControl
@@ -121,10 +122,11 @@ class LogScreen(Screen[None]):
                 async with self.control.follow("logs", params) as feed:
                     status.update("")
                     log.clear()
-                    log.write_lines(feed.result.get("lines", []))
+                    log.write_lines([printable(str(x)) for x in feed.result.get("lines", [])])
                     self._changed()
                     async for item in feed:
-                        log.write_line(str(item.get("line", "")) if isinstance(item, dict) else "")
+                        line = item.get("line", "") if isinstance(item, dict) else ""
+                        log.write_line(printable(str(line)))
                         self._changed()
             except UnknownService as exc:
                 status.update(str(exc))

@@ -275,11 +275,12 @@ class ProcessHandle:
 
     async def send_signal(self, sig: int, *, group: bool = False) -> bool:
         """Send ``sig`` to the main process (``group``: to its whole process group) while it
-        runs, never to a reused pid (module docstring); False once it has ended."""
-        if self._leader is not None:
-            return False
+        runs, never to a reused pid (module docstring); False once it has ended. The group
+        is reached while any member remains, even after the main process exited."""
         if group:
             return self.signal_group(sig)
+        if self._leader is not None:
+            return False
         try:
             if self._pidfd is not None:  # names this very process, even after it exits
                 signal.pidfd_send_signal(self._pidfd, sig)
@@ -312,10 +313,16 @@ class ProcessHandle:
         outlives the instance. Returns the leader's exit status.
         """
         deadline = anyio.current_time() + stop.timeout
+        # Then SIGCONT, as systemd does (systemd.kill(5)): a process stopped with SIGSTOP
+        # (``hostvisor signal NAME STOP``) could not act on the stop signal until SIGKILL.
+        wake = stop.signal not in (signal.SIGKILL, signal.SIGCONT)
         escaped = await self._find_escapees()
         for proc in escaped:
-            signal_verified(proc, stop.signal)
+            if signal_verified(proc, stop.signal) and wake:
+                signal_verified(proc, signal.SIGCONT)
         signalled = self.signal_group(stop.signal)
+        if signalled and wake:
+            self.signal_group(signal.SIGCONT)
         if signalled:
             with anyio.move_on_after(stop.timeout):
                 await self.wait_group()
@@ -328,7 +335,8 @@ class ProcessHandle:
             known = {(p.pid, p.create_time()) for p in escaped}
             for proc in await self._find_escapees():
                 if (proc.pid, proc.create_time()) not in known:
-                    signal_verified(proc, stop.signal)
+                    if signal_verified(proc, stop.signal) and wake:
+                        signal_verified(proc, signal.SIGCONT)
                     escaped.append(proc)
         if escaped:
             left = max(0.0, deadline - anyio.current_time())
