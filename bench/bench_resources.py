@@ -77,7 +77,7 @@ def bench_sample(n: int, repeats: int) -> None:
         sample = median_ms(lambda: sampler.sample(trees), repeats)
         base = median_ms(baseline, repeats)
         original = resources._scan
-        resources._scan = lambda root: {  # type: ignore[assignment]
+        resources._scan = lambda root, *_: {  # type: ignore[assignment]
             pid: (i.ppid, i.pgrp, i) for pid, i in resources._read_psutil().items()
         }
         try:

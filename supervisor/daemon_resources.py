@@ -101,6 +101,12 @@ class ResourcesMixin:
     _container_cpu: dict[str, tuple[float, float]] | None = None
     #: instance key -> monotonic time its memory was first seen over the limit
     _over: dict[Hashable, float] | None = None
+    #: service -> (its instances' keys, its fields) from the last sample, built on first use
+    _fields: dict[str, tuple[tuple[Hashable, ...], dict[str, Any]]] | None = None
+    #: id(handle) -> (the handle, its tree) of the process instances of the last sample
+    _trees: dict[int, tuple[Any, Tree]] | None = None
+    #: (the services mapping and its size) -> whether any unit has ``max_memory``
+    _limited: tuple[int, int, bool] = (0, -1, False)
 
     def _resolve(self, names: Any) -> list[str]:
         raise NotImplementedError
@@ -111,7 +117,25 @@ class ResourcesMixin:
         """The status-entry fields of service ``name``: ``cpu_percent``, ``memory_bytes``,
         ``processes`` (``null`` when no instance runs or none was sampled yet; a job sums
         its live runs) and ``gpu_memory_bytes`` when NVML works."""
-        return self._service_figures(self.supervisors[name]).as_json()
+        sup = self.supervisors[name]
+        keys = tuple(_key(i, i.handle) for i in _instances(sup) if i.handle is not None)
+        cache = self._fields = self._fields if self._fields is not None else {}
+        known = cache.get(name)
+        if known is not None and known[0] == keys:
+            return known[1]  # the answer 200 entries need each second (`top`): built once
+        fields = self._service_figures(sup).as_json()
+        cache[name] = (keys, fields)
+        return fields
+
+    def _any_limit(self) -> bool:
+        """Whether any unit has ``max_memory`` (worked out again after a reload, not at
+        every state change of every service)."""
+        services = getattr(getattr(self, "loaded", None), "services", None) or {}
+        ident = (id(services), len(services))
+        if self._limited[:2] != ident:
+            limited = any(spec.max_memory is not None for spec in services.values())
+            self._limited = (*ident, limited)
+        return self._limited[2]
 
     def _service_figures(self, sup: Supervisor) -> Figures:
         known = self._figures or {}
@@ -161,19 +185,27 @@ class ResourcesMixin:
             self._containers = ContainerCounter()
         trees: list[Tree] = []
         containers: list[tuple[ServiceSupervisor, Any]] = []
+        # A handle's tree never changes: kept from one sample to the next (by the handle
+        # object itself, so that a recycled id() cannot match).
+        cached, kept = self._trees or {}, {}
         for sup in list(self.supervisors.values()):
             for inst in _instances(sup):
                 handle = inst.handle
-                if handle is None or (handle.pid is None and not handle.container_id):
+                if handle is None:
                     continue
-                if handle.container_id:
+                hit = cached.get(id(handle))
+                if hit is not None and hit[0] is handle:
+                    kept[id(handle)] = hit
+                    trees.append(hit[1])
+                elif handle.container_id:
                     containers.append((inst, handle))
-                else:
-                    pgid = int(getattr(handle, "pgid", None) or handle.pid or 0)
+                elif handle.pid is not None:
+                    pgid = int(getattr(handle, "pgid", None) or handle.pid)
                     run = getattr(handle, "run", "")
-                    trees.append(
-                        Tree(key=_key(inst, handle), service=inst.name, run=run, pgid=pgid)
-                    )
+                    tree = Tree(key=_key(inst, handle), service=inst.name, run=run, pgid=pgid)
+                    kept[id(handle)] = (handle, tree)
+                    trees.append(tree)
+        self._trees = kept
         found: dict[Hashable, Figures] = {}
         async with anyio.create_task_group() as tg:
             for inst, handle in containers:
@@ -181,6 +213,7 @@ class ResourcesMixin:
             if trees:
                 found.update(await self._sampler.sample_async(trees) or {})
         self._figures = found
+        self._fields = None
         self._sampled_at = anyio.current_time()
         self._sampled_wall = time.time()
         self._after_sample()
@@ -223,6 +256,8 @@ class ResourcesMixin:
 
     def _enforce_memory(self) -> None:
         """Restart each instance whose tree stayed over ``max_memory`` for ``memory_grace``."""
+        if not self._any_limit() and not self._over:
+            return
         now = anyio.current_time()
         over = self._over if self._over is not None else {}
         still: dict[Hashable, float] = {}
@@ -273,6 +308,8 @@ class ResourcesMixin:
         every: list[float] = []
         if self.telemetry is not None:
             every.append(float(getattr(self.telemetry, "metric_interval", 60.0)))
+        if not self._any_limit():
+            return min(every) if every else None
         for sup in list(self.supervisors.values()):
             for inst in _instances(sup):
                 if inst.spec.max_memory is not None and inst.handle is not None:

@@ -121,8 +121,7 @@ class Figures:
 NO_FIGURES = Figures()
 
 
-@dataclass(frozen=True, slots=True)
-class Tree:
+class Tree(NamedTuple):
     """One process instance to attribute processes to.
 
     Attributes:
@@ -156,28 +155,8 @@ class ProcInfo(NamedTuple):
     zombie: bool
 
 
-#: What a pass keeps of a process: (ppid, pgrp, the rest of its stat line or its ProcInfo).
-#: Only the processes attributed to an instance are parsed further (:func:`_detail`).
-Link = tuple[int, int, "bytes | ProcInfo"]
-
-
-def _detail(pid: int, link: Link) -> ProcInfo | None:
-    body = link[2]
-    if isinstance(body, ProcInfo):
-        return body
-    rest = body.split()
-    if len(rest) < 22:
-        return None
-    return ProcInfo(
-        pid=pid,
-        ppid=int(rest[1]),
-        pgrp=int(rest[2]),
-        utime=int(rest[11]),
-        stime=int(rest[12]),
-        start=int(rest[19]),
-        rss=int(rest[21]) * _PAGE,
-        zombie=rest[0] in (b"Z", b"X"),
-    )
+#: What a pass keeps of a process: (ppid, pgrp, its ProcInfo).
+Link = tuple[int, int, ProcInfo]
 
 
 def _scan_proc(
@@ -186,12 +165,14 @@ def _scan_proc(
     found: dict[int, Link] = {}
     prefix = root + "/"
     read, close, flags = os.read, os.close, os.O_RDONLY | os.O_CLOEXEC
+    zombie, page = (b"Z", b"X"), _PAGE
     for name in os.listdir(root):
         if not name.isdigit():
             continue
-        if skip and int(name) in skip:
+        pid = int(name)
+        if pid in skip:
             if kept is not None:
-                kept.add(int(name))
+                kept.add(pid)
             continue  # known not to be ours (Sampler: foreign processes)
         try:
             fd = os.open(prefix + name + "/stat", flags)
@@ -203,13 +184,23 @@ def _scan_proc(
             continue
         finally:
             close(fd)
-        # The command name may hold spaces and parentheses: fields start after the last ')'.
-        rest = data[data.rfind(b")") + 2 :]
-        head = rest.split(b" ", 3)
+        # The command name may hold spaces and parentheses: fields start after the last
+        # ')'. Parsed at once, up to rss: between full passes nearly all read are ours.
+        rest = data[data.rfind(b")") + 2 :].split(None, 22)
         try:
-            found[int(name)] = (int(head[1]), int(head[2]), rest)
+            info = ProcInfo(
+                pid,
+                int(rest[1]),
+                int(rest[2]),
+                int(rest[11]),
+                int(rest[12]),
+                int(rest[19]),
+                int(rest[21]) * page,
+                rest[0] in zombie,
+            )
         except (ValueError, IndexError):
             continue
+        found[pid] = (info.ppid, info.pgrp, info)
     return found
 
 
@@ -249,8 +240,7 @@ def _scan(root: str, skip: Collection[int] = (), kept: set[int] | None = None) -
 
 def read_processes(root: str = _PROC) -> dict[int, ProcInfo]:
     """Every process of the host, by pid, fully read (blocking)."""
-    found = {pid: _detail(pid, link) for pid, link in _scan(root).items()}
-    return {pid: info for pid, info in found.items() if info is not None}
+    return {pid: link[2] for pid, link in _scan(root).items()}
 
 
 def _boot_seconds() -> float:
@@ -346,16 +336,6 @@ class Sampler:
             children.setdefault(ppid, []).append(pid)
             groups.setdefault(pgrp, []).append(pid)
         owner: dict[int, Tree] = {}
-        procs: dict[int, ProcInfo] = {}
-
-        def detail(pid: int) -> ProcInfo | None:
-            info = procs.get(pid)
-            if info is None:
-                with contextlib.suppress(ValueError, IndexError):
-                    info = _detail(pid, links[pid])
-                if info is not None:
-                    procs[pid] = info
-            return info
 
         def claim(roots: Iterable[int], tree: Tree) -> None:
             stack = list(roots)
@@ -373,7 +353,8 @@ class Sampler:
         markers: dict[tuple[int, int], tuple[str, str] | None] = {}
         self._daemon_children = children.get(self.daemon_pid, [])
         for pid in self._daemon_children:
-            if pid in owner or (info := detail(pid)) is None or info.zombie:
+            info = links[pid][2]
+            if pid in owner or info.zombie:
                 continue
             ident = (pid, info.start)
             marker = (
@@ -384,8 +365,7 @@ class Sampler:
             if found is not None:
                 claim([pid], found)
         self._markers = markers  # the children gone are forgotten
-        owner = {pid: tree for pid, tree in owner.items() if detail(pid) is not None}
-        return owner, procs
+        return owner, {pid: links[pid][2] for pid in owner}
 
     def _figures(
         self,

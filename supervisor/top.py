@@ -308,7 +308,7 @@ class TopApp(App[int]):
         if not self._resources:
             return
         try:
-            result = await self.control.call("resources", {"max_age": SAMPLE_EVERY})
+            result = await self.control.sample({"max_age": SAMPLE_EVERY})
         except ControlError as exc:
             if exc.code == METHOD_NOT_FOUND:  # an older daemon: "-" until a reconnect
                 self._resources = False

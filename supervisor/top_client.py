@@ -76,6 +76,8 @@ class AsyncControl:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._next_id = 0
+        #: The connection kept for :meth:`sample` (None until the first, or after a failure).
+        self._kept: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
     def __repr__(self) -> str:
         return f"<AsyncControl {self.path}>"
@@ -95,6 +97,36 @@ class AsyncControl:
             raise DaemonUnreachable(_lost(self.path, exc)) from None
         finally:
             writer.close()
+
+    async def sample(self, params: Mapping[str, Any], *, timeout: float = 10.0) -> Any:
+        """``resources`` on one connection kept from call to call (what ``top`` asks each
+        second: no connect, credential check and teardown on the daemon's side each
+        time). A kept connection that fails (the daemon restarted, or closed it after its
+        idle timeout) is replaced once; the method is a read, so asking again is safe."""
+        for attempt in (0, 1):
+            fresh = self._kept is None
+            if self._kept is None:
+                self._kept = await self._open(timeout)
+            reader, writer = self._kept
+            rid, message = self._request("resources", params)
+            try:
+                async with asyncio.timeout(timeout):
+                    writer.write(encode(message))
+                    await writer.drain()
+                    return await _response(reader, rid)
+            except (TimeoutError, OSError, DaemonUnreachable) as exc:
+                self.close()
+                if fresh or attempt:
+                    if isinstance(exc, DaemonUnreachable):
+                        raise
+                    raise DaemonUnreachable(_lost(self.path, exc)) from None
+        raise AssertionError("not reached")
+
+    def close(self) -> None:
+        """Close the kept connection, if any."""
+        if self._kept is not None:
+            self._kept[1].close()
+            self._kept = None
 
     @contextlib.asynccontextmanager
     async def follow(

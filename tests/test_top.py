@@ -262,7 +262,10 @@ class TestDaemon:
 
                 await app.wait_for(busy, timeout=30)
                 assert app.cells("busy")[6].endswith(("KiB", "MiB"))
-                assert app.board.rows["busy"].cpu_history
+                # The figures may first come with a status entry (the daemon samples for
+                # status too); the sparkline's history comes from the resources samples.
+                history = app.board.rows["busy"].cpu_history
+                await app.wait_for(lambda: bool(history) and max(history) > 10.0, timeout=30)
 
     def test_no_daemon_is_4_with_one_line(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
