@@ -28,6 +28,7 @@ from typing import Any, NoReturn, TextIO
 from supervisor import __version__
 from supervisor.cli_jobs import (
     JOB_COLUMNS,
+    STYLES,
     action_verdict,
     duration_text,
     fine,
@@ -121,19 +122,6 @@ def _last_exit(last: Any) -> str:
 
 
 _COLUMNS = ("NAME", "KIND", "STATE", "HEALTH", "PID", "UPTIME", "RESTARTS", "LAST-EXIT")
-#: rich styles of states and health values on a terminal.
-_STYLES = {
-    "running": "green",
-    "healthy": "green",
-    "starting": "yellow",
-    "stopping": "yellow",
-    "backoff": "yellow",
-    "unknown": "yellow",
-    "fatal": "bold red",
-    "unhealthy": "bold red",
-    "stopped": "dim",
-    "exited": "dim",
-}
 #: Columns aligned to the right.
 _RIGHT = frozenset({"PID", "RESTARTS"})
 
@@ -192,7 +180,7 @@ def _print_table(rows: list[list[str]], out: TextIO, columns: Sequence[str] = _C
         cells[-1] = cells[-1].rstrip()
         text.append("\n")
         for i, cell in enumerate(cells):
-            text.append(cell, style=_STYLES.get(row[i], "") if i in (2, 3) else "")
+            text.append(cell, style=STYLES.get(row[i], "") if i in (2, 3) else "")
             if i < len(cells) - 1:
                 text.append("  ")
     console = Console(file=out, highlight=False, emoji=False, markup=False)

@@ -1,6 +1,6 @@
 """How the CLI shows and judges jobs (issue 11): the NEXT-RUN and LAST-RUN columns of
 ``hostvisor status``, which entries count as fine for its exit code, and what
-``start``/``restart`` of a job report.
+``start``/``restart`` of a job report; and the state colours ``status`` and ``top`` share.
 
 A status entry is a job's when it has a ``last_run`` field (contract section 5).
 Stdlib only: ``status`` stays light.
@@ -12,10 +12,32 @@ import time
 from datetime import datetime
 from typing import Any
 
-__all__ = ["JOB_COLUMNS", "action_verdict", "duration_text", "fine", "is_job", "job_cells"]
+__all__ = [
+    "JOB_COLUMNS",
+    "STYLES",
+    "action_verdict",
+    "duration_text",
+    "fine",
+    "is_job",
+    "job_cells",
+]
 
 #: Columns added to the status table when any job is listed.
 JOB_COLUMNS = ("NEXT-RUN", "LAST-RUN")
+#: rich styles of states and health values on a terminal (``status`` and ``top``).
+STYLES = {
+    "running": "green",
+    "healthy": "green",
+    "waiting": "cyan",
+    "starting": "yellow",
+    "stopping": "yellow",
+    "backoff": "yellow",
+    "unknown": "yellow",
+    "fatal": "bold red",
+    "unhealthy": "bold red",
+    "stopped": "dim",
+    "exited": "dim",
+}
 
 
 def is_job(entry: dict[str, Any]) -> bool:

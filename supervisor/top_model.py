@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from supervisor.cli_jobs import duration_text, is_job, job_cells
+from supervisor.cli_jobs import STYLES, duration_text, is_job, job_cells
 
 __all__ = [
     "COLUMNS",
@@ -72,20 +72,6 @@ def printable(line: str) -> str:
 
 #: Samples kept per service for the sparklines: one a second, the last minute.
 HISTORY = 60
-#: rich styles of states and health values (as ``hostvisor status`` on a terminal).
-STYLES = {
-    "running": "green",
-    "healthy": "green",
-    "waiting": "cyan",
-    "starting": "yellow",
-    "stopping": "yellow",
-    "backoff": "yellow",
-    "unknown": "yellow",
-    "fatal": "bold red",
-    "unhealthy": "bold red",
-    "stopped": "dim",
-    "exited": "dim",
-}
 
 
 def human_bytes(count: int | None) -> str:

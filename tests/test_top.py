@@ -25,6 +25,7 @@ from supervisor.top_client import AsyncControl
 from supervisor.top_model import Board, human_bytes, percent_text
 from supervisor.top_screens import ConfirmScreen, HelpScreen, LogScreen
 from tests.daemon_harness import PY, DaemonProcess, daemon
+from tests.test_cli import _clean_environment  # noqa: F401  (autouse: no socket or config leaks in)
 
 #: Prints ``tick N pid P`` every 0.2 s, unbuffered.
 TICKER = "import os,time\nn=0\nwhile True:\n    print('tick', n, 'pid', os.getpid(), flush=True); n+=1; time.sleep(0.2)\n"
@@ -34,14 +35,6 @@ BUSY = "while True:\n    pass\n"
 
 def unit(code: str) -> str:
     return f'command = {json.dumps([PY, "-u", "-c", code])}\nstart_seconds = "0.2s"\nstop_timeout = "5s"\n'
-
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in ("HOSTVISOR_SOCKET", "HOSTVISOR_CONFIG", "NO_COLOR"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg-run"))
 
 
 @pytest.fixture
