@@ -5,7 +5,7 @@ Samples are taken only when something needs them (issue 10):
 
 - a ``status`` or ``resources`` call whose last sample is older than it accepts
   (:meth:`ResourcesMixin.refresh_resources`; concurrent callers share one sample);
-- a live instance of a unit with ``max_memory``: every ``min(1 s, memory_grace / 2)``
+- a unit with ``max_memory`` in the config: every ``min(1 s, memory_grace / 2)``
   (at least every 0.25 s);
 - telemetry enabled: every metric export interval (``OTEL_METRIC_EXPORT_INTERVAL``).
 
@@ -106,7 +106,7 @@ class ResourcesMixin:
     #: id(handle) -> (the handle, its tree) of the process instances of the last sample
     _trees: dict[int, tuple[Any, Tree]] | None = None
     #: (the services mapping and its size) -> whether any unit has ``max_memory``
-    _limited: tuple[int, int, bool] = (0, -1, False)
+    _limited: tuple[int, int, float | None] = (0, -1, None)
 
     def _resolve(self, names: Any) -> list[str]:
         raise NotImplementedError
@@ -127,14 +127,15 @@ class ResourcesMixin:
         cache[name] = (keys, fields)
         return fields
 
-    def _any_limit(self) -> bool:
-        """Whether any unit has ``max_memory`` (worked out again after a reload, not at
-        every state change of every service)."""
+    def _limit_interval(self) -> float | None:
+        """Seconds between samples the units' memory limits ask for (the shortest
+        :func:`memory_interval`), or None without any ``max_memory``: worked out again
+        after a reload, not at every state change of every service."""
         services = getattr(getattr(self, "loaded", None), "services", None) or {}
         ident = (id(services), len(services))
         if self._limited[:2] != ident:
-            limited = any(spec.max_memory is not None for spec in services.values())
-            self._limited = (*ident, limited)
+            graces = [s.memory_grace for s in services.values() if s.max_memory is not None]
+            self._limited = (*ident, memory_interval(min(graces)) if graces else None)
         return self._limited[2]
 
     def _service_figures(self, sup: Supervisor) -> Figures:
@@ -256,7 +257,7 @@ class ResourcesMixin:
 
     def _enforce_memory(self) -> None:
         """Restart each instance whose tree stayed over ``max_memory`` for ``memory_grace``."""
-        if not self._any_limit() and not self._over:
+        if self._limit_interval() is None and not self._over:
             return
         now = anyio.current_time()
         over = self._over if self._over is not None else {}
@@ -305,15 +306,9 @@ class ResourcesMixin:
 
     def _resource_interval(self) -> float | None:
         """Seconds between background samples, or ``None`` when nothing needs them."""
-        every: list[float] = []
+        every = [] if (limits := self._limit_interval()) is None else [limits]
         if self.telemetry is not None:
             every.append(float(getattr(self.telemetry, "metric_interval", 60.0)))
-        if not self._any_limit():
-            return min(every) if every else None
-        for sup in list(self.supervisors.values()):
-            for inst in _instances(sup):
-                if inst.spec.max_memory is not None and inst.handle is not None:
-                    every.append(memory_interval(inst.spec.memory_grace))
         return min(every) if every else None
 
     async def watch_resources(self) -> None:

@@ -3,10 +3,10 @@
 textual runs on asyncio, so ``top`` talks to the daemon with
 :func:`asyncio.open_unix_connection` instead of the blocking
 :class:`~supervisor.control.client.ControlClient`: a daemon that does not answer
-then delays one task, never the screen. Messages are the same JSON-RPC 2.0 lines
-(:mod:`supervisor.control.protocol`); known methods are validated with the shared
-method table before they are sent, and a method the table does not list yet
-(``resources``, issue 12) is sent as given, so a daemon without it answers -32601.
+then delays one task, never the screen. Messages are the same JSON-RPC 2.0 lines, built,
+validated and read by the blocking client's own functions
+(:func:`~supervisor.control.client.new_request`, ``parse_message``, ``result_of``);
+only the transport differs.
 
 Example::
 
@@ -21,19 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from supervisor.control.protocol import (
-    MAX_LINE,
-    METHODS,
-    ProtocolError,
-    encode,
-    error_from_object,
-    request,
-)
+from supervisor.control.client import NOT_YET, new_request, parse_message, result_of
+from supervisor.control.protocol import MAX_LINE, METHODS, encode
 from supervisor.control.socketfile import unsafe_socket_folder
 from supervisor.errors import ControlError, DaemonUnreachable
 
@@ -154,14 +147,8 @@ class AsyncControl:
             writer.close()
 
     def _request(self, method: str, params: Mapping[str, Any] | None) -> tuple[int, dict[str, Any]]:
-        spec = METHODS.get(method)
-        if spec is not None:
-            try:
-                spec.validate(dict(params or {}))
-            except ProtocolError as exc:
-                raise ValueError(f"{method}: {exc}") from None
         self._next_id += 1
-        return self._next_id, request(self._next_id, method, params or {})
+        return self._next_id, new_request(self._next_id, method, params)
 
     async def _open(self, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         problem = unsafe_socket_folder(self.path)
@@ -194,22 +181,11 @@ async def _receive(reader: asyncio.StreamReader) -> dict[str, Any]:
         raise ControlError("the daemon sent an over-long line") from None
     except OSError as exc:
         raise DaemonUnreachable(f"lost the daemon: {exc.strerror or exc}") from None
-    try:
-        value = json.loads(line)
-    except (ValueError, RecursionError) as exc:
-        raise ControlError(f"the daemon sent invalid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ControlError("the daemon sent a non-object")
-    return value
+    return parse_message(line, Path("the control socket"))
 
 
 async def _response(reader: asyncio.StreamReader, rid: int) -> Any:
     """The result of request ``rid``; notifications before it are skipped."""
-    while True:
-        message = await _receive(reader)
-        if "id" not in message:
-            continue
-        if "error" in message:
-            raise error_from_object(message["error"])
-        if message.get("id") == rid and "result" in message:
-            return message["result"]
+    while (found := result_of(await _receive(reader), rid)) is NOT_YET:
+        pass
+    return found

@@ -38,7 +38,7 @@ from supervisor.control.protocol import (
 from supervisor.control.socketfile import unsafe_socket_folder
 from supervisor.errors import ControlError, DaemonUnreachable
 
-__all__ = ["ControlClient", "Subscription"]
+__all__ = ["NOT_YET", "ControlClient", "Subscription", "new_request", "parse_message", "result_of"]
 
 #: Longest line the client accepts from a server, bytes (generous: the server caps at 1 MiB).
 _CLIENT_MAX_LINE = 16 * MAX_LINE
@@ -84,7 +84,7 @@ class _Connection:
             if end >= 0:
                 line = bytes(self.buffer[:end])
                 del self.buffer[: end + 1]
-                return self._parse(line)
+                return parse_message(line, self.path)
             if len(self.buffer) > _CLIENT_MAX_LINE:
                 raise ControlError(f"the daemon at {self.path} sent an over-long line")
             try:
@@ -99,25 +99,54 @@ class _Connection:
                 raise DaemonUnreachable(f"the daemon at {self.path} closed the connection")
             self.buffer += chunk
 
-    def _parse(self, line: bytes) -> dict[str, Any]:
-        try:
-            value = json.loads(line)
-        except (ValueError, RecursionError) as exc:
-            raise ControlError(f"the daemon at {self.path} sent invalid JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise ControlError(f"the daemon at {self.path} sent a non-object")
-        return value
-
     def response(self, rid: int) -> Any:
         """The result of request ``rid``; notifications before it are skipped."""
-        while True:
-            message = self.receive()
-            if "id" not in message:
-                continue
-            if "error" in message:
-                raise error_from_object(message["error"])
-            if message.get("id") == rid and "result" in message:
-                return message["result"]
+        while (found := result_of(self.receive(), rid)) is NOT_YET:
+            pass
+        return found
+
+
+#: :func:`result_of`'s answer for a message that is not the response awaited.
+NOT_YET: Any = object()
+
+
+def parse_message(line: bytes, path: Path) -> dict[str, Any]:
+    """One line from the daemon at ``path`` as a message; ControlError for garbage."""
+    try:
+        value = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise ControlError(f"the daemon at {path} sent invalid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ControlError(f"the daemon at {path} sent a non-object")
+    return value
+
+
+def result_of(message: Mapping[str, Any], rid: int) -> Any:
+    """The ``result`` of ``message`` if it answers request ``rid``; ``NOT_YET`` for a
+    notification or another answer. Raises the error an error response carries."""
+    if "id" not in message:
+        return NOT_YET
+    if "error" in message:
+        raise error_from_object(message["error"])
+    if message.get("id") == rid and "result" in message:
+        return message["result"]
+    return NOT_YET
+
+
+def new_request(rid: int, method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Request ``rid`` of ``method``, its params validated with the method table first.
+
+    Raises:
+        ValueError: no such method, or params that do not validate (nothing is sent).
+    """
+    spec = METHODS.get(method)
+    if spec is None:
+        raise ValueError(f"no such method: {method!r}")
+    try:
+        spec.validate(dict(params or {}))
+    except ProtocolError as exc:
+        raise ValueError(f"{method}: {exc}") from None
+    return request(rid, method, params or {})
 
 
 def _connect(sock: socket.socket, path: Path, timeout: float) -> None:
@@ -199,15 +228,8 @@ class ControlClient:
         return f"<ControlClient {self.path}>"
 
     def _request(self, method: str, params: Mapping[str, Any] | None) -> tuple[int, dict[str, Any]]:
-        spec = METHODS.get(method)
-        if spec is None:
-            raise ValueError(f"no such method: {method!r}")
-        try:
-            spec.validate(dict(params or {}))
-        except ProtocolError as exc:
-            raise ValueError(f"{method}: {exc}") from None
         self._next_id += 1
-        return self._next_id, request(self._next_id, method, params or {})
+        return self._next_id, new_request(self._next_id, method, params)
 
     def call(
         self, method: str, params: Mapping[str, Any] | None = None, *, timeout: float | None = 10.0
