@@ -35,6 +35,9 @@ from supervisor.cli_jobs import (
     is_job,
     job_cells,
 )
+from supervisor.cli_porting import add_export_arguments, add_import_arguments
+from supervisor.cli_porting import export_verb as _export
+from supervisor.cli_porting import import_verb as _import
 from supervisor.cli_signal import add_arguments as add_signal
 from supervisor.cli_signal import signal_verb
 from supervisor.control.client import ControlClient
@@ -531,6 +534,8 @@ def _parser() -> argparse.ArgumentParser:
         managers = sub.add_mutually_exclusive_group()
         managers.add_argument("--systemd", action="store_true")
         managers.add_argument("--launchd", action="store_true")
+    add_import_arguments(verb("import", _import, "write units from other tools' files"))
+    add_export_arguments(verb("export", _export, "print the units as Kubernetes manifests"))
     install = verbs.choices["install"]
     install.add_argument("--print", dest="print_only", action="store_true", help="print only")
     install.add_argument("--no-start", action="store_true", help="write and enable, do not start")

@@ -33,16 +33,16 @@ Choices where the contract is silent:
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
 from supervisor import durations as values
+from supervisor.config_graph import check_dependencies, check_ports
 from supervisor.config_jobs import JOB_KEYS, check_completed, command_table, parse_job_keys
 from supervisor.configfiles import read_env_file, read_env_files, read_toml
 from supervisor.durations import (
@@ -74,7 +74,16 @@ from supervisor.spec import (
 from supervisor.states import DependencyCondition, Restart
 from supervisor.statuspage import check_page_path
 
-__all__ = ["SERVICE_NAME", "check", "load", "parse_duration", "parse_size", "read_env_file"]
+__all__ = [
+    "SERVICE_NAME",
+    "check",
+    "check_units",
+    "load",
+    "parse_duration",
+    "parse_size",
+    "read_env_file",
+    "units_dir",
+]
 
 #: A service name, i.e. a unit file's stem (contract section 4).
 SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
@@ -99,7 +108,7 @@ _UNIT_KEYS = (
     "description", "command", "container", "recreate_command", "workdir", "env", "env_files",
     "secret_env_files", "autostart", "restart", "depends_on", "port", "reclaim_port",
     "stop_signal", "stop_timeout", "start_seconds", "give_up_after", "preflight", "health",
-    "backoff", "post_start", "logs", "max_memory", "memory_grace", *JOB_KEYS,
+    "backoff", "post_start", "logs", "max_memory", "memory_grace", "k8s", *JOB_KEYS,
 )  # fmt: skip
 _PREFLIGHT_KEYS = ("command", "timeout")
 _PROBES = ("http", "tcp", "exec", "docker")
@@ -108,6 +117,7 @@ _HEALTH_KEYS = (*_PROBES, "expect_status", "interval", "timeout", "start_period"
 _BACKOFF_KEYS = ("initial", "max", "multiplier", "jitter", "reset_after")
 _POST_START_KEYS = ("http", "method", "command", "timeout")
 _LOGS_KEYS = ("max_size", "backups")
+_K8S_KEYS = ("image",)
 
 #: Keys of one group exclude each other: a unit setting one takes none from defaults.
 _EXCLUSIVE: dict[Key, frozenset[str]] = {
@@ -162,12 +172,39 @@ def check(path: Path, *, environ: Mapping[str, str] | None = None) -> list[Confi
     return _guarded_load(path, environ)[1]
 
 
+def check_units(
+    path: Path, folder: Path, *, environ: Mapping[str, str] | None = None
+) -> list[ConfigIssue]:
+    """Validate the units of ``folder`` as :func:`check` would if it were the units folder of
+    the config ``path`` (its ``[defaults]``, its folder for relative paths); ``hostvisor
+    import`` checks what it is about to write in a staging folder this way. A missing config
+    file counts as an empty one. Returns every problem found, ``[]`` when valid."""
+    return _guarded_load(path, environ, folder)[1]
+
+
+def units_dir(path: Path, *, environ: Mapping[str, str] | None = None) -> Path:
+    """The units folder the config ``path`` names (``[daemon] units_dir``, default ``units``
+    beside it), whether or not it exists yet; a missing config file counts as an empty one.
+
+    Raises:
+        ConfigError: the config cannot be read, or its ``units_dir`` is not a string.
+    """
+    ctx = _Context(Path(os.path.abspath(path)), os.environ if environ is None else environ)
+    data = read_toml(ctx.config, ctx.issues) if os.path.lexists(ctx.config) else {}
+    daemon = data.get("daemon", {}) if data is not None else {}
+    raw = daemon.get("units_dir", "units") if isinstance(daemon, dict) else "units"
+    if data is None or not isinstance(raw, str) or not raw:
+        message = "must be a folder name (a non-empty string)"
+        raise ConfigError(ctx.issues or [ConfigIssue(str(ctx.config), "daemon.units_dir", message)])
+    return ctx.path(raw)
+
+
 def _guarded_load(
-    path: Path, environ: Mapping[str, str] | None
+    path: Path, environ: Mapping[str, str] | None, units: Path | None = None
 ) -> tuple[Loaded | None, list[ConfigIssue]]:
     """:func:`_load`, with any exception it did not foresee turned into an issue."""
     try:
-        return _load(path, environ)
+        return _load(path, environ, units)
     except Exception as exc:  # the last line of defence: a reload must never kill the daemon
         what = f"{type(exc).__name__}: {exc}"[:300]
         message = f"{INTERNAL_ERROR} ({what}); please report this as a hostvisor bug"
@@ -202,18 +239,26 @@ class _Context:
         return Path(os.path.abspath(self.folder / text))
 
 
-def _load(path: Path, environ: Mapping[str, str] | None) -> tuple[Loaded | None, list[ConfigIssue]]:
+def _load(
+    path: Path, environ: Mapping[str, str] | None, units: Path | None = None
+) -> tuple[Loaded | None, list[ConfigIssue]]:
+    """Load ``path``; with ``units``, only its defaults and the units of that folder."""
     ctx = _Context(Path(os.path.abspath(path)), os.environ if environ is None else environ)
-    data = read_toml(ctx.config, ctx.issues, missing="file not found (create it, or pass -c PATH)")
+    missing = units is not None and not os.path.lexists(ctx.config)
+    data = {} if missing else read_toml(
+        ctx.config, ctx.issues, missing="file not found (create it, or pass -c PATH)")  # fmt: skip
     if data is None:
         return None, ctx.issues
     sink = IssueSink(ctx.issues, str(ctx.config))
     top = TableReader(sink, data, (), _CONFIG_KEYS)
-    daemon, units_ok = _parse_daemon(top, ctx)
     defaults: Table = {}
     if (defaults_table := top.sub("defaults", _UNIT_KEYS)) is not None:
         defaults = dict(defaults_table.data)
         _parse_unit(defaults_table, "defaults", ctx, partial=True)
+    if units is not None:
+        _load_units(units, defaults, ctx)
+        return None, list(dict.fromkeys(ctx.issues))
+    daemon, units_ok = _parse_daemon(top, ctx)
     services = _load_units(daemon.units_dir, defaults, ctx) if units_ok else {}
     issues = list(dict.fromkeys(ctx.issues))  # a bad default is reported once
     if len(issues) > values.MAX_ISSUES:
@@ -311,9 +356,9 @@ def _load_units(folder: Path, defaults: Table, ctx: _Context) -> dict[str, Servi
         graph[name] = (sink, deps)
         if spec is not None:
             services[name] = replace(spec, source=path)
-    _check_dependencies(graph)
+    check_dependencies(graph)
     sinks = {name: sink for name, (sink, _) in graph.items()}
-    _check_ports(services, sinks)
+    check_ports(services, sinks)
     check_completed(services, sinks)
     return dict(sorted(services.items()))
 
@@ -395,6 +440,7 @@ def _parse_unit(
         "logs": _parse_logs(unit),
         "max_memory": unit.get("max_memory", _max_memory, None),
         "memory_grace": unit.get("memory_grace", _memory_grace, 5.0),
+        "k8s_image": _parse_k8s(unit),
     }
     parse_job_keys(unit, fields, partial=partial)
     if partial or unit.sink.count > before or (command is None) == (container is None):
@@ -402,6 +448,11 @@ def _parse_unit(
     target = ProcessSpec(command=command) if command is not None else ContainerSpec(
         name=cast(str, container), recreate_command=recreate)  # fmt: skip
     return ServiceSpec(name=name, target=target, **fields), deps
+
+
+def _parse_k8s(unit: TableReader) -> str | None:
+    table = unit.sub("k8s", _K8S_KEYS)
+    return None if table is None else table.get("image", values.nonempty, None)
 
 
 def _max_memory(value: object) -> int:
@@ -496,65 +547,3 @@ def _parse_logs(unit: TableReader) -> LogSpec:
         table.fail("max_size", "must be more than 0 bytes")
     backups = table.get("backups", values.integer(0, _MAX_BACKUPS), LogSpec().backups)
     return LogSpec(max_size=max_size, backups=backups)
-
-
-# ---------------------------------------------------------------------------- across units
-
-
-def _check_ports(services: Mapping[str, ServiceSpec], sinks: Mapping[str, IssueSink]) -> None:
-    """Two units with one ``port``: an issue on each, naming all of them (issue 9, item 11)."""
-    users: dict[int, list[str]] = {}
-    for name, spec in services.items():
-        if spec.port is not None:
-            users.setdefault(spec.port.number, []).append(name)
-    for number, names in users.items():
-        if len(names) > 1:
-            listed = ", ".join(sorted(names))
-            for name in names:
-                sinks[name].add(("port",), f"port {number} is set by {len(names)} units "
-                                f"({listed}); give each unit its own port")  # fmt: skip
-
-
-def _check_dependencies(graph: Mapping[str, tuple[IssueSink, Mapping[str, object]]]) -> None:
-    """Unknown names and cycles, each reported once against the unit that declares it."""
-    for sink, deps in graph.values():
-        for dep in deps:
-            if dep not in graph:
-                close = difflib.get_close_matches(dep, list(graph), n=1)
-                hint = f' (did you mean "{close[0]}"?)' if close else ""
-                sink.add(("depends_on",), f'unknown service "{dep}"{hint}')
-    seen: set[frozenset[str]] = set()
-    for cycle in _cycles({n: [d for d in deps if d in graph] for n, (_, deps) in graph.items()}):
-        if frozenset(cycle) in seen:
-            continue
-        seen.add(frozenset(cycle))
-        start = cycle.index(min(cycle))
-        ordered = cycle[start:] + cycle[:start]
-        graph[ordered[0]][0].add(
-            ("depends_on",), "dependency cycle: " + " -> ".join([*ordered, ordered[0]])
-        )
-
-
-def _cycles(edges: Mapping[str, Iterable[str]]) -> list[list[str]]:
-    """One cycle per back edge of a depth-first search, in sorted order (iterative DFS)."""
-    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
-    found: list[list[str]] = []
-    for root in sorted(edges):
-        if root in state:
-            continue
-        stack: list[tuple[str, Iterator[str]]] = [(root, iter(sorted(edges[root])))]
-        path, state[root] = [root], 1
-        while stack:
-            node, children = stack[-1]
-            child = next(children, None)
-            if child is None:
-                stack.pop()
-                path.pop()
-                state[node] = 2
-            elif state.get(child) == 1:
-                found.append(path[path.index(child) :])
-            elif child not in state:
-                state[child] = 1
-                path.append(child)
-                stack.append((child, iter(sorted(edges[child]))))
-    return found

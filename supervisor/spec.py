@@ -251,6 +251,8 @@ class ServiceSpec:
         on_failure: the hook run when a job's run fails or a service goes FATAL.
         max_memory: bytes of resident memory the instance's whole tree may hold for
             ``memory_grace`` seconds before it is restarted; ``None`` = no limit.
+        k8s_image: ``[k8s] image``, the image ``hostvisor export k8s`` gives a process
+            unit; not compared, so that a reload does not restart a unit for it.
     """
 
     name: str
@@ -279,6 +281,7 @@ class ServiceSpec:
     on_failure: OnFailureSpec | None = None
     max_memory: int | None = None
     memory_grace: float = 5.0
+    k8s_image: str | None = field(default=None, compare=False)
 
     @property
     def is_job(self) -> bool:

@@ -1,0 +1,229 @@
+"""``hostvisor import KIND FILE... [-o DIR] [--dry-run] [--force]`` (contract section 7).
+
+Reads each FILE with the kind's converter (:mod:`supervisor.importers`), names the units
+(a name taken twice in one import gets ``-2``, ``-3``), checks every unit with the config
+loader in a staging folder beside the units already there, and only then writes
+``DIR/<name>.toml`` (atomically, mode 0644). A unit whose file exists is not replaced
+without ``--force``; a unit the loader rejects is not written (its errors are printed):
+``hostvisor check`` passes on what an import writes.
+
+Output: per source file, each unit with its source name, where it goes, every setting
+mapped and every setting not mapped with the reason (stdout); errors on stderr, one line
+each, ``FILE: message``. ``--dry-run`` writes nothing and prints each unit file instead.
+
+Exit codes: 0 every file was imported (settings not mapped are reported, not failures);
+1 a file could not be read or parsed, or one of its units could not be written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from supervisor.errors import ConfigError
+from supervisor.importers import (
+    Converted,
+    FileResult,
+    ImportContext,
+    ImportFailed,
+    kind_module,
+    read_source,
+)
+from supervisor.paths import resolve_config_path
+
+__all__ = ["import_verb"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+#: Rounds of "drop the units the loader rejects, check again" (a rejected unit can make a
+#: unit depending on it fail in turn).
+_MAX_ROUNDS = 20
+
+
+@dataclass(slots=True)
+class _Planned:
+    """A converted unit on its way to ``path``; ``problems`` non-empty = not written."""
+
+    unit: Converted
+    path: Path
+    text: str = ""
+    problems: list[str] = field(default_factory=list)
+
+
+def import_verb(
+    args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+) -> int:
+    """Run one import (module docstring); returns the exit code."""
+    config_path = resolve_config_path(getattr(args, "config", None))
+    if args.output:
+        folder = Path(os.path.abspath(os.path.expanduser(args.output)))
+    else:
+        try:
+            from supervisor.config import units_dir
+
+            folder = units_dir(config_path)
+        except ConfigError as exc:
+            for issue in exc.issues:
+                print(issue, file=err)
+            print("hostvisor: import: cannot tell the units folder; pass -o DIR", file=err)
+            return EXIT_FAILED
+    module: Any = kind_module(args.kind)
+    paths = tuple(Path(p) for p in args.files)
+    ctx = ImportContext(paths=paths)
+    failed = False
+    results: list[tuple[str, FileResult]] = []
+    for path in paths:
+        label = "<stdin>" if str(path) == "-" else str(path)
+        try:
+            result = module.convert(read_source(path), ctx)
+        except ImportFailed as exc:
+            print(f"{label}: {exc}", file=err)
+            failed = True
+            continue
+        except Exception as exc:  # a converter bug must not lose the other files
+            what = f"{type(exc).__name__}: {exc}"[:300]
+            print(f"{label}: internal error ({what}); please report this bug", file=err)
+            failed = True
+            continue
+        results.append((label, result))
+    planned = _plan(results, folder, force=args.force)
+    _check(planned, config_path, folder)
+    if not args.dry_run:
+        _write(planned, folder, err)
+    for label, result in results:
+        _report(label, result, planned, out, dry_run=args.dry_run)
+    for plan in planned:
+        for problem in plan.problems:
+            print(f"{plan.path}: {problem}", file=err)
+    return EXIT_FAILED if failed or any(p.problems for p in planned) else EXIT_OK
+
+
+def _plan(results: list[tuple[str, FileResult]], folder: Path, *, force: bool) -> list[_Planned]:
+    import tomli_w
+
+    planned: list[_Planned] = []
+    taken: set[str] = set()
+    for label, result in results:
+        for unit in result.units:
+            unit.name = _free_name(unit.name, taken)
+            taken.add(unit.name)
+            plan = _Planned(unit, folder / f"{unit.name}.toml")
+            try:
+                plan.text = _header(label, unit) + tomli_w.dumps(unit.table)
+            except (TypeError, ValueError) as exc:
+                plan.problems.append(f"internal error writing TOML ({exc}); please report it")
+            if os.path.lexists(plan.path) and not force:
+                plan.problems.append("exists; not replaced (pass --force to replace it)")
+            planned.append(plan)
+    return planned
+
+
+def _free_name(name: str, taken: set[str]) -> str:
+    if name not in taken:
+        return name
+    n = 2
+    while f"{name[:59]}-{n}" in taken:
+        n += 1
+    return f"{name[:59]}-{n}"
+
+
+def _header(label: str, unit: Converted) -> str:
+    lines = [f"# Imported by `hostvisor import` from {label} ({unit.original})."]
+    if unit.unmapped:
+        lines.append("# Not mapped:")
+        lines += [f"#   {setting}: {reason}" for setting, reason in unit.unmapped]
+    lines += [f"# Note: {note}" for note in unit.notes]
+    return "\n".join(line.replace("\n", " ") for line in lines) + "\n\n"
+
+
+def _check(planned: list[_Planned], config_path: Path, folder: Path) -> None:
+    """Check the units to write with the loader, beside the units already in ``folder``;
+    a rejected unit gets its issues as problems (and is left out of the next round)."""
+    from supervisor.config import check_units
+
+    with tempfile.TemporaryDirectory(prefix="hostvisor-import-") as staging:
+        stage = Path(staging)
+        ours = {p.path.name for p in planned}
+        with contextlib.suppress(OSError), os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.endswith(".toml") and entry.name not in ours:
+                    with contextlib.suppress(OSError):
+                        shutil.copyfile(entry.path, stage / entry.name)
+        for _ in range(_MAX_ROUNDS):
+            live = [p for p in planned if not p.problems]
+            for plan in planned:
+                target = stage / plan.path.name
+                if plan in live:
+                    target.write_text(plan.text, encoding="utf-8")
+                else:
+                    target.unlink(missing_ok=True)
+            by_file = {str(stage / p.path.name): p for p in live}
+            rejected = False
+            for issue in check_units(config_path, stage):
+                hit = by_file.get(issue.file)
+                if hit is not None:
+                    where = f"{issue.key}: " if issue.key else ""
+                    hit.problems.append(f"not written: {where}{issue.message}")
+                    rejected = True
+            if not rejected:
+                return
+
+
+def _write(planned: list[_Planned], folder: Path, err: TextIO) -> None:
+    todo = [p for p in planned if not p.problems]
+    if not todo:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        for plan in todo:
+            plan.problems.append(f"cannot create {folder}: {exc.strerror or exc}")
+        return
+    for plan in todo:
+        tmp = plan.path.with_name(f".{plan.path.name}.import-{os.getpid()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "w", encoding="utf-8") as stream:
+                stream.write(plan.text)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.chmod(tmp, 0o644)  # whatever the umask: the loader refuses group-writable
+            os.replace(tmp, plan.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            plan.problems.append(f"cannot write: {exc.strerror or exc}")
+
+
+def _report(
+    label: str, result: FileResult, planned: list[_Planned], out: TextIO, *, dry_run: bool
+) -> None:
+    by_unit = {id(p.unit): p for p in planned}
+    count = len(result.units)
+    print(f"{label}: {count} unit{'' if count == 1 else 's'}", file=out)
+    for setting, reason in result.unmapped:
+        print(f"  not mapped  {setting}: {reason}", file=out)
+    for note in result.notes:
+        print(f"  note        {note}", file=out)
+    for unit in result.units:
+        plan = by_unit[id(unit)]
+        verb = "not written" if plan.problems else "would write" if dry_run else "wrote"
+        source = f" (from {unit.original})" if unit.original != unit.name else ""
+        print(f"  {unit.name}{source}: {verb} {plan.path}", file=out)
+        for i, (setting, key) in enumerate(unit.mapped):
+            print(f"    {'mapped' if i == 0 else '':<11} {setting} -> {key}", file=out)
+        for i, (setting, reason) in enumerate(unit.unmapped):
+            print(f"    {'not mapped' if i == 0 else '':<11} {setting}: {reason}", file=out)
+        for note in unit.notes:
+            print(f"    {'note':<11} {note}", file=out)
+        if dry_run and plan.text:
+            print(f"    --- {plan.path}", file=out)
+            for line in plan.text.rstrip("\n").splitlines():
+                print(f"    {line}", file=out)
