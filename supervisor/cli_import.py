@@ -144,8 +144,14 @@ def _header(label: str, unit: Converted) -> str:
 
 
 def _check(planned: list[_Planned], config_path: Path, folder: Path) -> None:
-    """Check the units to write with the loader, beside the units already in ``folder``;
-    a rejected unit gets its issues as problems (and is left out of the next round)."""
+    """Check the units to write with the loader, beside the units already in ``folder``.
+
+    An issue the units already there do not have is the new units' doing: on a new unit's
+    file, that unit gets it as a problem (and is left out of the next round, since a
+    rejected unit can make one depending on it fail in turn); elsewhere (a ``[defaults]``
+    value that no new unit can take is reported once, on config.toml), each new unit is
+    checked alone to find which ones bring it.
+    """
     from supervisor.config import check_units
 
     with tempfile.TemporaryDirectory(prefix="hostvisor-import-") as staging:
@@ -156,24 +162,34 @@ def _check(planned: list[_Planned], config_path: Path, folder: Path) -> None:
                 if entry.name.endswith(".toml") and entry.name not in ours:
                     with contextlib.suppress(OSError):
                         shutil.copyfile(entry.path, stage / entry.name)
-        for _ in range(_MAX_ROUNDS):
-            live = [p for p in planned if not p.problems]
+
+        baseline: set[str] = set()
+
+        def issues_with(plans: list[_Planned]) -> list[Any]:
             for plan in planned:
                 target = stage / plan.path.name
-                if plan in live:
+                if plan in plans:
                     target.write_text(plan.text, encoding="utf-8")
                 else:
                     target.unlink(missing_ok=True)
+            return [i for i in check_units(config_path, stage) if str(i) not in baseline]
+
+        baseline.update(str(i) for i in issues_with([]))
+        for _ in range(_MAX_ROUNDS):
+            live = [p for p in planned if not p.problems]
             by_file = {str(stage / p.path.name): p for p in live}
-            rejected = False
-            for issue in check_units(config_path, stage):
-                hit = by_file.get(issue.file)
-                if hit is not None:
+            issues = issues_with(live)
+            for issue in issues:
+                if (hit := by_file.get(issue.file)) is not None:
                     where = f"{issue.key}: " if issue.key else ""
                     hit.problems.append(f"not written: {where}{issue.message}")
-                    rejected = True
-            if not rejected:
-                return
+            if any(issue.file in by_file for issue in issues):
+                continue
+            if issues:  # none on a new unit's file: find the units that bring them
+                for plan in live:
+                    for issue in issues_with([plan]):
+                        plan.problems.append(f"not written: {issue}")
+            return
 
 
 def _write(planned: list[_Planned], folder: Path, err: TextIO) -> None:
