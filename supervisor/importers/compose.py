@@ -65,6 +65,7 @@ _FILE_KEYS = {
 _EXTENSION = "an extension (x-), ignored by Compose too"
 _UNKNOWN = "not known to hostvisor import"
 _RESTART = {"always": "always", "unless-stopped": "always", "on-failure": "on-failure", "no": "no"}
+_CONDITION_RESTART = {"none": "no", "on-failure": "on-failure", "any": "always"}
 _CONDITIONS = {"service_started": "started", "service_healthy": "healthy"}
 _COMPLETED = "service_completed_successfully"
 _HEALTH_OWN = ("test", "timeout", "retries", "start_period", "start_interval")
@@ -91,7 +92,9 @@ def convert(source: Source, ctx: ImportContext) -> FileResult:
     dotenv = cf.read_dotenv(os.path.join(folder, ".env"))
     env = {**dotenv, **ctx.environ}  # the environment wins over .env, as in Compose
     result = FileResult()
-    doc = _interpolated(doc, env, result, shell=set(ctx.environ) - set(dotenv))
+    shell = {key for key, value in ctx.environ.items() if dotenv.get(key) != value}
+    doc = _interpolated(doc, env, result, shell=shell)
+    services = doc["services"]
     version, command, how = cf.detect_compose(ctx.environ)
     project, why, unused = cf.project_name(doc, version, env, folder)
     result.unmapped += unused
@@ -385,14 +388,20 @@ def _published(entry: object) -> tuple[int, str] | str:
 
 
 def _restart(unit: Converted, body: Mapping[str, Any], *, awaited: bool) -> None:
-    raw, where = body.get("restart"), "restart"
+    raw = body.get("restart")
     deploy = body.get("deploy")
     policy = deploy.get("restart_policy") if isinstance(deploy, dict) else None
     condition = policy.get("condition") if isinstance(policy, dict) else None
     if raw is None and condition is not None:
-        where = "deploy.restart_policy.condition"
-        raw = {"none": "no", "any": "always"}.get(str(condition), condition)
-    elif condition is not None:
+        setting = f"deploy.restart_policy.condition: {condition}"
+        mapped = _CONDITION_RESTART.get(str(condition))
+        if mapped is None:
+            unit.skip(setting, "not a Compose restart condition")
+        else:
+            unit.table["restart"] = mapped
+            unit.map(setting, f"restart = {mapped}")
+        return
+    if condition is not None:
         unit.skip("deploy.restart_policy.condition", "restart is set, and Compose uses it")
     if raw is None:
         if awaited:
@@ -407,23 +416,22 @@ def _restart(unit: Converted, body: Mapping[str, Any], *, awaited: bool) -> None
                 'hostvisor\'s restart = "always", which keeps it up; set "no" for a one-shot'
             )
         return
-    text = "no" if raw is False else str(raw).lower()  # False: `restart: no` in YAML 1.1
+    text = str(raw)
     name, _, retries = text.partition(":")
     mapped = _RESTART.get(name)
     if mapped is None:
-        unit.skip(f"{where}: {raw}", "not a Compose restart policy")
+        unit.skip(f"restart: {text}", "not a Compose restart policy")
         return
     unit.table["restart"] = mapped
-    unit.map(f"{where}: {text}", f"restart = {mapped}")
-    if name == "unless-stopped":
-        unit.notes.append("unless-stopped -> always: `hostvisor stop` keeps it stopped")
+    why = " (`hostvisor stop` is what keeps it stopped)" if name == "unless-stopped" else ""
+    unit.map(f"restart: {text}", f"restart = {mapped}{why}")
     if retries:
         unit.skip(
-            f"{where}: {text} (max retries {retries})",
+            f"restart: {text} (max retries {retries})",
             "Docker counts restarts, hostvisor's give_up_after failed starts in a row: "
             "set give_up_after by hand if wanted",
         )
-    if mapped != "no" and where == "restart":
+    if mapped != "no":
         unit.notes.append(
             f"Docker's own restart policy ({text}) stays on the container: Docker may start "
             "it again first, and hostvisor then finds it running"
