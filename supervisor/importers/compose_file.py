@@ -89,6 +89,13 @@ def detect_compose(environ: Mapping[str, str]) -> tuple[str, tuple[str, ...], st
         return forced, (V1 if forced == "v1" else V2), f"HOSTVISOR_COMPOSE={forced}"
     if forced:
         raise ImportFailed(f"HOSTVISOR_COMPOSE={forced!r}: expected v1 or v2")
+    return _detect(tuple(sorted(environ.items())))
+
+
+@functools.lru_cache(maxsize=4)
+def _detect(items: tuple[tuple[str, str], ...]) -> tuple[str, tuple[str, ...], str]:
+    """:func:`detect_compose` once per environment: an import of several files asks once."""
+    environ = dict(items)
     path = environ.get("PATH", os.defpath)
     docker = shutil.which("docker", path=path)
     answer = _version((docker, "compose", "version", "--short"), environ) if docker else None
