@@ -97,7 +97,7 @@ class TestSeedStacks:
         db, api = units["lockn-auth-db-1"], units["lockn-auth-api-1"]
         assert db["container"] == "lockn-auth-db-1" and api["container"] == "lockn-auth-api-1"
         assert db["recreate_command"] == [
-            "docker", "compose", "-p", "lockn-auth", "-f", str(AUTH), "up", "-d", "db",
+            "docker", "compose", "-p", "lockn-auth", "-f", str(AUTH), "up", "-d", "--no-deps", "db",
         ]  # fmt: skip
         assert api["recreate_command"][-1] == "api"
         assert db["workdir"] == api["workdir"] == str(AUTH.parent)
@@ -567,8 +567,9 @@ def test_round_trip_docker_compose_v1(
 
     seq = d.last_seq()
     engine.docker("rm", "-f", api)
-    d.wait_event("hostvisor.service.exited", api, after=seq, timeout=30)
-    d.wait_event("hostvisor.service.running", api, after=seq, timeout=60)
+    # after the exit: the event stream may not have delivered the first "running" yet at last_seq
+    exited = d.wait_event("hostvisor.service.exited", api, after=seq, timeout=30)
+    d.wait_event("hostvisor.service.running", api, after=exited["seq"], timeout=60)
     info = json.loads(engine.docker("inspect", api).stdout)[0]
     assert info["Id"] != before and info["State"]["Running"]
     assert d.wait_state(api, "running")["container_id"] == info["Id"]

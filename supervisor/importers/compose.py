@@ -5,9 +5,10 @@ Each service becomes a container unit named after the container Compose gives it
 ``PROJECT_SERVICE_1`` for v1, or ``container_name``; unique on an engine, unlike a service
 name such as ``db``). The unit keeps that container up and, when it is missing, recreates
 it from the file: ``recreate_command = [COMPOSE..., "-p", PROJECT, "-f", FILE, "up", "-d",
-SERVICE]`` in the file's folder, with the Compose the host has (``docker compose``, or
-``docker-compose`` where only v1 exists; ``HOSTVISOR_COMPOSE=v1|v2`` decides for another
-host).
+"--no-deps", SERVICE]`` in the file's folder (``--no-deps``: each container of the stack is
+its own unit, recreated by it in dependency order, so one recreate never touches
+another), with the Compose the host has (``docker compose``, or ``docker-compose`` where
+only v1 exists; ``HOSTVISOR_COMPOSE=v1|v2`` decides for another host).
 
 Mapped: ``container_name``, ``depends_on`` (list, or ``condition: service_started |
 service_healthy``; ``links``/``volumes_from``/``network_mode: service:x`` order starts
@@ -132,7 +133,7 @@ def convert(source: Source, ctx: ImportContext) -> FileResult:
         unit.table["container"] = containers[name]
         _container(unit, name, body)
         if recreate is not None:
-            unit.table["recreate_command"] = [*recreate, "up", "-d", name]
+            unit.table["recreate_command"] = [*recreate, "up", "-d", "--no-deps", name]
             unit.table["workdir"] = folder
             unit.map("(the file, its project and the service)", "recreate_command, workdir")
         _service(unit, name, body, bodies, units)
@@ -274,11 +275,6 @@ def _depends_on(
         return
     simple = all(condition == "started" for condition in deps.values())
     unit.table["depends_on"] = list(deps) if simple else deps
-    if "recreate_command" in unit.table:
-        unit.notes.append(
-            "recreate_command's `up -d` also starts the services this one depends on when they "
-            "do not run, as Compose does (hostvisor has waited for them already)"
-        )
 
 
 def _implied(value: object) -> list[str]:
