@@ -175,8 +175,8 @@ def _unit_objects(spec: ServiceSpec, target: Target, ctx: _Build) -> list[dict[s
     if schedule is not None:
         objects.append(_cronjob(spec, name, pod, ctx, warn, schedule=schedule))
     elif spec.is_job:
-        objects.append(_object("batch/v1", "Job", name, ctx, {"spec": _job_spec(spec, name, pod, ctx, warn)},
-                               description=spec.description))  # fmt: skip
+        body = {"spec": _job_spec(spec, name, pod, ctx, warn)}
+        objects.append(_object("batch/v1", "Job", name, ctx, body, description=spec.description))
     else:
         objects.append(_deployment(spec, name, pod, ctx, warn))
         if spec.port is not None:
