@@ -155,8 +155,9 @@ def _unit_objects(spec: ServiceSpec, target: Target, ctx: _Build) -> list[dict[s
 
     name = ctx.names[spec.name]
     if name != spec.name:
+        limit = _CRONJOB_LIMIT if spec.schedule is not None else _NAME_LIMIT
         warn(f"named {name} in Kubernetes (object names are DNS-1035 labels: a-z, 0-9 and -, "
-             "starting with a letter)")  # fmt: skip
+             f"starting with a letter, at most {limit} characters)")  # fmt: skip
     for note in target.notes:
         warn(note)
     schedule: str | None = None
@@ -299,16 +300,18 @@ def _texts(value: object) -> list[str]:
 
 
 def _check_hidden(container: dict[str, Any], target: Target, ctx: _Build) -> None:
-    """Secret values where Kubernetes expands no ``$(VAR)`` (probes, hooks, workingDir).
+    """Secrets by name where Kubernetes expands no ``$(VAR)`` (probes, hooks, workingDir);
+    a value secret only by its length (a path, a URL) may show there.
 
     Raises:
         ExportError: one is there, and ``include_secrets`` is off.
     """
     if ctx.include_secrets:
         return
+    named = [(k, v) for k, v in target.env.items() if k in target.named_secrets]
     for key in ("workingDir", "startupProbe", "livenessProbe", "readinessProbe", "lifecycle"):
         texts = _texts(container.get(key))
-        for var, value in _hidden(target):
+        for var, value in named:
             if any(value in text for text in texts):
                 raise ExportError(
                     f"the value of {var}, a secret, appears in the container's {key}, where "

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from supervisor.spec import ContainerSpec, ProcessSpec, ServiceSpec, _is_secret
+from supervisor.spec import _SECRET_KEY, ContainerSpec, ProcessSpec, ServiceSpec, _is_secret
 
 __all__ = ["ExportError", "Target", "container_target", "process_target", "valid_image"]
 
@@ -43,7 +43,11 @@ class Target:
         args: the container's ``args`` (they replace the image's CMD), or ``None``.
         env: the container's environment, in order.
         secret_keys: the variables of ``env`` that go to the Secret.
-        secret_values: the values that must not be printed without ``include_secrets``.
+        secret_values: the values hostvisor redacts (:meth:`ServiceSpec.secret_values`):
+            commands reference them as ``$(VAR)``.
+        named_secrets: the variables that are secrets by name (``*TOKEN*``,
+            ``*PASSWORD*`` ...) or by ``secret_env_files``: their values are printed
+            nowhere without ``include_secrets``, not even where no ``$(VAR)`` works.
         workdir: ``workingDir``, or ``None`` for the image's.
         ports: host port -> container port (a container unit's published ports).
         notes: warnings found while reading the unit's files or container.
@@ -55,6 +59,7 @@ class Target:
     env: Mapping[str, str] = field(default_factory=dict)
     secret_keys: frozenset[str] = frozenset()
     secret_values: frozenset[str] = frozenset()
+    named_secrets: frozenset[str] = frozenset()
     workdir: str | None = None
     ports: Mapping[int, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
@@ -90,6 +95,9 @@ def process_target(
         env=dict(spec.env),
         secret_keys=frozenset(keys & spec.env.keys()),
         secret_values=hidden,
+        named_secrets=frozenset(
+            k for k, v in spec.env.items() if (k in spec.secret_env_names and v) or _named(k, v)
+        ),
         workdir=workdir or None,
         notes=tuple(notes),
     )
@@ -143,10 +151,16 @@ def container_target(
         env=env,
         secret_keys=frozenset(k for k, v in env.items() if v in hidden),
         secret_values=hidden,
+        named_secrets=frozenset(k for k, v in env.items() if _named(k, v)),
         workdir=workdir or None,
         ports=_published(container),
         notes=tuple(notes),
     )
+
+
+def _named(key: str, value: str) -> bool:
+    """A secret by its name (spec's rule: 3 characters or more)."""
+    return bool(_SECRET_KEY.search(key)) and _is_secret(key, value)
 
 
 def _strings(value: object) -> tuple[str, ...]:

@@ -550,6 +550,22 @@ image = "app:1"
         assert TOKEN not in done.stdout + done.stderr
         assert export(config, "--include-secrets").returncode == 0
 
+    def test_a_value_secret_only_by_its_length_may_show_in_a_probe(self, tmp_path: Path) -> None:
+        """APP_HOME=/srv/app-home goes to the Secret (hostvisor redacts values of 8
+        characters or more), yet the same path as workingDir is no error."""
+        config = project(tmp_path, {"app": '''command = ["app"]
+workdir = "/srv/app-home"
+env = { APP_HOME = "/srv/app-home" }
+[k8s]
+image = "app:1"
+'''})  # fmt: skip
+        done = export(config)
+        assert done.returncode == 0, done.stderr
+        docs = parse(done.stdout)
+        validate(docs)
+        assert main_container(find(docs, "Deployment", "app"))["workingDir"] == "/srv/app-home"
+        assert find(docs, "Secret", "app-env")["stringData"] == {"APP_HOME": ""}
+
 
 class TestOutput:
     def test_output_file(self, full: Path, tmp_path: Path) -> None:
