@@ -94,14 +94,17 @@ def export_verb(
         )
     warnings += result.warnings
     errors += result.errors
+    checked = ""
     if not errors and args.check:
-        errors += _check(result.objects, err)
+        checked = _check(result.objects, errors)
     for line in warnings:
         print(f"warning: {line}", file=err)
     for line in errors:
         print(f"error: {line}", file=err)
     if errors:
         return EXIT_FAILED
+    if checked:
+        print(checked, file=err)
     text = dump_manifests(result.objects)
     if args.output and args.output != "-":
         return _write(
@@ -310,16 +313,17 @@ def check_manifests(objects: Sequence[Mapping[str, Any]]) -> tuple[str, list[str
     return version, problems
 
 
-def _check(objects: Sequence[Mapping[str, Any]], err: TextIO) -> list[str]:
+def _check(objects: Sequence[Mapping[str, Any]], errors: list[str]) -> str:
+    """``--check``: problems go to ``errors``; returns the line telling it passed."""
     try:
         version, problems = check_manifests(objects)
     except ImportError:
-        return [f"--check needs kubernetes-validate: {_INSTALL}"]
-    if not problems:
-        count = len(objects)
-        print(f"checked {count} object{'s' if count != 1 else ''} against Kubernetes "
-              f"{version} (kubernetes-validate, strict): valid", file=err)  # fmt: skip
-    return problems
+        errors.append(f"--check needs kubernetes-validate: {_INSTALL}")
+        return ""
+    errors += problems
+    count = len(objects)
+    return (f"checked {count} object{'s' if count != 1 else ''} against Kubernetes {version} "
+            "(kubernetes-validate, strict): valid")  # fmt: skip
 
 
 def _write(path: Path, text: str, *, count: int, secret: bool, out: TextIO, err: TextIO) -> int:
