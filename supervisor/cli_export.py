@@ -68,6 +68,32 @@ def export_verb(
         for issue in exc.issues:
             print(issue, file=err)
         return EXIT_FAILED
+    result = _manifests(args, loaded)
+    for line in result.warnings:
+        print(f"warning: {line}", file=err)
+    for line in result.errors:
+        print(f"error: {line}", file=err)
+    if result.errors:
+        return EXIT_FAILED
+    if args.check:
+        print(_checked(len(result.objects)), file=err)
+    text = dump_manifests(result.objects)
+    if args.output and args.output != "-":
+        return _write(
+            Path(args.output),
+            text,
+            count=len(result.objects),
+            secret=args.include_secrets,
+            out=out,
+            err=err,
+        )
+    out.write(text)
+    return EXIT_OK
+
+
+def _manifests(args: argparse.Namespace, loaded: Loaded) -> Export:
+    """Pick the units, find their images, build and (``--check``) validate; every
+    warning and error in the returned :class:`Export`."""
     errors: list[str] = []
     warnings: list[str] = []
     units = _select(loaded, args.names, errors)
@@ -83,40 +109,22 @@ def export_verb(
             except ExportError as exc:
                 errors.append(f"{spec.name}: {exc}")
         engine.close()
-    result = Export()
-    if not errors:
-        result = build(
-            units,
-            targets,
-            config=loaded.services,
-            namespace=args.namespace,
-            include_secrets=args.include_secrets,
-        )
-    warnings += result.warnings
-    errors += result.errors
-    checked = ""
-    if not errors and args.check:
-        checked = _check(result.objects, errors)
-    for line in warnings:
-        print(f"warning: {line}", file=err)
-    for line in errors:
-        print(f"error: {line}", file=err)
     if errors:
-        return EXIT_FAILED
-    if checked:
-        print(checked, file=err)
-    text = dump_manifests(result.objects)
-    if args.output and args.output != "-":
-        return _write(
-            Path(args.output),
-            text,
-            count=len(result.objects),
-            secret=args.include_secrets,
-            out=out,
-            err=err,
-        )
-    out.write(text)
-    return EXIT_OK
+        return Export(warnings=warnings, errors=errors)
+    result = build(
+        units,
+        targets,
+        config=loaded.services,
+        namespace=args.namespace,
+        include_secrets=args.include_secrets,
+    )
+    result.warnings[:0] = warnings
+    if not result.errors and args.check:
+        try:
+            result.errors += check_manifests(result.objects)[1]
+        except ImportError:
+            result.errors.append(f"--check needs kubernetes-validate: {_INSTALL}")
+    return result
 
 
 def _select(loaded: Loaded, names: Sequence[str], errors: list[str]) -> list[ServiceSpec]:
@@ -313,15 +321,10 @@ def check_manifests(objects: Sequence[Mapping[str, Any]]) -> tuple[str, list[str
     return version, problems
 
 
-def _check(objects: Sequence[Mapping[str, Any]], errors: list[str]) -> str:
-    """``--check``: problems go to ``errors``; returns the line telling it passed."""
-    try:
-        version, problems = check_manifests(objects)
-    except ImportError:
-        errors.append(f"--check needs kubernetes-validate: {_INSTALL}")
-        return ""
-    errors += problems
-    count = len(objects)
+def _checked(count: int) -> str:
+    import kubernetes_validate
+
+    version: str = kubernetes_validate.latest_version()
     return (f"checked {count} object{'s' if count != 1 else ''} against Kubernetes {version} "
             "(kubernetes-validate, strict): valid")  # fmt: skip
 
