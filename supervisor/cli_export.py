@@ -238,7 +238,7 @@ class _Engine:
             try:
                 self._client = docker.from_env(timeout=ENGINE_TIMEOUT)
                 self._client.ping()
-            except docker.errors.DockerException as exc:
+            except (docker.errors.DockerException, OSError) as exc:  # requests: OSError
                 self._failure = f"the Docker engine cannot be reached ({_short(exc)})"
         if self._failure is not None:
             raise ExportError(f"container {container}: {self._failure}")
@@ -247,12 +247,12 @@ class _Engine:
             info: dict[str, Any] = api.inspect_container(container)
         except docker.errors.NotFound:
             raise ExportError(f"the Docker engine has no container {container}") from None
-        except docker.errors.DockerException as exc:
+        except (docker.errors.DockerException, OSError) as exc:
             raise ExportError(
                 f"container {container}: docker inspect failed ({_short(exc)})"
             ) from None
         image: dict[str, Any] | None = None
-        with contextlib.suppress(docker.errors.DockerException):
+        with contextlib.suppress(docker.errors.DockerException, OSError):
             image = api.inspect_image(info.get("Image") or info["Config"]["Image"])
         return info, image
 
