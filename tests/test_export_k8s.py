@@ -2,200 +2,47 @@
 field the units imply asserted, and every object validated offline with
 kubernetes-validate in strict mode against the newest Kubernetes it knows (issue 13).
 
-Container units read their image, command, environment and published ports from the
-session's private Docker engine (tests/docker_engine.py).
+The units are tests/export/units, one per mapping. Container units read their image,
+command, environment and published ports from the session's private Docker engine
+(tests/docker_engine.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import kubernetes_validate
 import pytest
-import yaml
 
 from supervisor.cli_export import check_manifests
 from tests.docker_engine import DockerEngine
+from tests.export import (
+    K8S_VERSION,
+    export,
+    find,
+    main_container,
+    parse,
+    pod_of,
+    project,
+    validate,
+    warnings_of,
+    write,
+)
 
-K8S_VERSION = kubernetes_validate.latest_version()
-
-#: Secret values that must never reach the output without --include-secrets.
+#: The secret values of tests/export (units/web.api.toml, web.env, pin.env): they must
+#: never reach the output without --include-secrets.
 TOKEN, PASSWORD, PIN = "tok-7f3a9c21", "hunter2-correct-horse", "4821"
-
-UNITS = {
-    # a dot in the name; http probe with a fractional interval and a start period; port;
-    # env with a secret, env_files, secret_env_files; preflight; depends_on; post_start
-    "web.api": f"""
-description = "Public API"
-command = ["serve", "--token", "{TOKEN}", "--price", "$(cheap)", "$$"]
-workdir = "/srv/api"
-port = 8080
-env = {{ MODE = "prod", API_TOKEN = "{TOKEN}" }}
-env_files = ["web.env"]
-secret_env_files = ["pin.env"]
-depends_on = {{ db = "healthy" }}
-stop_timeout = "2.5s"
-max_memory = "512MiB"
-[preflight]
-command = ["serve", "--check-config"]
-[health]
-http = "http://127.0.0.1:8080/healthz?full=1"
-interval = "2.5s"
-timeout = "1s"
-start_period = "30s"
-failure_threshold = 4
-success_threshold = 2
-[post_start]
-command = ["warm-cache"]
-[k8s]
-image = "registry.example/web-api:1.4"
-""",
-    # a process unit whose image comes from --image; tcp probe on localhost
-    "db": """
-command = ["postgres", "-D", "/var/lib/postgresql/data"]
-port = 5432
-[health]
-tcp = "localhost:5432"
-interval = "5s"
-""",
-    # exec probe, a signal other than SIGTERM, on-failure, a dependency without a port,
-    # one on a one-shot's completion
-    "worker": """
-command = ["worker", "--queue", "default"]
-stop_signal = "SIGINT"
-restart = "on-failure"
-give_up_after = 3
-depends_on = { db = "started", queue = "started", migrate = "completed" }
-[health]
-exec = ["worker", "ping"]
-interval = "10s"
-[backoff]
-initial = "2s"
-[k8s]
-image = "registry.example/worker:2"
-""",
-    # no probe, no port, not started by default
-    "queue": """
-command = ["queue"]
-start_seconds = "2s"
-autostart = false
-[k8s]
-image = "registry.example/queue:1"
-""",
-    # a scheduled unit with a time zone
-    "report": """
-command = ["report", "--daily"]
-schedule = "15 4 * * 1-5"
-schedule_timezone = "Europe/Berlin"
-concurrency = "replace"
-catch_up = "once"
-run_timeout = "90s"
-restart = "on-failure"
-give_up_after = 4
-random_delay = "30s"
-[on_failure]
-command = ["notify", "report failed"]
-[k8s]
-image = "registry.example/report:3"
-""",
-    # every = 10m, no catch-up
-    "sweep": """
-command = ["sweep"]
-every = "10m"
-[k8s]
-image = "registry.example/sweep:1"
-""",
-    # a one-shot
-    "migrate": """
-command = ["migrate", "up"]
-restart = "no"
-run_timeout = "5m"
-[k8s]
-image = "registry.example/web-api:1.4"
-""",
-}
-
-
-# ---------------------------------------------------------------------------- helpers
-
-
-def write(path: Path, text: str, mode: int = 0o644) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.chmod(mode)
-    return path
-
-
-def project(root: Path, units: dict[str, str]) -> Path:
-    """A config folder with ``units``; returns config.toml."""
-    config = write(root / "config.toml", f'[daemon]\nstate_dir = "{root / "state"}"\n')
-    for name, text in units.items():
-        write(root / "units" / f"{name}.toml", text)
-    return config
-
-
-def export(
-    config: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "supervisor", "export", "k8s", *args, "-c", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **(env or {})},
-        cwd=config.parent,
-    )
-
-
-def parse(text: str) -> list[dict[str, Any]]:
-    return [doc for doc in yaml.safe_load_all(text) if doc is not None]
-
-
-def validate(docs: list[dict[str, Any]]) -> None:
-    """Every object valid for the newest Kubernetes kubernetes-validate knows, strict."""
-    for doc in docs:
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-
-
-def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
-    assert len(found) == 1, f"{kind}/{name} in {[(d['kind'], d['metadata']['name']) for d in docs]}"
-    return found[0]
-
-
-def pod_of(obj: dict[str, Any]) -> dict[str, Any]:
-    spec = obj["spec"]
-    if obj["kind"] == "CronJob":
-        spec = spec["jobTemplate"]["spec"]
-    pod: dict[str, Any] = spec["template"]["spec"]
-    return pod
-
-
-def main_container(obj: dict[str, Any]) -> dict[str, Any]:
-    containers = pod_of(obj)["containers"]
-    assert len(containers) == 1
-    container: dict[str, Any] = containers[0]
-    return container
-
-
-def warnings_of(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("warning: ")]
 
 
 @pytest.fixture
 def full(tmp_path: Path) -> Path:
-    config = project(tmp_path, UNITS)
-    write(tmp_path / "web.env", f"DB_PASSWORD={PASSWORD}\nLOG_LEVEL=debug\n", 0o600)
-    write(tmp_path / "pin.env", f"PIN={PIN}\n", 0o600)
-    return config
+    """The units of tests/export/units (one per mapping) and their env files."""
+    return project(tmp_path)
 
 
 @pytest.fixture
@@ -217,17 +64,11 @@ class TestObjects:
         Jobs, CronJobs, by name within a kind."""
         docs, _ = exported
         assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [
-            ("Secret", "web-api-env"),
-            ("Service", "db"),
-            ("Service", "web-api"),
-            ("Deployment", "db"),
-            ("Deployment", "queue"),
-            ("Deployment", "web-api"),
-            ("Deployment", "worker"),
-            ("Job", "migrate"),
-            ("CronJob", "report"),
+            ("Secret", "web-api-env"), ("Service", "db"), ("Service", "web-api"),
+            ("Deployment", "db"), ("Deployment", "queue"), ("Deployment", "web-api"),
+            ("Deployment", "worker"), ("Job", "migrate"), ("CronJob", "report"),
             ("CronJob", "sweep"),
-        ]
+        ]  # fmt: skip
         assert {(d["apiVersion"], d["kind"]) for d in docs} == {
             ("v1", "Secret"), ("v1", "Service"), ("apps/v1", "Deployment"),
             ("batch/v1", "Job"), ("batch/v1", "CronJob"),
@@ -245,10 +86,9 @@ class TestObjects:
                 assert doc["spec"]["selector"] == {"matchLabels": {"app.kubernetes.io/name": owner}}
                 assert doc["spec"]["template"]["metadata"]["labels"] == labels
             if doc["kind"] == "CronJob":
-                assert doc["spec"]["jobTemplate"]["metadata"]["labels"] == labels
-                assert (
-                    doc["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"] == labels
-                )
+                job = doc["spec"]["jobTemplate"]
+                assert job["metadata"]["labels"] == job["spec"]["template"]["metadata"]["labels"]
+                assert job["metadata"]["labels"] == labels
             if doc["kind"] == "Service":
                 assert doc["spec"]["selector"] == {"app.kubernetes.io/name": owner}
 
@@ -321,9 +161,7 @@ class TestDeployment:
         init container running its command in the same image with the same env."""
         docs, done = exported
         wait, preflight = pod_of(find(docs, "Deployment", "web-api"))["initContainers"]
-        assert wait["name"] == "wait-db"
-        assert wait["image"] == "busybox:1.36"
-        assert wait["command"][:2] == ["sh", "-c"]
+        assert (wait["name"], wait["image"], wait["command"][:2]) == ("wait-db", "busybox:1.36", ["sh", "-c"])  # fmt: skip
         assert "until nc -z -w 2 db 5432; do" in wait["command"][2]
         assert preflight["name"] == "preflight"
         assert preflight["image"] == "registry.example/web-api:1.4"
@@ -339,9 +177,7 @@ class TestDeployment:
         inits = pod_of(find(docs, "Deployment", "worker"))["initContainers"]
         assert [i["name"] for i in inits] == ["wait-db"]
         warnings = warnings_of(done.stderr)
-        assert any(
-            "worker: depends_on queue: not carried: queue has no port" in w for w in warnings
-        )
+        assert any("worker: depends_on queue: not carried: queue has no port" in w for w in warnings)  # fmt: skip
         assert any('worker: depends_on migrate ("completed"): not carried' in w for w in warnings)
 
     def test_process_unit_without_probe(self, exported: Any) -> None:
@@ -351,9 +187,7 @@ class TestDeployment:
         assert queue["spec"]["replicas"] == 0
         assert queue["spec"]["minReadySeconds"] == 2
         container = main_container(queue)
-        assert not {"livenessProbe", "readinessProbe", "startupProbe", "workingDir"} & set(
-            container
-        )
+        assert not {"livenessProbe", "readinessProbe", "startupProbe", "workingDir"} & set(container)  # fmt: skip
         assert any("queue: autostart = false: replicas 0" in w for w in warnings_of(done.stderr))
 
     def test_what_a_deployment_cannot_hold_is_warned(self, exported: Any) -> None:
@@ -544,8 +378,7 @@ image = "app:1"
         done = export(config)
         assert done.returncode == 1
         assert (
-            "probe: the value of API_TOKEN, a secret, appears in the container's livenessProbe"
-            in done.stderr
+            "probe: the value of API_TOKEN, a secret, appears in the container's liv" in done.stderr
         )
         assert TOKEN not in done.stdout + done.stderr
         assert export(config, "--include-secrets").returncode == 0
@@ -622,9 +455,7 @@ class TestOutput:
         done = export(full, "--image", "db=postgres:16", "--check",
                       env={"PYTHONPATH": str(fake.parent.parent)})  # fmt: skip
         assert done.returncode == 1
-        assert (
-            "error: --check needs kubernetes-validate: pip install 'hostvisor[k8s]'" in done.stderr
-        )
+        assert "error: --check needs kubernetes-validate: pip install 'hostvisor[k8s]'" in done.stderr  # fmt: skip
         assert done.stdout == ""
 
 
@@ -685,12 +516,9 @@ class TestErrors:
         assert done.returncode == 0, done.stderr
         docs = parse(done.stdout)
         validate(docs)
-        assert (
-            main_container(find(docs, "Deployment", "qdrant"))["image"] == "qdrant/qdrant:v1.12.0"
-        )
-        assert (
-            "warning: qdrant: container qdrant: the Docker engine cannot be reached" in done.stderr
-        )
+        qdrant = main_container(find(docs, "Deployment", "qdrant"))
+        assert qdrant["image"] == "qdrant/qdrant:v1.12.0"
+        assert "warning: qdrant: container qdrant: the Docker engine cannot be reached" in done.stderr  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- container units
