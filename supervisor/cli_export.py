@@ -204,13 +204,12 @@ def _target(spec: ServiceSpec, image: str | None, loaded: Loaded, engine: _Engin
 def _file_keys(spec: ServiceSpec, loaded: Loaded) -> frozenset[str]:
     """The variables the unit's ``env_files`` set, read again as the loader read them
     (their paths resolved the loader's way; a missing optional file sets nothing)."""
-    from supervisor.config import _Context  # the loader's own path rules, not a copy
+    from supervisor.config import resolve_path  # the loader's own path rules, not a copy
     from supervisor.configfiles import read_env_file
 
-    resolve = _Context(loaded.daemon.config_path, os.environ).path
     keys: set[str] = set()
     for raw in spec.env_files:
-        path = resolve(raw[1:] if raw.startswith("-") else raw)
+        path = resolve_path(loaded.daemon.config_path, raw[1:] if raw.startswith("-") else raw)
         with contextlib.suppress(OSError, ConfigError):
             keys.update(read_env_file(path))
     return frozenset(keys)

@@ -82,6 +82,7 @@ __all__ = [
     "parse_duration",
     "parse_size",
     "read_env_file",
+    "resolve_path",
     "units_dir",
 ]
 
@@ -196,6 +197,13 @@ def units_dir(path: Path, *, environ: Mapping[str, str] | None = None) -> Path:
     if data is None or not isinstance(raw, str) or not raw:
         message = "must be a folder name (a non-empty string)"
         raise ConfigError(ctx.issues or [ConfigIssue(str(ctx.config), "daemon.units_dir", message)])
+    return ctx.path(raw)
+
+
+def resolve_path(path: Path, raw: str, *, environ: Mapping[str, str] | None = None) -> Path:
+    """``raw`` (a path of a unit or config key) made absolute the way the loader does: ``~``
+    and ``$VARS`` expanded, relative to the folder of the config ``path``."""
+    ctx = _Context(Path(os.path.abspath(path)), os.environ if environ is None else environ)
     return ctx.path(raw)
 
 

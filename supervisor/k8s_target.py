@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from supervisor.spec import _SECRET_KEY, ContainerSpec, ProcessSpec, ServiceSpec, _is_secret
+from supervisor.spec import ContainerSpec, ProcessSpec, ServiceSpec, is_secret, is_secret_name
 
 __all__ = ["ExportError", "Target", "container_target", "process_target", "valid_image"]
 
@@ -139,7 +139,7 @@ def container_target(
         args = cmd
     own = set(_strings(base.get("Env")))
     env = dict(item.partition("=")[::2] for item in _strings(config.get("Env")) if item not in own)
-    hidden = frozenset(v for k, v in env.items() if _is_secret(k, v))
+    hidden = frozenset(v for k, v in env.items() if is_secret(k, v))
     workdir = str(config.get("WorkingDir") or "")
     if image is not None and workdir == str(base.get("WorkingDir") or ""):
         workdir = ""
@@ -160,7 +160,7 @@ def container_target(
 
 def _named(key: str, value: str) -> bool:
     """A secret by its name (spec's rule: 3 characters or more)."""
-    return bool(_SECRET_KEY.search(key)) and _is_secret(key, value)
+    return is_secret_name(key) and is_secret(key, value)
 
 
 def _strings(value: object) -> tuple[str, ...]:

@@ -309,7 +309,7 @@ class ServiceSpec:
         such a value secret only by putting it in a ``secret_env_files`` file.
         """
         return frozenset(
-            v for k, v in self.env.items() if (k in self.secret_env_names and v) or _is_secret(k, v)
+            v for k, v in self.env.items() if (k in self.secret_env_names and v) or is_secret(k, v)
         )
 
 
@@ -319,7 +319,14 @@ _SECRET_KEY = re.compile(
 )
 
 
-def _is_secret(key: str, value: str) -> bool:
+def is_secret_name(key: str) -> bool:
+    """Whether the variable name ``key`` names a secret (``*TOKEN*``, ``*PASSWORD*`` ...)."""
+    return bool(_SECRET_KEY.search(key))
+
+
+def is_secret(key: str, value: str) -> bool:
+    """Whether ``value`` of the variable ``key`` is kept out of every output (the rule of
+    :meth:`ServiceSpec.secret_values`, for a variable not set by ``secret_env_files``)."""
     if _SECRET_KEY.search(key):
         return len(value) >= 3
     if len(value) < 8 or value.replace(".", "").replace(":", "").isdigit():
