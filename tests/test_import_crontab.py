@@ -152,6 +152,7 @@ def test_environment_line_rules_and_bad_lines(d: DaemonProcess, tmp_path: Path) 
         "@every 5m /usr/local/bin/not-cron\n"
         "CRON_TZ=UTC\n"
         "HOME=/srv/app\n"
+        "TZ=America/New_York\n"
         "0 0 * * * cd releases && ./prune.sh 'keep 3'\n"
         "0 1 * * * python3 -m app.jobs.nightly --since=yesterday 2>&1\n"
     )
@@ -171,6 +172,9 @@ def test_environment_line_rules_and_bad_lines(d: DaemonProcess, tmp_path: Path) 
     assert prune["workdir"] == "/srv/app/releases"  # relative to the crontab's HOME
     assert prune["command"] == ["./prune.sh", "keep 3"]
     assert prune["env"]["HOME"] == "/srv/app"
+    assert prune["env"]["TZ"] == "America/New_York"  # the jobs' environment, as cron sets it
+    nightly_tz = unit(out, "app.jobs.nightly")
+    assert "schedule_timezone" in nightly_tz  # CRON_TZ=UTC still holds
     nightly = unit(out, "app.jobs.nightly")
     assert nightly["command"] == ["python3", "-m", "app.jobs.nightly", "--since=yesterday"]
     assert nightly["workdir"] == "/srv/app"
@@ -211,3 +215,14 @@ def test_round_trip_an_imported_job_runs_in_its_folder(d: DaemonProcess, tmp_pat
     assert "run 1 succeeded" in run.stdout
     d.wait_event("hostvisor.job.succeeded", "claim-task")
     assert (work / "claimed.txt").read_text() == f"{work} 1"
+
+
+def test_tz_is_the_jobs_environment_not_the_schedules_zone(
+    d: DaemonProcess, tmp_path: Path
+) -> None:
+    done = hv_import(d, "-", stdin="TZ=Europe/Paris\n0 8 * * * /usr/bin/report\n", out=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = unit(tmp_path, "report")
+    assert report["env"] == {"TZ": "Europe/Paris"}
+    assert "schedule_timezone" not in report
+    assert 'set schedule_timezone = "Europe/Paris"' in done.stdout

@@ -20,7 +20,8 @@ run once at every daemon start). The command is read as cron reads it:
 
 Environment lines (``NAME = value``, a value in matching quotes keeps its blanks; no
 expansion, as cron does none) apply to the jobs after them: most go to ``env``;
-``SHELL`` is also the shell used; ``CRON_TZ`` (cronie) is ``schedule_timezone``;
+``SHELL`` is also the shell used; ``CRON_TZ`` (cronie) is ``schedule_timezone``, while
+``TZ`` stays the jobs' environment (cronie and Vixie cron schedule in the host's zone);
 ``RANDOM_DELAY`` (cronie, minutes) is ``random_delay``; ``MAILTO``/``MAILFROM`` are not
 mapped (hostvisor sends no mail; ``[on_failure]`` runs a command on a failed run).
 
@@ -275,6 +276,12 @@ def _job(
         table["env"] = env
         for name, (line_no, _) in state.env.items():
             unit.map(f"line {line_no} {name}=", f"env.{name}")
+        if "TZ" in env and "schedule_timezone" not in table and "schedule" in table:
+            unit.notes.append(
+                f"TZ={env['TZ']} is the job's environment: cronie and Vixie cron read the "
+                "schedule in the host's zone (or CRON_TZ's), and so does this unit; if your "
+                f'cron read TZ for the schedule too, set schedule_timezone = "{env["TZ"]}"'
+            )
         if any("$" in value for value in env.values()):
             unit.notes.append(
                 "an environment line holds a '$': cron does not expand it, nor does hostvisor "
