@@ -390,11 +390,12 @@ class _App:
                 self._jlist_env(raw, env)
             else:
                 for key, value in raw.items():
-                    env[str(key)] = (
-                        json.dumps(value)
-                        if isinstance(value, (dict, list))
-                        else (str(value).lower() if isinstance(value, bool) else str(value))
-                    )
+                    if value is None:
+                        unit.skip(f"env.{key}=null", "pm2 passes no variable set to null")
+                    elif isinstance(value, (dict, list, bool)):
+                        env[str(key)] = json.dumps(value, separators=(",", ":"))  # JSON.stringify
+                    else:
+                        env[str(key)] = str(value)
                 if raw:
                     unit.map("env", "env")
         elif raw is not None:
