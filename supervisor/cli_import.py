@@ -111,9 +111,15 @@ def _plan(results: list[tuple[str, FileResult]], folder: Path, *, force: bool) -
     planned: list[_Planned] = []
     taken: set[str] = set()
     for label, result in results:
+        renamed: dict[str, str] = {}
         for unit in result.units:
-            unit.name = _free_name(unit.name, taken)
+            free = _free_name(unit.name, taken)
+            if free != unit.name:
+                renamed[unit.name] = free
+            unit.name = free
             taken.add(unit.name)
+        for unit in result.units:  # the file's own references follow its renamed units
+            _rename_dependencies(unit, renamed)
             plan = _Planned(unit, folder / f"{unit.name}.toml")
             try:
                 plan.text = _header(label, unit) + tomli_w.dumps(unit.table)
@@ -123,6 +129,16 @@ def _plan(results: list[tuple[str, FileResult]], folder: Path, *, force: bool) -
                 plan.problems.append("exists; not replaced (pass --force to replace it)")
             planned.append(plan)
     return planned
+
+
+def _rename_dependencies(unit: Converted, renamed: dict[str, str]) -> None:
+    deps = unit.table.get("depends_on")
+    if not renamed or not deps:
+        return
+    if isinstance(deps, dict):
+        unit.table["depends_on"] = {renamed.get(k, k): v for k, v in deps.items()}
+    elif isinstance(deps, list):
+        unit.table["depends_on"] = [renamed.get(k, k) for k in deps]
 
 
 def _free_name(name: str, taken: set[str]) -> str:

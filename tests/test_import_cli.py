@@ -161,6 +161,27 @@ def test_the_writing_is_atomic_under_concurrent_imports(host: Path) -> None:
     assert sorted(p.name for p in (host / "out").iterdir()) == ["web.toml", "worker.toml"]
 
 
+def test_a_renamed_unit_keeps_the_references_of_its_own_file(host: Path) -> None:
+    """Two stacks both name a container "db": the second becomes db-2, and the api of that
+    stack depends on db-2, not on the other stack's db."""
+    for stack in ("one", "two"):
+        (host / stack).mkdir()
+        (host / stack / "compose.yaml").write_text(
+            "services:\n"
+            f"  db:\n    image: busybox\n    container_name: db\n"
+            f"  api:\n    image: busybox\n    container_name: api-{stack}\n"
+            "    depends_on: [db]\n"
+        )
+    done = hv(
+        host, "import", "compose", "one/compose.yaml", "two/compose.yaml", "-o", "out",
+        "--dry-run",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "db-2 (from db)" in done.stdout
+    two = done.stdout.split("api-two")[-1]
+    assert 'depends_on = [\n        "db-2",' in two
+
+
 def test_unknown_kind_is_a_usage_error(host: Path) -> None:
     done = hv(host, "import", "upstart", "Procfile")
     assert done.returncode == 2
@@ -201,6 +222,10 @@ def test_unit_name_is_always_valid(original: str, expected: str) -> None:
         ("FOO=1 run", None, "variable assignment"),
         ("run # comment", None, "a comment"),
         ("ls *.py", None, "a glob"),
+        ("a || b", None, "'||'"),
+        ("a && b", None, "'&&'"),
+        ("x ~/y", None, "a home"),
+        ("x a~b --p=c~d", ["x", "a~b", "--p=c~d"], None),
     ],
 )
 def test_command_argv_uses_a_shell_only_when_the_line_needs_one(

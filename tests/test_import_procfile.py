@@ -113,3 +113,26 @@ def test_round_trip_a_procfile_entry_runs_in_its_folder(d: DaemonProcess, tmp_pa
     d.wait_state("svc", "running")
     started = json.loads((app / "started.json").read_text())
     assert started == {"cwd": str(app), "argv": ["--role", "web worker"]}
+
+
+def test_release_is_a_one_shot_and_the_folders_env_file_is_read(
+    d: DaemonProcess, tmp_path: Path
+) -> None:
+    """Heroku's release: runs once per deploy (never kept up); foreman reads the folder's
+    .env; a command that merely contains "PORT" in a word gets no $PORT note."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "Procfile").write_text(
+        "release: python manage.py migrate\nreport: ./report --out REPORT_DIR\n"
+    )
+    (app / ".env").write_text("DATABASE_URL=sqlite:///data/app.db\n")
+    (app / ".env").chmod(0o644)
+    done = hv_import(d, str(app / "Procfile"))
+    assert done.returncode == 0, done.stderr
+    release, report = unit(d.units, "release"), unit(d.units, "report")
+    assert release["restart"] == "no"
+    assert report["restart"] == "always"
+    assert report["env_files"] == [f"-{app / '.env'}"]
+    assert "reads $PORT" not in done.stdout
+    assert "runs once per deploy" in done.stdout
+    assert d.cli("check").returncode == 0

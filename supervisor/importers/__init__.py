@@ -185,7 +185,7 @@ def read_source(path: Path) -> Source:
 
 
 _SHELL_ONLY = {
-    "|": "a pipe '|'", "&": "'&' or '&&'", ";": "';'", "<": "a redirection '<'",
+    "|": "a pipe '|'", "&": "a background '&'", ";": "';'", "<": "a redirection '<'",
     ">": "a redirection '>'", "(": "a subshell '('", ")": "a subshell ')'",
     "$": "an expansion '$'", "`": "a command substitution '`'", "*": "a glob '*'",
     "?": "a glob '?'", "[": "a glob '['", "{": "braces '{'", "}": "braces '}'",
@@ -206,7 +206,7 @@ def command_argv(text: str) -> tuple[list[str], str | None]:
     quote = ""
     escaped = False
     start_of_word = True
-    for char in text:
+    for i, char in enumerate(text):
         if escaped:
             escaped, start_of_word = False, False
             continue
@@ -221,7 +221,9 @@ def command_argv(text: str) -> tuple[list[str], str | None]:
             continue
         if char in "'\"":
             quote, start_of_word = char, False
-        elif char in _SHELL_ONLY or (char == "#" and start_of_word):
+        elif char in "|&" and text[i + 1 : i + 2] == char:
+            return ["/bin/sh", "-c", text], f"uses '{char * 2}'"
+        elif (char in _SHELL_ONLY and char != "~") or (char in "#~" and start_of_word):
             why = _SHELL_ONLY.get(char, "a comment '#'")
             return ["/bin/sh", "-c", text], f"uses {why}"
         else:
