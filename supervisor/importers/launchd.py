@@ -48,6 +48,7 @@ BINARY = True
 #: launchd's default ExitTimeOut (launchd.plist(5)) and ThrottleInterval, seconds.
 _EXIT_TIMEOUT = 20
 _THROTTLE = 10
+_MAX_SECONDS = 365 * 86400
 _CALENDAR_KEYS = {"Minute": (0, 0, 59), "Hour": (1, 0, 23), "Day": (2, 1, 31),
                   "Month": (3, 1, 12), "Weekday": (4, 0, 7)}  # fmt: skip
 _LOGS = "hostvisor writes stdout and stderr to <state>/logs/<name>.log (rotated)"
@@ -159,14 +160,23 @@ class _Job:
         restart = self._keep_alive(scheduled)
         self._autostart(restart, scheduled)
         self._throttle(restart)
-        timeout = self.get("ExitTimeOut")
-        seconds = timeout if isinstance(timeout, int) and 0 < timeout <= 86400 else None
-        self.table["stop_timeout"] = f"{seconds or _EXIT_TIMEOUT}s"
-        self.unit.map("ExitTimeOut" if seconds else "ExitTimeOut (not set: launchd's 20s)",
-                      "stop_timeout")  # fmt: skip
-        if timeout is not None and seconds is None:
-            self.unit.skip(f"ExitTimeOut={_shown(timeout)}", "1 to 86400 seconds; launchd's 20s kept")
+        self._exit_timeout()
         self._rest()
+
+    def _exit_timeout(self) -> None:
+        timeout = self.get("ExitTimeOut")
+        valid = isinstance(timeout, int) and not isinstance(timeout, bool) and timeout >= 0
+        if not valid:
+            if timeout is not None:
+                self.unit.skip(f"ExitTimeOut={_shown(timeout)}", "not a whole number of seconds")
+            self.table["stop_timeout"] = f"{_EXIT_TIMEOUT}s"
+            self.unit.map("ExitTimeOut (not set: launchd's 20s)", "stop_timeout")
+            return
+        if timeout == 0 or timeout > _MAX_SECONDS:
+            self.unit.notes.append(f"ExitTimeOut={timeout}: no timeout under launchd (0 is "
+                                   "infinity); hostvisor's longest is 365d")  # fmt: skip
+        self.table["stop_timeout"] = _seconds_text(min(timeout or _MAX_SECONDS, _MAX_SECONDS))
+        self.unit.map(f"ExitTimeOut={timeout}", "stop_timeout")
 
     def _command(self) -> None:
         program, arguments = self.get("Program"), self.get("ProgramArguments")
@@ -184,8 +194,10 @@ class _Job:
             if arguments:
                 self.unit.map("ProgramArguments[1:]", "command")
                 if arguments[0] != program:
-                    self.unit.skip(f"ProgramArguments[0]={arguments[0]}", "argv[0] beside "
-                                   "Program; hostvisor cannot set argv[0]")  # fmt: skip
+                    self.unit.skip(
+                        f"ProgramArguments[0]={arguments[0]}",
+                        "argv[0] beside Program; hostvisor cannot set argv[0]",
+                    )
         else:
             argv = list(arguments or [])
             self.unit.map("ProgramArguments", "command")
@@ -217,26 +229,36 @@ class _Job:
             else:
                 self.table["catch_up"] = "once"
                 self.unit.map("StartCalendarInterval", "schedule")
-                self.unit.map("StartCalendarInterval (missed during sleep: once on wake)",
-                              "catch_up")  # fmt: skip
+                self.unit.map(
+                    "StartCalendarInterval (missed during sleep: once on wake)", "catch_up"
+                )
                 if interval is not None:
-                    self.unit.skip(f"StartInterval={_shown(interval)}", "hostvisor has one trigger "
-                                   "per unit: StartCalendarInterval is used")  # fmt: skip
+                    self.unit.skip(
+                        f"StartInterval={_shown(interval)}",
+                        "hostvisor has one trigger per unit: StartCalendarInterval is used",
+                    )
                 return "schedule"
         if interval is None:
             return ""
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            self.unit.skip(f"StartInterval={_shown(interval)}", "not a whole number of seconds >= 1")
+            self.unit.skip(
+                f"StartInterval={_shown(interval)}", "not a whole number of seconds >= 1"
+            )
             return ""
         self.table["every"] = _seconds_text(interval)
         self.unit.map("StartInterval", "every")
-        self.unit.notes.append("a StartInterval run missed while the Mac slept is lost "
-                               "(launchd.plist(5)): catch_up stays \"none\"")  # fmt: skip
+        self.unit.notes.append(
+            "a StartInterval run missed while the Mac slept is lost "
+            '(launchd.plist(5)): catch_up stays "none"'
+        )
         return "every"
 
     def _keep_alive(self, scheduled: str) -> str:
         keep, on_demand = self.get("KeepAlive"), self.get("OnDemand")
         restart = "no"
+        if keep is not None and on_demand is not None:
+            self.unit.skip(f"OnDemand={_shown(on_demand)}", "deprecated; KeepAlive is used")
+            on_demand = None
         if keep is None and isinstance(on_demand, bool):
             keep = not on_demand
             self.unit.map(f"OnDemand={on_demand} (deprecated: KeepAlive's opposite)", "restart")
@@ -251,8 +273,10 @@ class _Job:
         elif keep is not None:
             self.unit.skip(f"KeepAlive={_shown(keep)}", "not a boolean or a dict")
         if scheduled and restart == "always":
-            self.unit.skip("KeepAlive=true", 'a scheduled unit cannot restart "always": its '
-                           'runs end; restart = "no"')  # fmt: skip
+            self.unit.skip(
+                "KeepAlive=true",
+                'a scheduled unit cannot restart "always": its runs end; restart = "no"',
+            )
             restart = "no"
         self.table["restart"] = restart
         if restart == "no" and not scheduled:
@@ -272,15 +296,20 @@ class _Job:
             elif key == "Crashed" and value is True:
                 restart = "on-failure"
                 self.unit.map(shown, 'restart ("on-failure")')
-                self.unit.notes.append("KeepAlive.Crashed: launchd restarts after a crash "
-                                       "(a signal) only; hostvisor after any failure")  # fmt: skip
+                self.unit.notes.append(
+                    "KeepAlive.Crashed: launchd restarts after a crash "
+                    "(a signal) only; hostvisor after any failure"
+                )
             elif key == "SuccessfulExit":
                 self.unit.skip(shown, "hostvisor cannot restart after a clean exit only")
             elif key == "NetworkState":
                 self.unit.skip(shown, "launchd no longer implements it (launchd.plist(5))")
             else:
-                self.unit.skip(shown, "hostvisor keeps nothing alive on a path, another job "
-                               "or a condition of this kind")  # fmt: skip
+                self.unit.skip(
+                    shown,
+                    "hostvisor keeps nothing alive on a path, another job "
+                    "or a condition of this kind",
+                )
         return restart
 
     def _autostart(self, restart: str, scheduled: str) -> None:
@@ -293,8 +322,11 @@ class _Job:
             self.unit.notes.append("launchctl's enable/disable overrides are not in the plist")
         if scheduled:
             if run_at_load is True:
-                self.unit.skip("RunAtLoad=true", "a scheduled unit runs at its triggers only; "
-                               "`hostvisor start NAME` runs it now")  # fmt: skip
+                self.unit.skip(
+                    "RunAtLoad=true",
+                    "a scheduled unit runs at its triggers only; "
+                    "`hostvisor start NAME` runs it now",
+                )
             return
         if run_at_load is True or implied:
             why = "RunAtLoad=true" if run_at_load is True else "KeepAlive (implies RunAtLoad)"
@@ -303,8 +335,10 @@ class _Job:
             self.table["autostart"] = False
             shown = "RunAtLoad=false" if run_at_load is False else "RunAtLoad (not set)"
             self.unit.map(shown, "autostart (false)")
-            self.unit.notes.append("launchd starts it only when asked (launchctl kickstart): "
-                                   "autostart = false, `hostvisor start NAME` runs it")  # fmt: skip
+            self.unit.notes.append(
+                "launchd starts it only when asked (launchctl kickstart): "
+                "autostart = false, `hostvisor start NAME` runs it"
+            )
 
     def _throttle(self, restart: str) -> None:
         value = self.get("ThrottleInterval")
@@ -313,9 +347,11 @@ class _Job:
                 self.unit.skip(f"ThrottleInterval={_shown(value)}", "nothing restarts")
             return
         if value is None:
-            self.unit.notes.append(f"ThrottleInterval is not set: launchd respawns at most "
-                                   f"every {_THROTTLE}s; hostvisor's [backoff] applies "
-                                   "(1s doubling to 30s)")  # fmt: skip
+            self.unit.notes.append(
+                f"ThrottleInterval is not set: launchd respawns at most "
+                f"every {_THROTTLE}s; hostvisor's [backoff] applies "
+                "(1s doubling to 30s)"
+            )
             return
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 86400:
             self.unit.skip(f"ThrottleInterval={_shown(value)}", "0 to 86400 whole seconds")
@@ -323,9 +359,11 @@ class _Job:
         text = _seconds_text(value)
         self.table["backoff"] = {"initial": text, "max": text, "multiplier": 1.0}
         self.unit.map("ThrottleInterval", "backoff.initial, backoff.max (multiplier 1)")
-        self.unit.notes.append("launchd spawns a job at most once per ThrottleInterval (one "
-                               "that ran longer respawns at once); hostvisor waits that long "
-                               "before every restart")  # fmt: skip
+        self.unit.notes.append(
+            "launchd spawns a job at most once per ThrottleInterval (one "
+            "that ran longer respawns at once); hostvisor waits that long "
+            "before every restart"
+        )
 
     def _rest(self) -> None:
         for key, value in self.root.items():

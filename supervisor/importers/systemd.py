@@ -166,8 +166,8 @@ def convert(source: Source, ctx: ImportContext) -> FileResult:
     file = read_unit(path, name, source.text, notes)
     if "Service" not in file.sections:
         raise ImportFailed("no [Service] section: not a service unit")
-    instance = file.last("Install", "DefaultInstance")
-    if name.instance == "" and instance:
+    instance = file.last("Install", "DefaultInstance") if name.instance == "" else None
+    if instance:
         name = UnitName(name.prefix, instance, name.suffix)
         notes.append(f"a template: imported as its DefaultInstance= {name.full}")
     if is_system_unit(named, file):
@@ -178,5 +178,5 @@ def convert(source: Source, ctx: ImportContext) -> FileResult:
     beside = path.with_suffix(".timer") if path is not None else None
     if beside is not None and beside.is_file() and beside not in ctx.paths:
         notes.append(f"{beside} is beside it: import both for one scheduled unit")
-    unit = ServiceUnit(file, name, named, ctx).build()
+    unit = ServiceUnit(file, name, named, ctx, default_instance=bool(instance)).build()
     return FileResult(units=[unit], unmapped=file.stray, notes=notes)

@@ -89,8 +89,10 @@ class ServiceUnit:
         ctx: ImportContext,
         *,
         scheduled: bool = False,
+        default_instance: bool = False,
     ) -> None:
         self.file, self.name, self.path, self.ctx = file, name, path, ctx
+        self.default_instance = default_instance
         self.spec = Specifiers(name, path, ctx)
         self.unit = Converted(original=name.full, name=name.unit, table={})
         self.table = self.unit.table
@@ -546,8 +548,11 @@ class ServiceUnit:
         for key in ("WantedBy", "RequiredBy"):
             for value in self.values("Install", key):
                 self.unit.map(f"{key}={value}", "autostart (true, hostvisor's default)")
-        if self.raw("Install", "DefaultInstance") and self.name.instance:
-            self.unit.map("DefaultInstance=", "the unit name (its instance)")
+        for value in self.raw("Install", "DefaultInstance"):
+            if self.default_instance:
+                self.unit.map(f"DefaultInstance={value}", "the unit name (its instance)")
+            else:
+                self.unit.skip(f"DefaultInstance={value}", "the instance comes from the name")
 
     def _rest(self) -> None:
         for section, keys in self.file.sections.items():

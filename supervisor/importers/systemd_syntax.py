@@ -12,7 +12,10 @@
   "Command lines", ``extract_first_word()``): words split at whitespace, ``"..."`` and
   ``'...'`` anywhere in a word, C escapes (``\\n \\t \\s \\xNN \\uNNNN`` ...) inside
   quotes too, an unknown escape kept as written; the prefixes ``- @ : + ! !!``.
-- :func:`reason_for`: why a key import does not map is not mapped.
+- :func:`expand_variables`: ``$NAME``/``${NAME}`` of a command line (systemd.service(5)),
+  substituted from ``Environment=``, or left to a ``/bin/sh`` at run time.
+- :func:`memory_size`: a ``MemoryMax=`` size (``4G``: powers of 1024) as hostvisor's.
+- :func:`reason_for`: why a key that import does not map is not mapped.
 """
 
 from __future__ import annotations
@@ -517,6 +520,8 @@ _REASONS: tuple[tuple[str, str], ...] = (
      "(exit 0 = go) can"),
     (r"Documentation|SourcePath|Alias|Also", "for people and systemctl; not carried over"),
     (r"Before", "hostvisor orders by depends_on, set on the later unit: add it there"),
+    (r"After|Requires|Wants|BindsTo|Requisite", "a timer's own dependencies: hostvisor "
+     "orders the job by its service's depends_on"),
     (r"OnFailure|OnSuccess", "starts another unit; hostvisor's [on_failure] runs a command: "
      "set [on_failure] command to what that unit runs"),
     (r"Conflicts|PartOf|Upholds|PropagatesReloadTo|ReloadPropagatedFrom|PropagatesStopTo|"
