@@ -191,13 +191,16 @@ class TestTimers:
         assert "its service stacks-heal.service is not among the files" in done.stderr
 
     def test_an_untranslatable_calendar_fails_naming_it(self, host: Host) -> None:
-        """`Mon *-*-1..7` (the first Monday) has no cron form: cron ORs the day fields."""
+        """`Mon *-*-1..7` (the first Monday) has no cron form: cron ORs the day fields.
+        The timer fails (exit 1); its service, given too, is imported on its own."""
         timer = host.user_units / "openclaw-backup.timer"
         timer.write_text(timer.read_text().replace("*-*-* 03:00:00", "Mon *-*-1..7 03:00"))
-        done = host.imports("openclaw-backup.timer")
+        done = host.imports("openclaw-backup.timer", "openclaw-backup.service")
         assert done.returncode == 1
         assert "OnCalendar=Mon *-*-1..7 03:00: no cron expression says the same" in done.stderr
         assert "cron on days matching either" in done.stderr
+        assert "could not be imported: imported on its own" in done.stdout
+        assert host.unit("openclaw-backup")["restart"] == "no"
 
 
 class TestFiles:

@@ -173,8 +173,10 @@ class _Job:
             self.unit.map("ExitTimeOut (not set: launchd's 20s)", "stop_timeout")
             return
         if timeout == 0 or timeout > _MAX_SECONDS:
-            self.unit.notes.append(f"ExitTimeOut={timeout}: no timeout under launchd (0 is "
-                                   "infinity); hostvisor's longest is 365d")  # fmt: skip
+            self.unit.notes.append(
+                f"ExitTimeOut={timeout}: no timeout under launchd (0 is "
+                "infinity); hostvisor's longest is 365d"
+            )
         self.table["stop_timeout"] = _seconds_text(min(timeout or _MAX_SECONDS, _MAX_SECONDS))
         self.unit.map(f"ExitTimeOut={timeout}", "stop_timeout")
 

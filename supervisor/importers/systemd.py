@@ -101,9 +101,7 @@ def _timer(source: Source, name: UnitName, path: Path | None, ctx: ImportContext
         raise ImportFailed(f"its service {where}: {exc}") from None
     unit.original = f"{name.full} + {service.full}"
     unit.map(
-        f"Unit={service.full}"
-        if timer.last("Timer", "Unit")
-        else f"(the service of the same name, {where})",
+        f"Unit={service.full}" if timer.last("Timer", "Unit") else f"(its service: {where})",
         "command",
     )
     done = map_timer(timer, spec, unit)
@@ -125,8 +123,9 @@ def _timer(source: Source, name: UnitName, path: Path | None, ctx: ImportContext
     return FileResult(units=[unit], unmapped=timer.stray + file.stray, notes=notes)
 
 
-def _taken_by(name: UnitName, ctx: ImportContext) -> Path | None:
-    """The ``.timer`` among the imported files that takes this service, if it imports."""
+def _taken_by(name: UnitName, ctx: ImportContext, notes: list[str]) -> Path | None:
+    """The ``.timer`` among the imported files that takes this service, if it imports
+    (if it does not, a note says so and the service is imported on its own)."""
     for path in ctx.paths:
         if not path.name.endswith(".timer"):
             continue
@@ -137,8 +136,12 @@ def _taken_by(name: UnitName, ctx: ImportContext) -> Path | None:
             tname = split_name(path.name)
             if _timer_service(timer, tname, Specifiers(tname, path, ctx)) != name:
                 continue
+        except ImportFailed:
+            continue
+        try:
             _timer(source, tname, path, ctx)
         except ImportFailed:
+            notes.append(f"its timer {path} could not be imported: imported on its own")
             continue
         return path
     return None
@@ -160,9 +163,9 @@ def convert(source: Source, ctx: ImportContext) -> FileResult:
         )
     if name.suffix == ".timer":
         return _timer(source, name, path, ctx)
-    if (timer := _taken_by(name, ctx)) is not None:
-        return FileResult(notes=[f"taken with its timer {timer}: one scheduled unit"])
     notes: list[str] = []
+    if (timer := _taken_by(name, ctx, notes)) is not None:
+        return FileResult(notes=[f"taken with its timer {timer}: one scheduled unit"])
     file = read_unit(path, name, source.text, notes)
     if "Service" not in file.sections:
         raise ImportFailed("no [Service] section: not a service unit")

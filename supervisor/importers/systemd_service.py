@@ -195,8 +195,8 @@ class ServiceUnit:
             self.unit.map("EnvironmentFile=", "env_files")
             if self.env:
                 self.unit.notes.append(
-                    "a variable set by both Environment= and an EnvironmentFile= takes the "
-                    "file's value under systemd, Environment='s (env) under hostvisor"
+                    "an EnvironmentFile= value overrides Environment= under systemd; under "
+                    "hostvisor, env wins over env_files"
                 )
 
     def _restart(self) -> None:
