@@ -24,7 +24,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from supervisor.importers import FileResult, ImportContext, ImportFailed, Source, read_source
+from supervisor.importers import (
+    Converted,
+    FileResult,
+    ImportContext,
+    ImportFailed,
+    Source,
+    read_source,
+)
 from supervisor.importers.systemd_calendar import map_timer
 from supervisor.importers.systemd_service import ServiceUnit, is_system_unit
 from supervisor.importers.systemd_syntax import (
@@ -82,45 +89,49 @@ def _find(service: UnitName, near: Path | None, ctx: ImportContext) -> Path:
     raise ImportFailed(f"its service {service.full} is not {where}: pass it too")
 
 
-def _timer(source: Source, name: UnitName, path: Path | None, ctx: ImportContext) -> FileResult:
+def _timer(
+    source: Source, name: UnitName, path: Path | None, ctx: ImportContext, near: Path | None
+) -> FileResult:
+    """The scheduled unit of a timer (read at ``path``, drop-ins beside it) and its
+    service (among the files, or beside ``near``)."""
     notes: list[str] = []
     timer = read_unit(path, name, source.text, notes)
     if "Timer" not in timer.sections:
         raise ImportFailed("no [Timer] section: not a timer unit")
-    spec = Specifiers(name, path, ctx)
+    spec = Specifiers(name, near, ctx)
     service = _timer_service(timer, name, spec)
-    where = _find(service, path, ctx)
+    where = _find(service, near, ctx)
     try:
         file = read_unit(where, service, read_source(where).text, notes)
-    except ImportFailed as exc:
-        raise ImportFailed(f"its service {where}: {exc}") from None
-    builder = ServiceUnit(file, service, where, ctx, scheduled=True)
-    try:
-        unit = builder.build()
+        unit = ServiceUnit(file, service, where, ctx, scheduled=True).build()
     except ImportFailed as exc:
         raise ImportFailed(f"its service {where}: {exc}") from None
     unit.original = f"{name.full} + {service.full}"
-    unit.map(
-        f"Unit={service.full}" if timer.last("Timer", "Unit") else f"(its service: {where})",
-        "command",
-    )
-    done = map_timer(timer, spec, unit)
-    description = timer.last("Unit", "Description")
+    own = timer.last("Timer", "Unit")
+    unit.map(f"Unit={own}" if own else f"(its service: {where})", "command")
+    _timer_rest(timer, spec, unit, map_timer(timer, spec, unit))
+    return FileResult(units=[unit], unmapped=timer.stray + file.stray, notes=notes)
+
+
+def _timer_rest(timer: UnitFile, spec: Specifiers, unit: Converted, done: set[str]) -> None:
+    """Report the timer's keys outside what :func:`map_timer` handled."""
     for section, keys in timer.sections.items():
         for key, entry in keys.items():
-            shown = f"timer {key}=" + (entry.values[-1] if entry.values else "")
             if (section == "Timer" and key in done) or not entry.values:
                 continue
+            shown = f"timer {key}={entry.values[-1]}"
             if (section, key) == ("Unit", "Description") and "description" not in unit.table:
-                unit.table["description"] = spec.expand(description or "")
-                unit.map("timer Description=", "description")
-            elif section == "Unit" and key == "Description":
+                try:
+                    unit.table["description"] = spec.expand(entry.values[-1])
+                    unit.map("timer Description=", "description")
+                except Unresolved as exc:
+                    unit.skip(shown, str(exc))
+            elif (section, key) == ("Unit", "Description"):
                 unit.skip(shown, "the service's Description= is used")
             elif section == "Install" and key in ("WantedBy", "RequiredBy"):
                 unit.map(shown, "autostart (true, hostvisor's default)")
             else:
                 unit.skip(shown, reason_for(key))
-    return FileResult(units=[unit], unmapped=timer.stray + file.stray, notes=notes)
 
 
 def _taken_by(name: UnitName, ctx: ImportContext, notes: list[str]) -> Path | None:
@@ -139,7 +150,7 @@ def _taken_by(name: UnitName, ctx: ImportContext, notes: list[str]) -> Path | No
         except ImportFailed:
             continue
         try:
-            _timer(source, tname, path, ctx)
+            _timer(source, tname, path, ctx, path)
         except ImportFailed:
             notes.append(f"its timer {path} could not be imported: imported on its own")
             continue
@@ -162,7 +173,7 @@ def convert(source: Source, ctx: ImportContext) -> FileResult:
             f"{name.full} is a {name.suffix} unit: import reads .service and .timer units"
         )
     if name.suffix == ".timer":
-        return _timer(source, name, path, ctx)
+        return _timer(source, name, path, ctx, named)
     notes: list[str] = []
     if (timer := _taken_by(name, ctx, notes)) is not None:
         return FileResult(notes=[f"taken with its timer {timer}: one scheduled unit"])
