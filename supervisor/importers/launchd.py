@@ -151,9 +151,10 @@ class _Job:
         self._command()
         self._workdir()
         env = self.get("EnvironmentVariables")
-        if isinstance(env, dict) and env:
-            self.table["env"] = {str(k): str(v) for k, v in env.items()}
-            self.unit.map("EnvironmentVariables", "env")
+        if isinstance(env, dict):
+            if env:
+                self.table["env"] = {str(k): str(v) for k, v in env.items()}
+                self.unit.map("EnvironmentVariables", "env")
         elif env is not None:
             self.unit.skip(f"EnvironmentVariables={_shown(env)}", "not a dict of strings")
         scheduled = self._schedule()
