@@ -82,7 +82,8 @@ def import_verb(
     for path in paths:
         label = "<stdin>" if str(path) == "-" else str(path)
         try:
-            result = module.convert(read_source(path), ctx)
+            binary = bool(getattr(module, "BINARY", False))
+            result = module.convert(read_source(path, binary=binary), ctx)
         except ImportFailed as exc:
             print(f"{label}: {exc}", file=err)
             failed = True

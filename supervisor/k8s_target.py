@@ -79,7 +79,11 @@ def process_target(
     ``default_workdir`` (the config's folder, the loader's default: then the image's
     WORKDIR applies)."""
     hidden = spec.secret_values()
-    keys = file_keys | spec.secret_env_names | {k for k, v in spec.env.items() if v in hidden}
+    keys = (
+        file_keys
+        | spec.secret_env_names
+        | {k for k, v in spec.env.items() if _manifest_secret(k, v)}
+    )
     workdir = str(spec.workdir)
     notes: list[str] = []
     if workdir == default_workdir:
@@ -89,6 +93,9 @@ def process_target(
     else:
         notes.append(f"workdir: {workdir} is a host path: it must exist in the image")
     command = spec.target.command if isinstance(spec.target, ProcessSpec) else None
+    for key in sorted(_HOST_ONLY.keys() & (spec.env.keys() - keys)):
+        notes.append(f"env {key}: the host's {_HOST_ONLY[key]}, exported as it is; the "
+                     "image's own is usually the right one: drop it from env")  # fmt: skip
     return Target(
         image=image,
         command=command,
@@ -149,13 +156,35 @@ def container_target(
         command=command,
         args=args,
         env=env,
-        secret_keys=frozenset(k for k, v in env.items() if v in hidden),
+        secret_keys=frozenset(k for k, v in env.items() if _manifest_secret(k, v)),
         secret_values=hidden,
         named_secrets=frozenset(k for k, v in env.items() if _named(k, v)),
         workdir=workdir or None,
         ports=_published(container),
         notes=tuple(notes),
     )
+
+
+#: ``env`` variables that describe the host rather than the service.
+_HOST_ONLY = {"PATH": "search path", "HOME": "home folder", "USER": "user name"}
+
+
+def _manifest_secret(key: str, value: str) -> bool:
+    """Whether an ``env`` variable of a unit goes to the Secret rather than to ``env``: a
+    secret by its name (``*TOKEN*``, ``*PASSWORD*`` ..., 3 characters or more), or a URL
+    with a password. Not hostvisor's redaction rule (every value of 8 characters or more),
+    which would empty ``PATH`` or ``NODE_ENV`` in the cluster: a value written in plain
+    text in a unit file is no secret the manifest must hold back."""
+    if is_secret_name(key):
+        return is_secret(key, value)
+    if "://" not in value:
+        return False
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(value).password is not None
+    except ValueError:
+        return False
 
 
 def _named(key: str, value: str) -> bool:

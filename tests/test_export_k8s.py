@@ -383,12 +383,13 @@ image = "app:1"
         assert TOKEN not in done.stdout + done.stderr
         assert export(config, "--include-secrets").returncode == 0
 
-    def test_a_value_secret_only_by_its_length_may_show_in_a_probe(self, tmp_path: Path) -> None:
-        """APP_HOME=/srv/app-home goes to the Secret (hostvisor redacts values of 8
-        characters or more), yet the same path as workingDir is no error."""
+    def test_only_secrets_by_name_or_urls_with_a_password_leave_env(self, tmp_path: Path) -> None:
+        """hostvisor's redaction rule (every value of 8 characters or more) would empty PATH
+        or NODE_ENV in the cluster: a unit's env goes to the Secret only for a secret name or a
+        URL with a password; PATH and HOME stay, with a warning."""
         config = project(tmp_path, {"app": '''command = ["app"]
 workdir = "/srv/app-home"
-env = { APP_HOME = "/srv/app-home" }
+env = { APP_HOME = "/srv/app-home", NODE_ENV = "production", PATH = "/opt/app/bin:/usr/bin", API_TOKEN = "tok-123456", CACHE_URL = "redis://:hunter22@cache:6379/0" }
 [k8s]
 image = "app:1"
 '''})  # fmt: skip
@@ -396,8 +397,15 @@ image = "app:1"
         assert done.returncode == 0, done.stderr
         docs = parse(done.stdout)
         validate(docs)
-        assert main_container(find(docs, "Deployment", "app"))["workingDir"] == "/srv/app-home"
-        assert find(docs, "Secret", "app-env")["stringData"] == {"APP_HOME": ""}
+        container = main_container(find(docs, "Deployment", "app"))
+        assert container["workingDir"] == "/srv/app-home"
+        plain = {e["name"]: e["value"] for e in container["env"]}
+        assert plain == {
+            "APP_HOME": "/srv/app-home", "NODE_ENV": "production", "PATH": "/opt/app/bin:/usr/bin",
+        }  # fmt: skip
+        assert find(docs, "Secret", "app-env")["stringData"] == {"API_TOKEN": "", "CACHE_URL": ""}
+        assert "hunter22" not in done.stdout and "tok-123456" not in done.stdout
+        assert "warning: app: env PATH: the host's search path" in done.stderr
 
 
 class TestOutput:

@@ -193,16 +193,13 @@ class TestFailures:
         text = plistlib.dumps({"ProgramArguments": ["/bin/true"], "KeepAlive": True}).decode()
         assert convert(Source(path=path, text=text), ImportContext()).units[0].name == "voice-agent"
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="needs the shared change: read_source keeps a binary plist's bytes (Source.data)",
-    )
     def test_a_binary_plist_through_the_cli(self, folder: Folder) -> None:
         path = folder.root / "com.joel.caddy.plist"
         path.write_bytes(plistlib.dumps({"Label": "com.joel.caddy", "Program": "/bin/true",
                                          "KeepAlive": True}, fmt=plistlib.FMT_BINARY))  # fmt: skip
         done = folder.imports(path)
         assert done.returncode == 0, done.stderr
+        assert "caddy (from com.joel.caddy)" in done.stdout
 
 
 class TestRoundTrip:

@@ -70,6 +70,8 @@ class Source:
 
     path: Path
     text: str
+    #: The file's bytes, for a kind that reads binary files (its module sets ``BINARY = True``).
+    data: bytes = b""
 
     @property
     def label(self) -> str:
@@ -157,12 +159,14 @@ def kind_module(kind: str) -> ModuleType:
     return importlib.import_module(f"supervisor.importers.{kind}")
 
 
-def read_source(path: Path) -> Source:
+def read_source(path: Path, *, binary: bool = False) -> Source:
     """The text of ``path`` (``-``: standard input), UTF-8, at most
-    :data:`MAX_SOURCE_BYTES`.
+    :data:`MAX_SOURCE_BYTES`; with ``binary``, its bytes too (``Source.data``), and text
+    decoded with replacement characters rather than refused (a binary plist).
 
     Raises:
-        ImportFailed: missing, not a regular file, too large, unreadable or not UTF-8.
+        ImportFailed: missing, not a regular file, too large, unreadable, or (unless
+            ``binary``) not UTF-8.
     """
     try:
         if str(path) == "-":
@@ -176,6 +180,8 @@ def read_source(path: Path) -> Source:
         raise ImportFailed(f"cannot read: {exc.strerror or exc}") from None
     if len(data) > MAX_SOURCE_BYTES:
         raise ImportFailed(f"is larger than {MAX_SOURCE_BYTES // 1024**2} MiB")
+    if binary:
+        return Source(path=path, text=data.decode("utf-8", "replace"), data=data)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
