@@ -162,8 +162,9 @@ class ResourcesMixin:
     async def refresh_resources(self, max_age: float) -> None:
         """Sample every instance unless the last sample is at most ``max_age`` seconds old;
         callers arriving while a sample is taken share it. Never raises (a failed sample
-        leaves the figures unknown)."""
-        if anyio.current_time() - self._sampled_at <= max_age:
+        leaves the figures unknown). A process instance started since the last sample makes
+        it stale whatever its age: its figures would be null while it runs."""
+        if anyio.current_time() - self._sampled_at <= max_age and not self._unsampled():
             return
         if self._inflight is not None:
             await self._inflight.wait()
@@ -177,6 +178,19 @@ class ResourcesMixin:
         finally:
             self._inflight = None
             done.set()
+
+    def _unsampled(self) -> bool:
+        """Whether a process instance runs that the last sample did not see."""
+        trees = self._trees or {}
+        for sup in self.supervisors.values():
+            for inst in _instances(sup):
+                handle = inst.handle
+                if handle is None or handle.container_id or handle.pid is None:
+                    continue
+                hit = trees.get(id(handle))
+                if hit is None or hit[0] is not handle:
+                    return True
+        return False
 
     async def _sample(self) -> None:
         if self._sampler is None:

@@ -310,6 +310,19 @@ class TestDaemon:
             with pytest.raises(ValueError, match="max_age"):  # the shared validator (-32602)
                 ControlClient(d.socket).call("resources", {"max_age": "soon"})
 
+            # An instance started since the last sample is sampled for the next status,
+            # though that sample is younger than status's 2 s: never null while it runs.
+            d.call("resources")
+            d.call("start", services=["idle"], wait=False)
+            seen: list[dict[str, Any]] = []
+
+            def spawned() -> bool:
+                seen[:] = d.call("status", services=["idle"])["services"]
+                return seen[0]["pid"] is not None
+
+            d.wait_for(spawned, what="idle spawned")
+            assert seen[0]["processes"] is not None and seen[0]["processes"] >= 1
+
 
 class FakeNvml(types.ModuleType):
     """Satisfies the pynvml functions supervisor.gpu calls (no GPU on CI machines)."""
