@@ -545,7 +545,12 @@ def _parser() -> argparse.ArgumentParser:
 def execute(argv: Sequence[str]) -> int:
     """Run one command line (without the program name); returns the exit code."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `export k8s --namespace ns web`: names after an option (import: files)
+        listed = "names" if args.verb == "export" else "files" if args.verb == "import" else ""
+        if not listed or any(e.startswith("-") and e != "-" for e in extra):
+            parser.parse_args(argv)  # the usual usage error
+        setattr(args, listed, [*getattr(args, listed), *extra])
     if args.verb is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

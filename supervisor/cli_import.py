@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
-import shutil
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ EXIT_FAILED = 1
 _MAX_ROUNDS = 20
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Planned:
     """A converted unit on its way to ``path``; ``problems`` non-empty = not written."""
 
@@ -79,13 +80,23 @@ def import_verb(
     ctx = ImportContext(paths=paths)
     failed = False
     results: list[tuple[str, FileResult]] = []
-    for path in paths:
+    for index, path in enumerate(paths):
         label = "<stdin>" if str(path) == "-" else str(path)
         try:
+            if str(path) == "-" and Path("-") in paths[:index]:
+                raise ImportFailed("standard input (-) is given more than once")
             binary = bool(getattr(module, "BINARY", False))
             result = module.convert(read_source(path, binary=binary), ctx)
         except ImportFailed as exc:
             print(f"{label}: {exc}", file=err)
+            failed = True
+            continue
+        except RecursionError:
+            print(f"{label}: nested too deeply to read", file=err)
+            failed = True
+            continue
+        except (OverflowError, MemoryError) as exc:
+            print(f"{label}: a value too large to read ({type(exc).__name__})", file=err)
             failed = True
             continue
         except Exception as exc:  # a converter bug must not lose the other files
@@ -97,7 +108,7 @@ def import_verb(
     planned = _plan(results, folder, force=args.force)
     _check(planned, config_path, folder)
     if not args.dry_run:
-        _write(planned, folder, err)
+        _write(planned, folder, force=args.force)
     for label, result in results:
         _report(label, result, planned, out, dry_run=args.dry_run)
     for plan in planned:
@@ -112,11 +123,15 @@ def _plan(results: list[tuple[str, FileResult]], folder: Path, *, force: bool) -
     planned: list[_Planned] = []
     taken: set[str] = set()
     for label, result in results:
+        # A unit renamed because an earlier FILE took its name: this file's references to
+        # that name mean it. Two units of one file with one name: references mean the first.
         renamed: dict[str, str] = {}
+        own: set[str] = set()
         for unit in result.units:
             free = _free_name(unit.name, taken)
-            if free != unit.name:
+            if free != unit.name and unit.name not in own:
                 renamed[unit.name] = free
+            own.add(unit.name)
             unit.name = free
             taken.add(unit.name)
         for unit in result.units:  # the file's own references follow its renamed units
@@ -143,12 +158,13 @@ def _rename_dependencies(unit: Converted, renamed: dict[str, str]) -> None:
 
 
 def _free_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``name-2``, ``name-3`` ... (cut so that it stays 63 characters)."""
     if name not in taken:
         return name
     n = 2
-    while f"{name[:59]}-{n}" in taken:
+    while (candidate := f"{name[: 63 - len(str(n)) - 1].rstrip('-')}-{n}") in taken:
         n += 1
-    return f"{name[:59]}-{n}"
+    return candidate
 
 
 def _header(label: str, unit: Converted) -> str:
@@ -157,17 +173,25 @@ def _header(label: str, unit: Converted) -> str:
         lines.append("# Not mapped:")
         lines += [f"#   {setting}: {reason}" for setting, reason in unit.unmapped]
     lines += [f"# Note: {note}" for note in unit.notes]
-    return "\n".join(line.replace("\n", " ") for line in lines) + "\n\n"
+    return "\n".join(_CONTROL.sub(_escaped, line) for line in lines) + "\n\n"
+
+
+#: What a TOML comment cannot hold: control characters but tab (TOML 1.0, "Comment").
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return f"\\x{ord(match.group()):02x}"
 
 
 def _check(planned: list[_Planned], config_path: Path, folder: Path) -> None:
     """Check the units to write with the loader, beside the units already in ``folder``.
 
     An issue the units already there do not have is the new units' doing: on a new unit's
-    file, that unit gets it as a problem (and is left out of the next round, since a
-    rejected unit can make one depending on it fail in turn); elsewhere (a ``[defaults]``
-    value that no new unit can take is reported once, on config.toml), each new unit is
-    checked alone to find which ones bring it.
+    file, that unit gets it as a problem, and so does every new unit depending on it
+    (rounds go on until none is rejected); elsewhere (a ``[defaults]`` value that no new
+    unit can take is reported once, on config.toml), each new unit is checked alone to
+    find which ones bring it.
     """
     from supervisor.config import check_units
 
@@ -178,15 +202,15 @@ def _check(planned: list[_Planned], config_path: Path, folder: Path) -> None:
             for entry in entries:
                 if entry.name.endswith(".toml") and entry.name not in ours:
                     with contextlib.suppress(OSError):
-                        shutil.copyfile(entry.path, stage / entry.name)
-
+                        _stage(stage / entry.name, Path(entry.path).read_bytes())
         baseline: set[str] = set()
 
         def issues_with(plans: list[_Planned]) -> list[Any]:
+            chosen = {id(p) for p in plans}
             for plan in planned:
                 target = stage / plan.path.name
-                if plan in plans:
-                    target.write_text(plan.text, encoding="utf-8")
+                if id(plan) in chosen:
+                    _stage(target, plan.text.encode("utf-8"))
                 else:
                     target.unlink(missing_ok=True)
             return [i for i in check_units(config_path, stage) if str(i) not in baseline]
@@ -201,15 +225,51 @@ def _check(planned: list[_Planned], config_path: Path, folder: Path) -> None:
                     where = f"{issue.key}: " if issue.key else ""
                     hit.problems.append(f"not written: {where}{issue.message}")
             if any(issue.file in by_file for issue in issues):
+                _reject_dependents(planned)
                 continue
             if issues:  # none on a new unit's file: find the units that bring them
                 for plan in live:
                     for issue in issues_with([plan]):
                         plan.problems.append(f"not written: {issue}")
+                _reject_dependents(planned)
             return
+        for plan in planned:  # never settled: write nothing the check did not pass
+            if not plan.problems:
+                plan.problems.append("not written: the check did not settle; import fewer files")
 
 
-def _write(planned: list[_Planned], folder: Path, err: TextIO) -> None:
+def _stage(path: Path, data: bytes) -> None:
+    """A staged copy, 0644 whatever the umask (the loader refuses group-writable files)."""
+    path.write_bytes(data)
+    path.chmod(0o644)
+
+
+def _dependencies(plan: _Planned) -> list[str]:
+    deps = plan.unit.table.get("depends_on") or ()
+    return [str(d) for d in deps]
+
+
+def _reject_dependents(planned: list[_Planned]) -> None:
+    """Reject every unit that depends, directly or not, on a rejected new unit."""
+    rejected = {p.unit.name for p in planned if p.problems}
+    grew = True
+    while grew:
+        grew = False
+        for plan in planned:
+            if plan.problems:
+                continue
+            gone = [d for d in _dependencies(plan) if d in rejected]
+            if gone:
+                plan.problems.append(f"not written: it depends on {gone[0]}, which is not")
+                rejected.add(plan.unit.name)
+                grew = True
+
+
+def _write(planned: list[_Planned], folder: Path, *, force: bool) -> None:
+    """Write in two phases: every unit to a temporary file (fsync'd) first, so that a full
+    disk leaves nothing half done; then each is renamed into place (linked, without
+    ``force``, so that a unit file created meanwhile by another import is never
+    replaced). A unit that could not be written takes its dependents with it."""
     todo = [p for p in planned if not p.problems]
     if not todo:
         return
@@ -219,20 +279,64 @@ def _write(planned: list[_Planned], folder: Path, err: TextIO) -> None:
         for plan in todo:
             plan.problems.append(f"cannot create {folder}: {exc.strerror or exc}")
         return
-    for plan in todo:
-        tmp = plan.path.with_name(f".{plan.path.name}.import-{os.getpid()}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-            with os.fdopen(fd, "w", encoding="utf-8") as stream:
-                stream.write(plan.text)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.chmod(tmp, 0o644)  # whatever the umask: the loader refuses group-writable
-            os.replace(tmp, plan.path)
-        except OSError as exc:
+    temps: dict[int, Path] = {}
+    try:
+        for plan in todo:
+            tmp = plan.path.with_name(f".{plan.path.name}.import-{os.getpid()}")
+            try:
+                _write_temp(tmp, plan.text)
+                temps[id(plan)] = tmp
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                plan.problems.append(f"cannot write: {exc.strerror or exc}")
+        _reject_dependents(planned)
+        for plan in todo:
+            staged = temps.get(id(plan))
+            if staged is None or plan.problems:
+                continue
+            try:
+                if force:
+                    os.replace(staged, plan.path)
+                else:
+                    _link(staged, plan.path)  # fails if the file appeared meanwhile
+            except FileExistsError:
+                plan.problems.append("exists; not replaced (pass --force to replace it)")
+            except OSError as exc:
+                plan.problems.append(f"cannot write: {exc.strerror or exc}")
+    finally:
+        for tmp in temps.values():
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            plan.problems.append(f"cannot write: {exc.strerror or exc}")
+
+
+def _link(staged: Path, path: Path) -> None:
+    """``staged`` at ``path`` unless ``path`` exists: a hard link, or where the file system
+    has none (vfat, some FUSE mounts) a rename after a last look.
+
+    Raises:
+        FileExistsError: ``path`` exists.
+        OSError: it cannot be written.
+    """
+    try:
+        os.link(staged, path)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+            raise
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "exists", str(path)) from None
+        os.replace(staged, path)
+
+
+def _write_temp(tmp: Path, text: str) -> None:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.chmod(tmp, 0o644)  # whatever the umask: the loader refuses group-writable files
 
 
 def _report(

@@ -242,3 +242,128 @@ def test_command_argv_uses_a_shell_only_when_the_line_needs_one(
 def test_command_argv_rejects_unbalanced_quotes() -> None:
     with pytest.raises(ImportFailed, match="cannot split"):
         command_argv("run 'unterminated")
+
+
+def compose_chain(folder: Path, length: int, *, first: str = "", reverse: bool = False) -> Path:
+    """A Compose file of services s0 <- s1 <- ... (each depends on the one before; with
+    ``reverse``, listed dependents first)."""
+    lines = ["services:"]
+    for i in reversed(range(length)) if reverse else range(length):
+        lines += [f"  s{i}:", "    image: busybox", f"    container_name: s{i}"]
+        lines += [f"    depends_on: [s{i - 1}]"] if i else ([first] if first else [])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "compose.yaml").write_text("\n".join(lines) + "\n")
+    return folder / "compose.yaml"
+
+
+def test_a_rejected_unit_takes_every_unit_depending_on_it(host: Path) -> None:
+    """s0 clashes with an existing unit's port: it is not written, nor are the 25 units
+    that depend on it, directly or not; the folder still passes check."""
+    (host / "units").mkdir()
+    (host / "units" / "api.toml").write_text('command = ["sleep", "9"]\nport = 8080\n')
+    source = compose_chain(host / "stack", 26, first='    ports: ["8080:80"]')
+    done = hv(host, "import", "compose", str(source), "-c", "config.toml")
+    assert done.returncode == 1
+    assert sorted(p.name for p in (host / "units").iterdir()) == ["api.toml"]
+    assert "s25.toml: not written: it depends on s24, which is not" in done.stderr
+    assert hv(host, "check", "-c", "config.toml").returncode == 0
+
+
+def test_a_full_disk_leaves_no_unit_without_its_dependency(host: Path) -> None:
+    """Every unit is written to a temporary file first: on a full disk nothing half done
+    is published, and check still passes on the folder."""
+    from tests.support import tmpfs
+
+    source = compose_chain(host / "stack", 40, reverse=True)
+    with tmpfs(host / "small", "12k") as small:
+        done = hv(host, "import", "compose", str(source), "-o", str(small / "units"))
+        assert done.returncode == 1
+        assert "No space left on device" in done.stderr
+        written = {p.stem for p in (small / "units").glob("*.toml")}
+        assert not list((small / "units").glob(".*"))  # no temporary file left
+        for name in written:  # a written unit's dependency is written too
+            i = int(name[1:])
+            assert i == 0 or f"s{i - 1}" in written
+        (host / "small.toml").write_text(f'[daemon]\nunits_dir = "{small / "units"}"\n')
+        assert hv(host, "check", "-c", "small.toml").returncode == 0
+
+
+def test_under_a_group_writable_umask(host: Path) -> None:
+    """umask 002 (user-private groups): units are still written 0644 and checked."""
+    done = subprocess.run(
+        ["sh", "-c", f'umask 002 && exec "{sys.executable}" -m supervisor import procfile '
+         "Procfile -o out"],
+        cwd=host, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE((host / "out" / "web.toml").stat().st_mode) == 0o644
+
+
+def test_concurrent_imports_never_replace_each_other_without_force(host: Path) -> None:
+    (host / "a").mkdir()
+    (host / "b").mkdir()
+    (host / "a" / "Procfile").write_text("web: sleep 1\n")
+    (host / "b" / "Procfile").write_text("web: sleep 2\n")
+    results: dict[str, int] = {}
+
+    def run(which: str) -> None:
+        results[which] = hv(host, "import", "procfile", f"{which}/Procfile", "-o", "out").returncode
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results.values()) == [0, 1]
+    winner = next(w for w, code in results.items() if code == 0)
+    assert (
+        f'sleep",\n    "{"1" if winner == "a" else "2"}"' in (host / "out" / "web.toml").read_text()
+    )
+
+
+def test_two_units_of_one_file_with_one_name(host: Path) -> None:
+    """Services "web" and "Web" both name p-web-1: the second is p-web-1-2, and api's
+    depends_on [web] still means the first."""
+    (host / "p").mkdir()
+    (host / "p" / "compose.yaml").write_text(
+        "services:\n  web:\n    image: busybox\n  Web:\n    image: busybox\n"
+        "  api:\n    image: busybox\n    depends_on: [web]\n"
+    )
+    env = {"HOSTVISOR_COMPOSE": "v2"}
+    done = subprocess.run(
+        [sys.executable, "-m", "supervisor", "import", "compose", "p/compose.yaml", "-o", "out"],
+        cwd=host, capture_output=True, text=True, timeout=60, env={**os.environ, **env},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (host / "out" / "p-web-1-2.toml").is_file()
+    assert '"p-web-1",' in (host / "out" / "p-api-1.toml").read_text()
+
+
+def test_odd_sources_and_arguments(host: Path) -> None:
+    """A control character in a file name stays inside the header comment; stdin given
+    twice; files after an option; a command longer than Linux lets one argument be."""
+    odd = host / "Proc\rfile"
+    odd.write_text("odd: sleep 3\n")
+    done = hv(host, "import", "procfile", str(odd), "-o", "out")
+    assert done.returncode == 0, done.stderr
+    assert "Proc\\x0dfile" in (host / "out" / "odd.toml").read_text()
+    twice = hv(host, "import", "procfile", "-", "-", "-o", "out2", stdin="job: sleep 9\n")
+    assert twice.returncode == 1
+    assert "<stdin>: standard input (-) is given more than once" in twice.stderr
+    (host / "other").mkdir()
+    (host / "other" / "Procfile").write_text("late: sleep 4\n")
+    mixed = hv(host, "import", "procfile", "Procfile", "--dry-run", "other/Procfile", "-o", "x")
+    assert mixed.returncode == 0, mixed.stderr
+    assert "late: would write" in mixed.stdout
+    (host / "long").write_text("big: /bin/echo " + "a" * 200_000 + "\n")
+    long = hv(host, "import", "procfile", "long", "-o", "out3")
+    assert long.returncode == 1
+    assert "a command of 200,010 characters; at most 131,072" in long.stderr
+
+
+def test_a_free_name_stays_a_valid_name() -> None:
+    from supervisor.cli_import import _free_name
+
+    taken = {"a" * 63} | {f"{'a' * (62 - len(str(n)))}-{n}" for n in range(2, 1000)}
+    name = _free_name("a" * 63, taken)
+    assert len(name) <= 63 and name.endswith("-1000") and name not in taken

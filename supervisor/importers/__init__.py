@@ -33,6 +33,7 @@ from supervisor.cli_porting import KINDS
 
 __all__ = [
     "KINDS",
+    "MAX_COMMAND",
     "MAX_SOURCE_BYTES",
     "Converted",
     "FileResult",
@@ -48,6 +49,8 @@ __all__ = [
 #: The largest source file read (a ``pm2 jlist`` of a few hundred apps fits).
 MAX_SOURCE_BYTES = 8 * 1024**2
 
+#: The longest command line :func:`command_argv` splits (``MAX_ARG_STRLEN``, 128 KiB).
+MAX_COMMAND = 128 * 1024
 _NOT_NAME = re.compile(r"[^a-z0-9_.-]+")
 _RESERVED = frozenset({"hostvisor"})
 
@@ -207,8 +210,12 @@ def command_argv(text: str) -> tuple[list[str], str | None]:
     double quotes too), as ``sh(1)`` reads it.
 
     Raises:
-        ImportFailed: unbalanced quotes, or an empty command.
+        ImportFailed: unbalanced quotes, an empty command, or one longer than
+            :data:`MAX_COMMAND` characters (Linux's limit on one argument,
+            ``MAX_ARG_STRLEN``; :func:`shlex.split` takes quadratic time on longer lines).
     """
+    if len(text) > MAX_COMMAND:
+        raise ImportFailed(f"a command of {len(text):,} characters; at most {MAX_COMMAND:,}")
     quote = ""
     escaped = False
     start_of_word = True
