@@ -183,8 +183,9 @@ def _target(spec: ServiceSpec, image: str | None, loaded: Loaded, engine: _Engin
                 raise ExportError(
                     f"{exc}, so its image is unknown: pass --image {spec.name}=IMAGE"
                 ) from None
-            target = Target(image=image, notes=(f"{exc}: only the image {image} is exported "
-                            "(not the container's command, environment or ports)",))  # fmt: skip
+            target = Target(image=image, ports_known=False,
+                            notes=(f"{exc}: only the image {image} is exported (not the "
+                                   "container's command, environment or ports)",))  # fmt: skip
             return target
         return container_target(spec, info, image_info, override=image)
     image = image or spec.k8s_image
