@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
+import stat
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -69,6 +71,9 @@ def export_verb(
             print(issue, file=err)
         return EXIT_FAILED
     result = _manifests(args, loaded)
+    text = "" if result.errors else dump_manifests(result.objects)
+    if not result.errors and args.check:
+        result.errors += _check_text(text)
     for line in result.warnings:
         print(f"warning: {line}", file=err)
     for line in result.errors:
@@ -77,7 +82,6 @@ def export_verb(
         return EXIT_FAILED
     if args.check:
         print(_checked(len(result.objects)), file=err)
-    text = dump_manifests(result.objects)
     if args.output and args.output != "-":
         return _write(
             Path(args.output),
@@ -92,8 +96,8 @@ def export_verb(
 
 
 def _manifests(args: argparse.Namespace, loaded: Loaded) -> Export:
-    """Pick the units, find their images, build and (``--check``) validate; every
-    warning and error in the returned :class:`Export`."""
+    """Pick the units, find their images and build; every warning and error in the
+    returned :class:`Export`."""
     errors: list[str] = []
     warnings: list[str] = []
     units = _select(loaded, args.names, errors)
@@ -119,12 +123,21 @@ def _manifests(args: argparse.Namespace, loaded: Loaded) -> Export:
         include_secrets=args.include_secrets,
     )
     result.warnings[:0] = warnings
-    if not result.errors and args.check:
-        try:
-            result.errors += check_manifests(result.objects)[1]
-        except ImportError:
-            result.errors.append(f"--check needs kubernetes-validate: {_INSTALL}")
     return result
+
+
+def _check_text(text: str) -> list[str]:
+    """``--check``: the problems of the objects of ``text`` as a YAML reader (kubectl)
+    gets them back, not as they were built."""
+    import yaml
+
+    try:
+        docs = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+        return check_manifests(docs)[1]
+    except ImportError:
+        return [f"--check needs kubernetes-validate: {_INSTALL}"]
+    except yaml.YAMLError as exc:
+        return [f"--check: the YAML written cannot be read back ({_short(exc)})"]
 
 
 def _select(loaded: Loaded, names: Sequence[str], errors: list[str]) -> list[ServiceSpec]:
@@ -183,8 +196,9 @@ def _target(spec: ServiceSpec, image: str | None, loaded: Loaded, engine: _Engin
                 raise ExportError(
                     f"{exc}, so its image is unknown: pass --image {spec.name}=IMAGE"
                 ) from None
-            target = Target(image=image, notes=(f"{exc}: only the image {image} is exported "
-                            "(not the container's command, environment or ports)",))  # fmt: skip
+            target = Target(image=image, ports_known=False,
+                            notes=(f"{exc}: only the image {image} is exported (not the "
+                                   "container's command, environment or ports)",))  # fmt: skip
             return target
         return container_target(spec, info, image_info, override=image)
     image = image or spec.k8s_image
@@ -266,16 +280,39 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+#: Plain scalars that a YAML 1.1 reader (go-yaml v2 under kubectl's sigs.k8s.io/yaml,
+#: PyYAML) or a YAML 1.2 core-schema reader takes for a null, a bool, an int or a float:
+#: such a string is written quoted. Case is ignored (quoting more is harmless).
+_AMBIGUOUS = re.compile(
+    r"""(?:~|null|
+    y|yes|n|no|true|false|on|off|
+    [-+]?(?:0b[0-1_]+|0o?[0-7_]+|0x[0-9a-f_]+|[0-9][0-9_]*(?::[0-5]?[0-9])*)|
+    [-+]?(?:\.[0-9_]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:e[-+]?[0-9]+)?|
+    [-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*|
+    [-+]?\.inf|\.nan)?""",
+    re.IGNORECASE | re.VERBOSE,
+)
+
+
 def dump_manifests(objects: Sequence[Mapping[str, Any]]) -> str:
     """One YAML stream: each object a document starting with ``---``, keys in the order
-    built, no anchors or aliases, no line folding."""
+    built, no anchors or aliases, no line folding; a string any YAML 1.1 or 1.2 reader
+    could take for another type (``1e3``, ``0o17``, ``y``, ``off``, ``~``, ``12:30``,
+    ``""``: :data:`_AMBIGUOUS`) single-quoted."""
     import yaml
 
     class Dumper(yaml.SafeDumper):
         def ignore_aliases(self, data: Any) -> bool:
             return True
 
-    text: str = yaml.dump_all(
+    def text(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+        if _AMBIGUOUS.fullmatch(data):
+            return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="'")
+        return dumper.represent_str(data)
+
+    Dumper.add_representer(str, text)
+
+    stream: str = yaml.dump_all(
         list(objects),
         Dumper=Dumper,
         sort_keys=False,
@@ -284,7 +321,7 @@ def dump_manifests(objects: Sequence[Mapping[str, Any]]) -> str:
         allow_unicode=True,
         width=4096,
     )
-    return text
+    return stream
 
 
 def check_manifests(objects: Sequence[Mapping[str, Any]]) -> tuple[str, list[str]]:
@@ -329,7 +366,19 @@ def _checked(count: int) -> str:
 
 
 def _write(path: Path, text: str, *, count: int, secret: bool, out: TextIO, err: TextIO) -> int:
-    """Write ``text`` to ``path`` atomically (a temporary file beside it, then rename)."""
+    """Write ``text`` to ``path``: atomically (a temporary file beside it, then rename)
+    when ``path`` is missing or a regular file; into it, in place, when it is anything
+    else (a symlink, followed; a FIFO; a device such as ``/dev/stdout``), which a rename
+    would replace by a regular file."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        print(f"error: cannot write {path}: {exc.strerror or exc}", file=err)
+        return EXIT_FAILED
+    if mode is not None and not stat.S_ISREG(mode):
+        return _write_into(path, text, count=count, secret=secret, out=out, err=err)
     folder = path.parent if str(path.parent) else Path(".")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
@@ -346,6 +395,26 @@ def _write(path: Path, text: str, *, count: int, secret: bool, out: TextIO, err:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        print(f"error: cannot write {path}: {exc.strerror or exc}", file=err)
+        return EXIT_FAILED
+    print(f"wrote {path}: {count} object{'s' if count != 1 else ''}", file=out)
+    return EXIT_OK
+
+
+def _write_into(
+    path: Path, text: str, *, count: int, secret: bool, out: TextIO, err: TextIO
+) -> int:
+    """Write ``text`` into the existing ``path`` (links followed, truncated if a file;
+    a dangling link's target is created, as the shell's ``>`` does). A regular file
+    reached through a link is made 0600 with secrets; other modes are left alone."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOCTTY,
+                     0o600 if secret else 0o644)  # fmt: skip
+        with os.fdopen(fd, "w", encoding="utf-8") as stream:
+            if secret and stat.S_ISREG(os.fstat(fd).st_mode):
+                os.fchmod(fd, 0o600)
+            stream.write(text)
+    except OSError as exc:
         print(f"error: cannot write {path}: {exc.strerror or exc}", file=err)
         return EXIT_FAILED
     print(f"wrote {path}: {count} object{'s' if count != 1 else ''}", file=out)

@@ -43,7 +43,7 @@ from typing import Any
 
 from supervisor.k8s_cron import ScheduleNotMappable, cron_schedule
 from supervisor.k8s_probes import Warn, post_start_hook, probes, seconds_text, whole_seconds
-from supervisor.k8s_target import ExportError, Target
+from supervisor.k8s_target import ExportError, Target, leaks, sensitive
 from supervisor.spec import BackoffSpec, LogSpec, ServiceSpec
 from supervisor.states import DependencyCondition, Restart
 
@@ -101,6 +101,9 @@ class _Build:
     namespace: str | None
     include_secrets: bool
     out: Export
+    #: ``id`` of each generated init container that waits for a dependency (only
+    #: object names and ports: not searched for secret values).
+    waits: set[int] = field(default_factory=set)
 
 
 def build(
@@ -182,6 +185,8 @@ def _unit_objects(spec: ServiceSpec, target: Target, ctx: _Build) -> list[dict[s
         objects.append(_deployment(spec, name, pod, ctx, warn))
         if spec.port is not None:
             objects.append(_service(spec, target, name, ctx))
+    if not ctx.include_secrets:
+        _check_leaks(spec, objects, target, ctx, warn)
     return objects
 
 
@@ -253,9 +258,15 @@ def _container(
     if spec.port is not None:
         inside = target.ports.get(spec.port.number, spec.port.number)
         container["ports"] = [{"containerPort": inside, "protocol": "TCP"}]
+        if not target.ports_known:
+            probed = " the probes' ports and" if spec.health is not None else ""
+            warn(f"containerPort and targetPort {inside} are the host port: the container's "
+                 f"port is unknown without the engine; edit them (and{probed} the Service's "
+                 "targetPort) to the port the container listens on")  # fmt: skip
     plain = [(k, v) for k, v in target.env.items() if k not in target.secret_keys]
     if plain:
-        container["env"] = [{"name": k, "value": _REFERENCE.sub("$$", v)} for k, v in plain]
+        hidden = _hidden(target)
+        container["env"] = [{"name": k, "value": _escape(v, hidden)} for k, v in plain]
     if secret:
         container["envFrom"] = [{"secretRef": {"name": f"{name}-env"}}]
     if spec.max_memory is not None:
@@ -269,7 +280,6 @@ def _container(
         hook = post_start_hook(spec.post_start, target.ports, warn, container_unit=container_unit)
         if hook is not None:
             container["lifecycle"] = hook
-    _check_hidden(container, target, ctx)
     return container
 
 
@@ -283,41 +293,76 @@ def _pod(
     init = _waits(spec, ctx, warn)
     if spec.preflight is not None:
         init.append(_preflight(spec, target, container, ctx, warn))
+    taken = {container["name"]}
+    for item in init:
+        unique = _unique_name(item["name"], taken)
+        if unique != item["name"]:
+            warn(f"init container {item['name']} named {unique} (the names of a pod's "
+                 "containers must differ)")  # fmt: skip
+            item["name"] = unique
+        taken.add(unique)
     if init:
         pod["initContainers"] = init
     pod["containers"] = [container]
     return pod
 
 
-def _texts(value: object) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [t for item in value.values() for t in _texts(item)]
-    if isinstance(value, list):
-        return [t for item in value for t in _texts(item)]
-    return []
+def _unique_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``name-2``, ``name-3``... (cut to fit 63 characters, a DNS-1123
+    label) if ``taken`` has it."""
+    unique, number = name, 1
+    while unique in taken:
+        number += 1
+        suffix = f"-{number}"
+        unique = name[: _NAME_LIMIT - len(suffix)].rstrip("-") + suffix
+    return unique
 
 
-def _check_hidden(container: dict[str, Any], target: Target, ctx: _Build) -> None:
-    """Secrets by name where Kubernetes expands no ``$(VAR)`` (probes, hooks, workingDir);
-    a value secret only by its length (a path, a URL) may show there.
-
-    Raises:
-        ExportError: one is there, and ``include_secrets`` is off.
-    """
-    if ctx.include_secrets:
+def _check_leaks(
+    spec: ServiceSpec, objects: list[dict[str, Any]], target: Target, ctx: _Build, warn: Warn
+) -> None:
+    """Secret values (:func:`~supervisor.k8s_target.sensitive`) outside the Secret,
+    once commands, args and env values reference them as ``$(VAR)``: the description
+    annotation is dropped, with a warning; anywhere else (probes, hooks, workingDir, an
+    init container...) each is an error naming the field, as Kubernetes expands no
+    ``$(VAR)`` there. No message holds the value."""
+    secrets = sensitive(target)
+    if not secrets:
         return
-    named = [(k, v) for k, v in target.env.items() if k in target.named_secrets]
-    for key in ("workingDir", "startupProbe", "livenessProbe", "readinessProbe", "lifecycle"):
-        texts = _texts(container.get(key))
-        for var, value in named:
-            if any(value in text for text in texts):
-                raise ExportError(
-                    f"the value of {var}, a secret, appears in the container's {key}, where "
-                    "Kubernetes cannot take it from the Secret: export with "
-                    "--include-secrets, or have the command read the variable"
-                )
+    skip = frozenset(ctx.waits)
+    dropped: set[str] = set()
+    for obj in objects:
+        if obj["kind"] == "Secret":
+            continue
+        meta = obj["metadata"]
+        for var, _ in leaks(meta.get("annotations") or {}, secrets):
+            dropped.add(var)
+            meta.pop("annotations", None)
+        for var, path in leaks({k: v for k, v in obj.items() if k != "metadata"}, secrets, skip):
+            ctx.out.errors.append(
+                f"{spec.name}: the value of {var}, a secret, appears in {_field(obj, path)}, "
+                "where Kubernetes cannot take it from the Secret: export with "
+                "--include-secrets, or have the command read the variable"
+            )
+    if dropped:
+        warn(f"description: not exported (the kubernetes.io/description annotation): it "
+             f"holds the value of {', '.join(sorted(dropped))}, a secret")  # fmt: skip
+
+
+def _field(obj: dict[str, Any], path: tuple[str | int, ...]) -> str:
+    """``path`` in ``obj`` for a message: ``the container's livenessProbe
+    (Deployment spec.template.spec.containers[0].livenessProbe.exec.command[2])``."""
+    dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+    where = f"the {obj['kind']}'s {path[0] if path else 'text'}"
+    node: Any = obj
+    for i, part in enumerate(path):
+        node = node[part]
+        if part in ("containers", "initContainers") and i + 2 < len(path):
+            key, box = path[i + 2], node[path[i + 1]]
+            where = ("the container's " if part == "containers"
+                     else f"the init container {box['name']}'s ") + str(key)  # fmt: skip
+            break
+    return f"{where} ({obj['kind']} {dotted})"
 
 
 def _preflight(
@@ -357,6 +402,7 @@ def _waits(spec: ServiceSpec, ctx: _Build, warn: Warn) -> list[dict[str, Any]]:
             "command": ["sh", "-c", f"until nc -z -w 2 {host} {port}; do echo waiting for "
                         f"{host}:{port}; sleep 2; done"],
         })  # fmt: skip
+        ctx.waits.add(id(waits[-1]))
         warn(f'depends_on {dep} ("{condition}"): becomes "Service {host}:{port} is '
              "reachable\", checked once before the pod starts (a ready pod, when "
              f"{dep} has a readinessProbe); not re-checked afterwards{outside}")  # fmt: skip

@@ -10,6 +10,7 @@ beyond its image is exported, so the pod runs what the container ran.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,15 @@ from typing import Any
 
 from supervisor.spec import ContainerSpec, ProcessSpec, ServiceSpec, is_secret, is_secret_name
 
-__all__ = ["ExportError", "Target", "container_target", "process_target", "valid_image"]
+__all__ = [
+    "ExportError",
+    "Target",
+    "container_target",
+    "leaks",
+    "process_target",
+    "sensitive",
+    "valid_image",
+]
 
 #: distribution/reference's grammar: [domain/]path[:tag][@digest].
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -50,6 +59,8 @@ class Target:
             nowhere without ``include_secrets``, not even where no ``$(VAR)`` works.
         workdir: ``workingDir``, or ``None`` for the image's.
         ports: host port -> container port (a container unit's published ports).
+        ports_known: ``False`` when the container could not be inspected: the unit's
+            port is the host's, the container's is unknown.
         notes: warnings found while reading the unit's files or container.
     """
 
@@ -62,6 +73,7 @@ class Target:
     named_secrets: frozenset[str] = frozenset()
     workdir: str | None = None
     ports: Mapping[int, int] = field(default_factory=dict)
+    ports_known: bool = True
     notes: tuple[str, ...] = ()
 
 
@@ -229,3 +241,66 @@ def _container_notes(spec: ServiceSpec, container: Mapping[str, Any]) -> list[st
     if isinstance(spec.target, ContainerSpec) and spec.target.recreate_command:
         notes.append("recreate_command: not carried: the Deployment creates the pods")
     return notes
+
+
+#: The shortest secret value looked for outside the Secret: shorter ones (``1``, ``on``)
+#: would match everywhere; a variable secret by its name (``API_KEY``) is looked for
+#: from 3 characters, spec's rule (:func:`~supervisor.spec.is_secret`).
+LEAK_MIN = 4
+#: Keys whose values are names the export made (object, container, label, image,
+#: Secret reference names), not text of the unit: a secret value there is a coincidence.
+_NAMES = frozenset(
+    {"name", "image", "namespace", "apiVersion", "kind", "labels", "matchLabels", "selector"}
+)
+
+
+def sensitive(target: Target) -> list[tuple[str, str]]:
+    """``(variable, text)`` pairs that must not appear outside the Secret: the value of
+    each variable of the Secret that hostvisor treats as secret (``secret_values``), and
+    the password of such a value that is a URL; at least :data:`LEAK_MIN` characters
+    (3 for a variable secret by its name), longest first."""
+    from urllib.parse import urlsplit
+
+    found: dict[str, str] = {}
+    for key in target.secret_keys:
+        value = target.env.get(key, "")
+        if value not in target.secret_values:
+            continue
+        texts = [value]
+        if "://" in value:
+            with contextlib.suppress(ValueError):
+                texts.append(urlsplit(value).password or "")
+        shortest = 3 if is_secret_name(key) else LEAK_MIN
+        for text in texts:
+            if len(text) >= shortest:
+                found.setdefault(text, key)
+    return sorted(((k, t) for t, k in found.items()), key=lambda kt: (-len(kt[1]), kt[0]))
+
+
+def leaks(
+    value: object, secrets: list[tuple[str, str]], skip: frozenset[int] = frozenset()
+) -> list[tuple[str, tuple[str | int, ...]]]:
+    """Where in ``value`` (a manifest, or part of one) a text of ``secrets`` (from
+    :func:`sensitive`) appears: ``(variable, path)`` pairs, a path being the keys and
+    list indexes from ``value`` to the string. Names (:data:`_NAMES`) and the dicts whose
+    ``id`` is in ``skip`` are not searched."""
+    found: list[tuple[str, tuple[str | int, ...]]] = []
+
+    def walk(item: object, path: tuple[str | int, ...]) -> None:
+        if id(item) in skip:
+            return
+        if isinstance(item, str):
+            for key, text in secrets:
+                if text in item:
+                    found.append((key, path))
+                    return
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                if k not in _NAMES:
+                    walk(v, (*path, k))
+        elif isinstance(item, list):
+            for i, v in enumerate(item):
+                walk(v, (*path, i))
+
+    walk(value, ())
+    return found
