@@ -355,7 +355,7 @@ def _loader() -> Any:
             self.nodes: list[Any] = []  # keeps the ids of self.bounds alive
 
         def compose_node(self, parent: Any, index: Any) -> Any:
-            mark = self.peek_event().start_mark
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
             if self.depth >= MAX_DEPTH:
                 raise yaml.composer.ComposerError(
                     _REFUSED, None, f"nested more than {MAX_DEPTH} deep", mark
