@@ -322,6 +322,14 @@ class TestDetection:
 # ---------------------------------------------------------------------------- the file
 
 
+#: A billion-laughs file (477 bytes): 9 aliases a level, 9^8 values used as ports.
+BOMB = "\n".join(
+    ["x0: &a0 [" + ",".join(['"1:1"'] * 9) + "]"]
+    + [f"x{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    + ["services:\n  web:\n    image: x\n    ports: *a8\n    environment: *a8\n"]
+)
+
+
 class TestFile:
     @pytest.mark.parametrize(
         ("text", "message"),
@@ -332,6 +340,11 @@ class TestFile:
             ("version: '3'\nvolumes: {}\n", "no `services:` with at least one service"),
             ("- db\n- api\n", "the top level is not a mapping"),
             ("services:\n  db: postgres\n", "services.db: expected a mapping"),
+            (BOMB, "line 6: its aliases expand to 597871 values (at most 100000"),
+            ("services: " + "[" * 500 + "]" * 500 + "\n", "line 1: nested more than 64 deep"),
+            ("x: &a [*a]\nservices: {}\n", "line 1: an alias inside the node it names"),
+            ("services:\n  web:\n    image: x\n    container_name: ${B:-x}${\n",
+             "services.web.container_name: '${B:-x}${': invalid interpolation format"),
         ],
     )  # fmt: skip
     def test_a_file_that_cannot_be_read_fails_with_where(

@@ -188,6 +188,33 @@ class TestFailures:
         assert f"{listed}: the plist's root is a list" in done.stderr
         assert f"{empty}: no Program or ProgramArguments" in done.stderr
 
+    def test_absurd_numbers_and_deep_nesting_are_reported_not_raised(self, folder: Folder) -> None:
+        """A StartInterval of 401 digits is not mapped, with the key (float() of it
+        overflowed); a binary plist nested past the recursion limit fails, named."""
+        path = folder.root / "com.joel.big.plist"
+        path.write_text(
+            '<?xml version="1.0"?><plist version="1.0"><dict><key>Label</key>'
+            "<string>com.joel.big</string><key>Program</key><string>/bin/true</string>"
+            "<key>StartInterval</key><integer>1" + "0" * 400 + "</integer></dict></plist>"
+        )
+        deep: Any = "x"
+        for _ in range(3000):
+            deep = [deep]
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(20000)
+        try:
+            data = plistlib.dumps({"Label": "com.joel.deep", "Program": "/bin/true",
+                                   "Nested": deep}, fmt=plistlib.FMT_BINARY)  # fmt: skip
+        finally:
+            sys.setrecursionlimit(limit)
+        nested = folder.root / "com.joel.deep.plist"
+        nested.write_bytes(data)
+        done = folder.imports(path, nested)
+        assert done.returncode == 1, done.stdout
+        assert "StartInterval=1000000" in done.stdout and "more than 365 days" in done.stdout
+        assert f"{nested}: not a property list import can read: nested too deeply" in (done.stderr)
+        assert "internal error" not in done.stderr, done.stderr
+
     def test_a_plist_without_label_is_named_by_its_file(self, tmp_path: Path) -> None:
         path = tmp_path / "com.joel.voice-agent.plist"
         text = plistlib.dumps({"ProgramArguments": ["/bin/true"], "KeepAlive": True}).decode()

@@ -169,6 +169,22 @@ def test_what_cannot_be_imported_exits_1_saying_why(d: DaemonProcess, tmp_path: 
         "memory.json": ('[{"script": "a.js", "max_memory_restart": "lots"}]',
                         "max_memory_restart: 'lots' is not a size"),
         "other.json": ('{"name": "x"}', 'expected {"apps": [...]}'),
+        "digits.json": ('{"apps":[{"name":"a","script":"/bin/true","restart_delay":'
+                        + "9" * 5000 + "}]}", "not JSON import can read: a number too long"),
+        "deep.json": ('{"apps":' + "[" * 100_000 + "]" * 100_000 + "}",
+                      "not JSON import can read: nested too deeply"),
+        "deep.yml": ("apps: " + "[" * 100_000 + "]" * 100_000 + "\n",
+                     "not YAML import can read: nested too deeply"),
+        "delay.json": ('[{"script": "a.js", "restart_delay": ' + "9" * 4000 + "}]",
+                       "restart_delay: 99999999999999999999 ms is more than 365 days"),
+        "inf.json": ('[{"script": "a.js", "kill_timeout": Infinity}]',
+                     "kill_timeout: inf ms is more than 365 days"),
+        "uptime.json": ('[{"script": "a.js", "min_uptime": "99999999999h"}]',
+                        "min_uptime: '99999999999h' is more than 365 days"),
+        "restarts.json": ('[{"script": "a.js", "max_restarts": 1e400}]',
+                          "max_restarts: expected a whole number from 0 to"),
+        "huge.json": ('[{"script": "a.js", "max_memory_restart": "' + "9" * 400 + 'G"}]',
+                      "max_memory_restart: 99999999999999999999 is more than 1 PiB"),
     }  # fmt: skip
     for name, (text, message) in cases.items():
         path = tmp_path / name

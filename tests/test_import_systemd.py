@@ -246,6 +246,41 @@ class TestFiles:
         assert any("makes it a one-shot" in note for note in unit.notes)
         assert any("no [Install] section" in note for note in unit.notes)
 
+    @staticmethod
+    def _one(path: Path, text: str, home: Path | None = None) -> Any:
+        path.write_text(text)
+        ctx = ImportContext(paths=(path,), **({"home": home} if home else {}))
+        return convert(Source(path=path, text=text), ctx).units[0]
+
+    def test_specifiers_resolve_after_the_split_one_word_each(self, tmp_path: Path) -> None:
+        """systemd splits a command line, then resolves each word's specifiers: %I of
+        `echo@a\x20b` is the one word "a b", an instance with a quote is no quoting
+        error, and a HOME with a space and `;` stays inside its word (also in the
+        /bin/sh form, quoted)."""
+        unit = self._one(
+            tmp_path / "echo@a\\x20b.service", "[Service]\nExecStart=/bin/echo %I\nRestart=always\n"
+        )
+        assert unit.table["command"] == ["/bin/echo", "a b"]
+        unit = self._one(
+            tmp_path / "q@it\\x27s.service",
+            "[Service]\nExecStart=/bin/echo %I 'x y'\nRestart=always\n",
+        )
+        assert unit.table["command"] == ["/bin/echo", "it's", "x y"]
+        home = tmp_path / "sp ace" / "h;x"
+        text = (
+            "[Service]\nEnvironment=A=%h/a B=2\nExecStart=%h/llama.cpp/server -m %h/m\n"
+            "ExecStartPre=-%h/pre $B\nRestart=always\n[Unit]\nAfter=%p-db.service\n"
+        )
+        unit = self._one(tmp_path / "llama.service", text, home)
+        assert unit.table["command"] == [f"{home}/llama.cpp/server", "-m", f"{home}/m"]
+        assert unit.table["env"] == {"A": f"{home}/a", "B": "2"}
+        shell = unit.table["preflight"]["command"]
+        assert shell[:2] == ["/bin/sh", "-c"]
+        assert subprocess.run(["/bin/sh", "-nc", shell[2]]).returncode == 0
+        assert shell[2] == f"'{home}/pre' 2 || true"
+        assert ("After=llama-db.service", "not among the imported files: import it in the "
+                "same command to depend on it") in unit.unmapped  # fmt: skip
+
 
 class TestSyntax:
     """systemd's own rules for quoting, prefixes, continuations and time."""

@@ -67,8 +67,14 @@ OVERRIDES = (
 
 _VARIABLE = re.compile(
     r"\$(?:(?P<escaped>\$)|(?P<plain>[A-Za-z_][A-Za-z0-9_]*)"
-    r"|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>(?:[^{}]|\{[^{}]*\})*))?\})"
+    r"|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*))?\}"
+    r"|(?P<invalid>\{))"
 )
+_REFUSED = "import refuses it"
+#: Bounds of a Compose file's YAML: nodes once aliases are expanded, and nesting depth
+#: (a real file has a few thousand nodes, nested less than ten deep).
+MAX_NODES = 100_000
+MAX_DEPTH = 64
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -246,15 +252,28 @@ def duration_text(value: float) -> str:
 def interpolate(doc: Any, env: Mapping[str, str]) -> tuple[Any, set[str], set[str], list[str]]:
     """``doc`` with every string value (not key) interpolated from ``env``:
     ``(doc, variables used, variables unset (read as ""), "VAR (message)" of the
-    ``${VAR?message}`` that are unset)``."""
+    ``${VAR?message}`` that are unset)``.
+
+    Raises:
+        ImportFailed: a ``${`` that is no ``${VAR...}`` (unterminated, or not a name),
+            which Compose refuses ("invalid interpolation format"): the key, dotted.
+    """
     used: set[str] = set()
     missing: set[str] = set()
     required: list[str] = []
+
+    where: list[str] = []
 
     def substitute(text: str) -> str:
         def one(match: re.Match[str]) -> str:
             if match["escaped"]:
                 return "$"
+            if match["invalid"]:
+                raise ImportFailed(
+                    f"{'.'.join(where) or 'the file'}: {text!r}: invalid interpolation "
+                    "format (a ${ that is no ${VAR}, ${VAR:-default}...); Compose "
+                    "refuses it too (write $$ for a $)"
+                )
             name, op, arg = match["plain"] or match["braced"], match["op"], match["arg"] or ""
             used.add(name)
             value = env.get(name)
@@ -277,10 +296,17 @@ def interpolate(doc: Any, env: Mapping[str, str]) -> tuple[Any, set[str], set[st
         if isinstance(node, str):
             return substitute(node) if "$" in node else node
         if isinstance(node, dict):
-            return {key: walk(value) for key, value in node.items()}
+            return {key: inside(str(key), value) for key, value in node.items()}
         if isinstance(node, list):
-            return [walk(item) for item in node]
+            return [inside(f"[{i}]", item) for i, item in enumerate(node)]
         return node
+
+    def inside(step: str, node: Any) -> Any:
+        where.append(step)
+        try:
+            return walk(node)
+        finally:
+            where.pop()
 
     return walk(doc), used, missing, required
 
@@ -289,7 +315,9 @@ def load(text: str) -> dict[str, Any]:
     """The YAML mapping of a Compose file, read as Compose v2 reads it (module docstring).
 
     Raises:
-        ImportFailed: not YAML (the line and the problem), or the top level is not a mapping.
+        ImportFailed: not YAML (the line and the problem), more than :data:`MAX_NODES`
+            nodes once its aliases are expanded (an alias bomb) or nested deeper than
+            :data:`MAX_DEPTH` (the line), or the top level is not a mapping.
     """
     import yaml
 
@@ -298,6 +326,8 @@ def load(text: str) -> dict[str, Any]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}: " if mark is not None else ""
+        if exc.context == _REFUSED:
+            raise ImportFailed(f"{where}{exc.problem}") from None
         raise ImportFailed(f"{where}not valid YAML: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise ImportFailed(f"not valid YAML: {exc}") from None
@@ -309,12 +339,56 @@ def load(text: str) -> dict[str, Any]:
 @functools.cache
 def _loader() -> Any:
     """A ``yaml.SafeLoader`` with YAML 1.2's booleans and numbers, refusing a key given
-    twice in one mapping (merge keys ``<<`` aside)."""
+    twice in one mapping (merge keys ``<<`` aside), and bounding the document as
+    :func:`load` says: each composed node's expanded size and depth are counted from
+    its children's (an alias counts as the whole node it names), before anything is
+    constructed, so that neither an alias bomb nor deep nesting costs time or stack."""
     import yaml
 
     tags = {f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float")}
 
     class ComposeLoader(yaml.SafeLoader):
+        def __init__(self, stream: Any) -> None:
+            super().__init__(stream)
+            self.depth = 0
+            self.bounds: dict[int, tuple[int, int]] = {}  # id(node): (nodes, depth)
+            self.nodes: list[Any] = []  # keeps the ids of self.bounds alive
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            if self.depth >= MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    _REFUSED, None, f"nested more than {MAX_DEPTH} deep", mark
+                )
+            alias = self.check_event(yaml.AliasEvent)
+            self.depth += 1
+            try:
+                node = super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+            if alias and id(node) not in self.bounds:  # `&a [*a]`: itself inside itself
+                raise yaml.composer.ComposerError(
+                    _REFUSED, None, "an alias inside the node it names (a recursive value)", mark
+                )
+            if alias:
+                return node
+            if isinstance(node, yaml.MappingNode):
+                children = [child for pair in node.value for child in pair]
+            else:
+                children = node.value if isinstance(node, yaml.SequenceNode) else []
+            known = [self.bounds[id(child)] for child in children]
+            nodes = 1 + sum(n for n, _ in known)
+            depth = 1 + max((d for _, d in known), default=0)
+            if nodes > MAX_NODES or depth > MAX_DEPTH:
+                what = f"{nodes} values" if nodes > MAX_NODES else f"{depth} levels deep"
+                raise yaml.composer.ComposerError(
+                    _REFUSED, None, f"its aliases expand to {what} (at most {MAX_NODES} "
+                    f"values, {MAX_DEPTH} levels): an alias bomb?", mark,
+                )  # fmt: skip
+            self.bounds[id(node)] = (nodes, depth)
+            self.nodes.append(node)
+            return node
+
         def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
             seen: set[object] = set()
             for key, _ in node.value:

@@ -101,6 +101,8 @@ def _read(source: Source) -> dict[str, Any]:
         root = plistlib.loads(data)
     except (plistlib.InvalidFileException, ExpatError, ValueError, TypeError) as exc:
         raise ImportFailed(f"not a property list: {exc}") from None
+    except RecursionError:  # a binary plist nested past Python's recursion limit
+        raise ImportFailed("not a property list import can read: nested too deeply") from None
     if not isinstance(root, dict):
         raise ImportFailed(f"the plist's root is a {type(root).__name__}, not a job's dict")
     return root
@@ -246,6 +248,12 @@ class _Job:
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             self.unit.skip(
                 f"StartInterval={_shown(interval)}", "not a whole number of seconds >= 1"
+            )
+            return ""
+        if interval > _MAX_SECONDS:
+            self.unit.skip(
+                f"StartInterval={_shown(interval)}",
+                "more than 365 days (31536000 s), hostvisor's longest every",
             )
             return ""
         self.table["every"] = _seconds_text(interval)

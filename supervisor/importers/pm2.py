@@ -54,6 +54,12 @@ _ALIASES = {
 #: pm2 lib/tools/Config.js "sbyte": K, M, G are binary.
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([KMG]?)$")
 _TIME = re.compile(r"^(\d+)([hms]?)$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+#: The longest time taken (ms): hostvisor's durations end at 365 days.
+_MAX_MS = 365 * 86_400_000
+#: The most restarts or bytes taken: past these a value is a typo, not a setting.
+_MAX_COUNT = 2**31 - 1
+_MAX_BYTES = 1024**5
 #: pm2's lib/tools/Config.js splitting of a string where an array is expected.
 _WORDS = re.compile(r"""[^\s"'=]+="[^"]*"|[^\s"'=]+='[^']*'|"([^"]*)"|'([^']*)'|\S+""")
 #: Why an option is not mapped -> the options (pm2's schema.json names).
@@ -172,14 +178,28 @@ def _load(source: Source) -> tuple[Any, str]:
             return yaml.safe_load(text), ""
         except yaml.YAMLError as exc:
             raise ImportFailed(f"not YAML: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # a number past int's digits, nesting
+            raise ImportFailed(f"not YAML import can read: {_unreadable(exc)}") from None
     try:
         return json.loads(text), ""
     except json.JSONDecodeError:
-        try:
-            data = json.loads(_strip_js(text))
-        except json.JSONDecodeError as exc:
-            raise ImportFailed(f"line {exc.lineno}: not JSON ({exc.msg})") from None
-        return data, "read without its comments and trailing commas (pm2 reads .json as JavaScript)"
+        pass
+    except (ValueError, RecursionError) as exc:
+        raise ImportFailed(f"not JSON import can read: {_unreadable(exc)}") from None
+    try:
+        data = json.loads(_strip_js(text))
+    except json.JSONDecodeError as exc:
+        raise ImportFailed(f"line {exc.lineno}: not JSON ({exc.msg})") from None
+    except (ValueError, RecursionError) as exc:
+        raise ImportFailed(f"not JSON import can read: {_unreadable(exc)}") from None
+    return data, "read without its comments and trailing commas (pm2 reads .json as JavaScript)"
+
+
+def _unreadable(exc: Exception) -> str:
+    """Why json/yaml gave up on a file that parses: nesting, or a number too long."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return f"a number too long ({exc})"
 
 
 def _strip_js(text: str) -> str:
@@ -219,11 +239,16 @@ def _ms(value: Any, where: str) -> str:
     if isinstance(value, (int, float)):
         if value < 0:
             raise ImportFailed(f"{where}: must not be negative")
+        if not value <= _MAX_MS:  # NaN, Infinity, a number of 4000 digits
+            raise ImportFailed(f"{where}: {str(value)[:20]} ms is more than 365 days")
         return f"{value / 1000:g}s" if value % 1000 == 0 else f"{value:g}ms"
     match = _TIME.match(value.strip())
     if match is None:
         raise ImportFailed(f"{where}: {value!r} is not a time (ms, or 5s, 2m, 1h)")
-    return f"{match.group(1)}{match.group(2) or 'ms'}"
+    number, unit = match.group(1), match.group(2) or "ms"
+    if len(number) > 15 or int(number) * _UNIT_MS[unit] > _MAX_MS:
+        raise ImportFailed(f"{where}: {value[:20]!r} is more than 365 days")
+    return f"{number}{unit}"
 
 
 class _App:
@@ -483,8 +508,10 @@ class _App:
             unit.map("status: stopped", "autostart = false (pm2 resurrect leaves it stopped)")
         restarts = self.take("max_restarts")
         count = 16 if restarts is None else restarts
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise ImportFailed(f"{self.where} max_restarts: expected a whole number >= 0")
+        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= _MAX_COUNT:
+            raise ImportFailed(
+                f"{self.where} max_restarts: expected a whole number from 0 to {_MAX_COUNT}"
+            )
         table["give_up_after"] = max(count, 1)
         unit.map(
             "max_restarts" if restarts is not None else "(pm2's default max_restarts: 16)",
@@ -551,6 +578,8 @@ class _App:
         if match is None or isinstance(value, bool):
             raise ImportFailed(f"{self.where} max_memory_restart: {value!r} is not a size (300M)")
         number, suffix = match.groups()
+        if float(number) * 1024 ** " KMG".index(suffix or " ") > _MAX_BYTES:
+            raise ImportFailed(f"{self.where} max_memory_restart: {text[:20]} is more than 1 PiB")
         size: Any = f"{number}{suffix}iB" if suffix else int(float(number))
         self.unit.table["max_memory"] = size
         self.unit.map("max_memory_restart", "max_memory (K, M, G: 1024, as pm2)")

@@ -164,14 +164,25 @@ class ServiceUnit:
         self._rest()
         return self.unit
 
+    def words(self, key: str, raw: str) -> list[str]:
+        """``raw`` split into words, then the specifiers of each word resolved, in
+        systemd's order (config_parse_environ()); a word that
+        does not resolve is reported and left out, bad quoting reports the whole value.
+
+        Raises:
+            ImportFailed: the instance of a template file without one (:meth:`expand`).
+        """
+        try:
+            split = split_words(raw)
+        except ValueError as exc:
+            self.unit.skip(f"{key}={raw}", f"{exc}; systemd ignores it too")
+            return []
+        found = [self.expand(key, word) for word in split]
+        return [word for word in found if word is not None]
+
     def _environment(self) -> None:
-        for raw in self.values("Service", "Environment"):
-            try:
-                words = split_words(raw)
-            except ValueError as exc:
-                self.unit.skip(f"Environment={raw}", f"{exc}; systemd ignores it too")
-                continue
-            for word in words:
+        for raw in self.raw("Service", "Environment"):
+            for word in self.words("Environment", raw):
                 name, sep, value = word.partition("=")
                 if not sep or not _ENV_NAME.fullmatch(name):
                     self.unit.skip(f"Environment={word}", "not NAME=value; systemd ignores it")
@@ -258,7 +269,7 @@ class ServiceUnit:
         commands: list[Command] = []
         for raw in raws:
             try:
-                commands.append(parse_command(self.spec.expand(raw)))
+                commands.append(parse_command(raw).resolved(self.spec))
             except ValueError as exc:  # Unresolved too
                 if main or isinstance(exc, NoInstance):
                     raise ImportFailed(f"ExecStart={raw}: {exc}") from None
@@ -496,9 +507,11 @@ class ServiceUnit:
         others = {p.name: p for p in self.ctx.paths if p.name.endswith(".service")}
         found: dict[str, str] = {}
         for key in _DEPENDENCY_KEYS:
-            for value in self.values("Unit", key):
-                for dep in value.split():
-                    self._dependency(key, dep, others, found)
+            for value in self.raw("Unit", key):
+                # split at whitespace, escapes kept (config_parse_unit_deps()), then resolved
+                for word in value.split():
+                    if (dep := self.expand(key, word)) is not None:
+                        self._dependency(key, dep, others, found)
         if found:
             plain = all(c == "started" for c in found.values())
             self.table["depends_on"] = list(found) if plain else found

@@ -363,9 +363,21 @@ class Command:
         """``:``: no environment variable substitution."""
         return ":" in self.prefixes
 
+    def resolved(self, spec: Specifiers) -> Command:
+        """The command with the specifiers of each word resolved, after the split, as
+        systemd does (systemd.service(5) "Command lines"): a resolved value with spaces or
+        quotes stays one word.
+
+        Raises:
+            Unresolved: a specifier import cannot resolve (:meth:`Specifiers.expand`).
+        """
+        argv0 = None if self.argv0 is None else spec.expand(self.argv0)
+        return Command([spec.expand(w) for w in self.words], self.prefixes, argv0)
+
 
 def parse_command(text: str) -> Command:
-    """An ``Exec*=`` value (specifiers already resolved) as a :class:`Command`.
+    """An ``Exec*=`` value as a :class:`Command`, split before its specifiers are
+    resolved (:meth:`Command.resolved`), as systemd splits it.
 
     Raises:
         ValueError: unbalanced quotes, a repeated prefix, or no program.
