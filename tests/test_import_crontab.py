@@ -11,28 +11,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
-from typing import Any
 
 from tests.daemon_harness import DaemonProcess
+from tests.import_support import read_unit, run_import
 
 SOURCES = Path(__file__).parent / "import_sources" / "crontab"
 
 
 def hv_import(
-    d: DaemonProcess, *files: str | Path, stdin: str | None = None, out: Path | None = None
+    d: DaemonProcess, *files: str | Path, out: Path | None = None, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``hostvisor import crontab FILE... -o OUT`` (default: the daemon's units folder)."""
-    argv = [sys.executable, "-m", "supervisor", "import", "crontab", *map(str, files)]
-    argv += ["-o", str(out or d.units), "-c", str(d.config_path)]
-    return subprocess.run(
-        argv, input=stdin, capture_output=True, text=True, timeout=60, env=d.env(), cwd=d.root
-    )
+    return run_import(d, "crontab", *files, out=out, stdin=stdin)
 
 
-def unit(folder: Path, name: str) -> dict[str, Any]:
-    return tomllib.loads((folder / f"{name}.toml").read_text())
+unit = read_unit
 
 
 def written(folder: Path) -> list[str]:

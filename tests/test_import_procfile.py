@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
-from typing import Any
 
 from tests.daemon_harness import DaemonProcess
+from tests.import_support import read_unit, run_import
 
 SOURCES = Path(__file__).parent / "import_sources" / "procfile"
 
@@ -21,15 +20,10 @@ SOURCES = Path(__file__).parent / "import_sources" / "procfile"
 def hv_import(
     d: DaemonProcess, *files: str | Path, out: Path | None = None, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "supervisor", "import", "procfile", *map(str, files)]
-    argv += ["-o", str(out or d.units), "-c", str(d.config_path)]
-    return subprocess.run(
-        argv, input=stdin, capture_output=True, text=True, timeout=60, env=d.env(), cwd=d.root
-    )
+    return run_import(d, "procfile", *files, out=out, stdin=stdin)
 
 
-def unit(folder: Path, name: str) -> dict[str, Any]:
-    return tomllib.loads((folder / f"{name}.toml").read_text())
+unit = read_unit
 
 
 def test_entries_names_shell_detection_and_the_port_note(d: DaemonProcess) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.daemon_harness import DaemonProcess
+from tests.import_support import run_import
 
 SOURCES = Path(__file__).parent / "import_sources" / "supervisord"
 
@@ -24,12 +25,8 @@ def hv_import(
     stdin: str | None = None, home: str = "/home/joel",
 ) -> subprocess.CompletedProcess[str]:  # fmt: skip
     """``hostvisor import supervisord FILE... -o OUT`` with ``HOME`` set (``%(ENV_HOME)s``)."""
-    argv = [sys.executable, "-m", "supervisor", "import", "supervisord", *map(str, files)]
-    argv += ["-o", str(out or d.units), "-c", str(d.config_path)]
-    return subprocess.run(
-        argv, input=stdin, capture_output=True, text=True, timeout=60,
-        env={**d.env(), "HOME": home}, cwd=cwd or d.root,
-    )  # fmt: skip
+    env = {**d.env(), "HOME": home}
+    return run_import(d, "supervisord", *files, out=out, stdin=stdin, env=env, cwd=cwd)
 
 
 def unit(folder: Path, name: str) -> dict[str, Any]:
