@@ -187,6 +187,16 @@ def test_nothing_to_import_exits_1_naming_why(d: DaemonProcess, tmp_path: Path) 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_nul_byte_where_a_user_may_be_is_a_command_word(d: DaemonProcess, tmp_path: Path) -> None:
+    """Found by fuzzing: pwd.getpwnam() raises ValueError on a NUL; the line is read as a
+    user crontab's, not an internal error; the check of the unit then refuses the NUL."""
+    path = tmp_path / "nul.crontab"
+    path.write_text("*/5 * * * * /bin/tr\x00ue now\n")
+    done = hv_import(d, path, out=tmp_path / "out")
+    assert "internal error" not in done.stderr, done.stderr
+    assert done.returncode == 1 and "must not contain a NUL character" in done.stderr
+
+
 def test_round_trip_an_imported_job_runs_in_its_folder(d: DaemonProcess, tmp_path: Path) -> None:
     work = tmp_path / "workspace"
     (work / "scripts").mkdir(parents=True)

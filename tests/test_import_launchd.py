@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.importers import ImportContext, Source
+from supervisor.importers import ImportContext, ImportFailed, Source
 from supervisor.importers.launchd import convert, convert_plist
 from tests.daemon_harness import DaemonProcess
 from tests.support import free_port
@@ -214,6 +214,17 @@ class TestFailures:
         assert "StartInterval=1000000" in done.stdout and "more than 365 days" in done.stdout
         assert f"{nested}: not a property list import can read: nested too deeply" in (done.stderr)
         assert "internal error" not in done.stderr, done.stderr
+
+    @pytest.mark.parametrize(
+        "text",
+        ['<?xml version="1.0" encoding="ULTF-8"?><plist><dict/></plist>',
+         "<plist><key>Label</key></plist>"],
+    )  # fmt: skip
+    def test_what_plistlib_trips_on_is_not_a_property_list(self, text: str) -> None:
+        """Found by fuzzing: plistlib raises LookupError (an unknown encoding) and
+        IndexError (a <key> outside a <dict>) rather than its InvalidFileException."""
+        with pytest.raises(ImportFailed, match="not a property list"):
+            convert(Source(path=Path("x.plist"), text=text), ImportContext())
 
     def test_a_plist_without_label_is_named_by_its_file(self, tmp_path: Path) -> None:
         path = tmp_path / "com.joel.voice-agent.plist"

@@ -149,6 +149,39 @@ def test_defaults_unknown_keys_and_stdin(d: DaemonProcess, tmp_path: Path) -> No
     assert 'exitcodes=0 -> restart = "on-failure" (exit 0 is expected)' in done.stdout
 
 
+def test_every_key_is_reported_and_duplicates_are_not_merged_silently(
+    d: DaemonProcess, tmp_path: Path
+) -> None:
+    """priority=999 on a lone program, numprocs=1, numprocs_start and process_name are
+    reported; a [program:x] given twice and a key given twice merge as supervisord
+    merges them (the last value wins), and the values dropped are reported."""
+    text = (
+        "[program:api]\n"
+        "command=/bin/sleep 1\n"
+        "priority=999\n"
+        "numprocs=1\n"
+        "numprocs_start=5\n"
+        "process_name=api-%(process_num)s\n"
+        "[program:api]\n"
+        "command=/bin/sleep 2\n"
+        "autostart=true\n"
+        "autostart=false   ; the last one counts\n"
+    )
+    done = hv_import(d, "-", stdin=text, out=tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    api = unit(tmp_path / "out", "api-5")
+    assert api["command"] == ["/bin/sleep", "2"] and api["autostart"] is False
+    for shown in ("priority=999", "numprocs=1", "numprocs_start=5 -> %(process_num)s = 5",
+                  "process_name=api-%(process_num)s"):  # fmt: skip
+        assert shown in done.stdout, (shown, done.stdout)
+    assert "duplicate [program:api] (line 7; first on line 1): supervisord merges" in done.stdout
+    assert (
+        "[program:api] command=/bin/sleep 1 (line 2): command= is given again on line 8: "
+        "supervisord keeps the last value"
+    ) in done.stdout
+    assert "[program:api] autostart=true (line 9): autostart= is given again" in done.stdout
+
+
 SERVICE = """\
 import json, os, pathlib, sys, time
 name = sys.argv[sys.argv.index("--name") + 1]

@@ -169,7 +169,7 @@ def _is_system(source: Source, lines: list[str]) -> bool:
             return False
         try:
             pwd.getpwnam(words[at])
-        except KeyError:
+        except (KeyError, ValueError):  # ValueError: a NUL in the word
             return False
         users += 1
     return users > 0

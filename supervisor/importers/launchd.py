@@ -101,6 +101,9 @@ def _read(source: Source) -> dict[str, Any]:
         root = plistlib.loads(data)
     except (plistlib.InvalidFileException, ExpatError, ValueError, TypeError) as exc:
         raise ImportFailed(f"not a property list: {exc}") from None
+    except (LookupError, IndexError, AttributeError) as exc:  # plistlib's own slips:
+        # an unknown XML encoding, a <key> outside a <dict>
+        raise ImportFailed(f"not a property list: {type(exc).__name__}: {exc}") from None
     except RecursionError:  # a binary plist nested past Python's recursion limit
         raise ImportFailed("not a property list import can read: nested too deeply") from None
     if not isinstance(root, dict):

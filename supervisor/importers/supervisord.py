@@ -39,6 +39,7 @@ from supervisor.importers import (
     Source,
     unit_name,
 )
+from supervisor.importers.supervisord_ini import duplicates, environment, parse
 
 __all__ = ["convert"]
 
@@ -46,6 +47,7 @@ _TRUE = ("yes", "true", "on", "1")
 _FALSE = ("no", "false", "off", "0")
 _RESTART = {"true": "always", "false": "no", "unexpected": "on-failure"}
 _DEFAULT_PRIORITY = 999
+_MAX_PROCS = 1000  # numprocs: units from one [program:x]
 _ENV_REF = re.compile(r"%\(ENV_([A-Za-z_][A-Za-z0-9_]*)\)")
 _SIZE = re.compile(r"^\s*(\d+)\s*(kb|mb|gb)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": "B", "kb": "KiB", "mb": "MiB", "gb": "GiB"}
@@ -112,9 +114,12 @@ def convert(source: Source, ctx: ImportContext) -> FileResult:
         base_env.update(_daemon_env(file.parser, result if file.this else FileResult(), ctx))
     everything: list[tuple[Converted, tuple[int, int], bool]] = []
     mine: set[int] = set()
+    given: set[int] = set()  # id() of the units whose program sets priority=
     for file in files:
         try:
-            programs = _programs(file, groups, base_env, ctx, result if file.this else None)
+            programs = _programs(
+                file, groups, base_env, ctx, result if file.this else None, given=given
+            )
         except ImportFailed:
             if file.this:
                 raise
@@ -132,7 +137,8 @@ def convert(source: Source, ctx: ImportContext) -> FileResult:
             "[supervisord] environment= of the same import applied to every program"
         )
     _unique_names([unit for unit, _, _ in everything])
-    _order(everything, result)
+    _order(everything, result, given)
+    result.unmapped += duplicates(source.text)
     result.units = [unit for unit, _, _ in everything if id(unit) in mine]
     result.notes.append(
         "supervisord retries a failed start after 1 s, 2 s, 3 s ... and restarts a program "
@@ -152,19 +158,6 @@ class _File:
     this: bool
 
 
-def _parse(text: str, label: str) -> Any:
-    import configparser
-
-    parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"), strict=False)
-    try:
-        parser.read_string(text, source=label)
-    except configparser.Error as exc:
-        line = getattr(exc, "lineno", None)
-        first = str(exc).splitlines()[0]
-        raise ImportFailed(f"line {line}: {first}" if line else first) from None
-    return parser
-
-
 def _import_files(source: Source, ctx: ImportContext) -> list[_File]:
     """Every file of this import (in order; priority, groups and the [supervisord]
     environment span the files, as supervisord's [include] joins them), parsed; the
@@ -174,13 +167,13 @@ def _import_files(source: Source, ctx: ImportContext) -> list[_File]:
     def folder(path: Path) -> str | None:
         return None if str(path) == "-" else os.path.dirname(os.path.abspath(path))
 
-    files = [_File(source.label, _parse(source.text, source.label), folder(source.path), True)]
+    files = [_File(source.label, parse(source.text, source.label), folder(source.path), True)]
     mine = os.path.abspath(source.path)
     for path in ctx.paths:
         if str(path) == "-" or os.path.abspath(path) == mine:
             continue
         try:
-            parser = _parse(read_source(path).text, str(path))
+            parser = parse(read_source(path).text, str(path))
         except ImportFailed:
             continue
         files.append(_File(str(path), parser, folder(path), False))
@@ -193,6 +186,8 @@ def _programs(
     base_env: dict[str, str],
     ctx: ImportContext,
     result: FileResult | None,
+    *,
+    given: set[int],
 ) -> list[tuple[Converted, tuple[int, int], bool]]:
     """``(unit, (group priority, priority), autostart)`` of each program process of
     ``file``; the sections that are not programs go to ``result`` (this file only)."""
@@ -201,7 +196,7 @@ def _programs(
         kind, _, name = section.partition(":")
         if kind == "program" and name:
             group = groups.get(name, (name, -1))
-            out += _Program(file.parser, section, group, file.here, ctx).units(base_env)
+            out += _Program(file.parser, section, group, file.here, ctx).units(base_env, given)
         elif result is None or kind == "supervisord":
             continue
         elif kind in _SECTIONS:
@@ -259,7 +254,7 @@ def _daemon_env(parser: Any, result: FileResult, ctx: ImportContext) -> dict[str
     for key, value in parser.items("supervisord"):
         if key == "environment":
             expansions = {f"ENV_{k}": v for k, v in ctx.environ.items()}
-            env = _environment(_expand(value, expansions, "[supervisord] environment"))
+            env = environment(_expand(value, expansions, "[supervisord] environment"))
         else:
             others.append(f"{key}={value}")
     if others:
@@ -279,34 +274,6 @@ def _expand(value: str, expansions: dict[str, Any], where: str) -> str:
         raise ImportFailed(
             f"{where}: {value!r} is badly formatted ({exc}); write %% for a literal %"
         ) from None
-
-
-def _environment(text: str) -> dict[str, str]:
-    """``KEY="val",KEY2=val2`` as supervisord's ``dict_of_key_value_pairs`` reads it."""
-    lexer = shlex.shlex(text, posix=True)
-    lexer.wordchars += "/.+-():"
-    try:
-        tokens = list(lexer)
-    except ValueError as exc:
-        raise ImportFailed(f"environment {text!r}: {exc}") from None
-    env: dict[str, str] = {}
-    i = 0
-    while i < len(tokens):
-        triple = tokens[i : i + 3]
-        if len(triple) != 3 or triple[1] != "=":
-            raise ImportFailed(
-                f"environment {text!r}: unexpected end of KEY=value pairs "
-                "(supervisord refuses it too; quote values with spaces or "
-                "other characters)"
-            )
-        env[triple[0]] = triple[2]
-        if i + 3 < len(tokens) and tokens[i + 3] != ",":
-            raise ImportFailed(
-                f"environment {text!r}: {tokens[i + 3]!r} follows {triple[0]}={triple[2]} "
-                "where a ',' belongs (supervisord drops it silently): quote the value"
-            )
-        i += 4
-    return env
 
 
 class _Program:
@@ -349,13 +316,18 @@ class _Program:
             raise ImportFailed(f"{self.where} {key}={text}: not a boolean (true/false)")
         return text in _TRUE
 
-    def units(self, base_env: dict[str, str]) -> list[tuple[Converted, tuple[int, int], bool]]:
-        """``(unit, (group priority, priority), autostart)`` for each process."""
+    def units(
+        self, base_env: dict[str, str], given: set[int]
+    ) -> list[tuple[Converted, tuple[int, int], bool]]:
+        """``(unit, (group priority, priority), autostart)`` for each process (``given``:
+        the id() of each unit whose program sets priority=, added to)."""
         plain = dict(self.common)
         numprocs = self.integer("numprocs", 1, plain)
         start = self.integer("numprocs_start", 0, plain)
         if numprocs < 1:
             raise ImportFailed(f"{self.where} numprocs={numprocs}: must be at least 1")
+        if numprocs > _MAX_PROCS:
+            raise ImportFailed(f"{self.where} numprocs={numprocs}: more than {_MAX_PROCS} units")
         process_name = self.raw.get("process_name", "%(program_name)s")
         if numprocs > 1 and "%(process_num)" not in process_name:
             raise ImportFailed(
@@ -367,13 +339,15 @@ class _Program:
             expansions = {**self.common, "process_num": num, "numprocs": numprocs}
             expansions.update({f"ENV_{k}": v for k, v in self.ctx.environ.items()})
             out.append(self._one(num, expansions, base_env, process_name))
+            if "priority" in self.raw:
+                given.add(id(out[-1][0]))
         return out
 
     def _one(
         self, num: int, expansions: dict[str, Any], base_env: dict[str, str], process_name: str
     ) -> tuple[Converted, tuple[int, int], bool]:
         numprocs = expansions["numprocs"]
-        own_env = _environment(self.get("environment", "", expansions))
+        own_env = environment(self.get("environment", "", expansions))
         expansions.update({f"ENV_{k}": v for k, v in own_env.items()})
         proc = _expand(process_name, expansions, f"{self.where} process_name")
         original = f"program:{self.name}" if proc == self.name else proc
@@ -396,6 +370,12 @@ class _Program:
                 f"numprocs={numprocs}, process_name={process_name}",
                 f"one unit per process ({proc})",
             )
+        else:
+            for key in ("numprocs", "process_name"):
+                if key in self.raw:
+                    unit.map(f"{key}={self.raw[key]}", f"the unit name ({proc}, one process)")
+        if "numprocs_start" in self.raw:
+            unit.map(f"numprocs_start={self.raw['numprocs_start']}", f"%(process_num)s = {num}")
         if "directory" in self.raw:
             table["workdir"] = self.get("directory", "", expansions)
             unit.map("directory=", "workdir")
@@ -548,9 +528,12 @@ def _signal(text: str, where: str) -> str:
     return name
 
 
-def _order(programs: list[tuple[Converted, tuple[int, int], bool]], result: FileResult) -> None:
+def _order(
+    programs: list[tuple[Converted, tuple[int, int], bool]], result: FileResult, explicit: set[int]
+) -> None:
     """``priority`` -> ``depends_on``: each autostart program depends on (started) the
-    autostart programs of the next lower priority (a ``[group:x]``'s priority first)."""
+    autostart programs of the next lower priority (a ``[group:x]``'s priority first);
+    ``explicit``: the id() of the units whose program sets priority= (reported even at 999)."""
     levels = sorted({level for _, level, autostart in programs if autostart})
     by_level: dict[tuple[int, int], list[Converted]] = {}
     for unit, level, autostart in programs:
@@ -560,10 +543,10 @@ def _order(programs: list[tuple[Converted, tuple[int, int], bool]], result: File
     for unit, level, autostart in programs:
         given = f"priority={level[1]}" + (f" (group {level[0]})" if level[0] != level[1] else "")
         if len(levels) < 2:
-            if level != (_DEFAULT_PRIORITY, _DEFAULT_PRIORITY):
+            if level != (_DEFAULT_PRIORITY, _DEFAULT_PRIORITY) or id(unit) in explicit:
                 unit.map(given, "(no other priority in this import: no order to keep)")
         elif not autostart:
-            if level == (_DEFAULT_PRIORITY, _DEFAULT_PRIORITY):
+            if level == (_DEFAULT_PRIORITY, _DEFAULT_PRIORITY) and id(unit) not in explicit:
                 continue
             unit.skip(
                 given,

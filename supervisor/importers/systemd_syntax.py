@@ -223,7 +223,7 @@ class Specifiers:
         env, home = ctx.environ, str(ctx.home)
         try:
             record: Any = pwd.getpwnam(ctx.user)
-        except KeyError:
+        except (KeyError, ValueError):  # ValueError: a NUL in the name
             record = None
         state = env.get("XDG_STATE_HOME") or f"{home}/.local/state"
         uid = str(record.pw_uid) if record else None
