@@ -425,7 +425,7 @@ def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        from supervisor.durations import parse_duration
+        from supervisor.config_values import parse_duration
 
         try:
             value = parse_duration(text)

@@ -41,11 +41,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
-from supervisor import durations as values
+from supervisor import config_values as values
 from supervisor.config_graph import check_dependencies, check_ports
 from supervisor.config_jobs import JOB_KEYS, check_completed, command_table, parse_job_keys
-from supervisor.configfiles import read_env_file, read_env_files, read_toml
-from supervisor.durations import (
+from supervisor.config_values import (
     IssueSink,
     Key,
     TableReader,
@@ -53,6 +52,7 @@ from supervisor.durations import (
     parse_signal,
     parse_size,
 )
+from supervisor.configfiles import read_env_file, read_env_files, read_toml
 from supervisor.errors import ConfigError, ConfigIssue, SocketPathError
 from supervisor.paths import check_socket_path
 from supervisor.spec import (

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Iterator, Mapping
 
-from supervisor.durations import IssueSink
+from supervisor.config_values import IssueSink
 from supervisor.spec import ServiceSpec
 
 __all__ = ["check_dependencies", "check_ports"]

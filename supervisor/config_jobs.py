@@ -24,8 +24,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, cast
 
-from supervisor import durations as values
-from supervisor.durations import IssueSink, TableReader, parse_duration
+from supervisor import config_values as values
+from supervisor.config_values import IssueSink, TableReader, parse_duration
 from supervisor.spec import CatchUp, Concurrency, OnFailureSpec, ScheduleSpec, ServiceSpec
 from supervisor.states import DependencyCondition, Restart
 

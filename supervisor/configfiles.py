@@ -10,10 +10,11 @@ env file.
 Conventions:
 
 - Config, unit and env files are regular files of at most
-  :data:`~supervisor.durations.MAX_FILE_SIZE` bytes (1 MiB; links followed),
+  :data:`~supervisor.config_values.MAX_FILE_SIZE` bytes (1 MiB; links followed),
   not group/world-writable, owned by the daemon's user or root.
 - Env files follow docker's ``--env-file`` and python-dotenv: ``KEY=VALUE``,
   ``#`` comments, optional ``export``, ``"..."`` with escapes, ``'...'`` literal.
+  python-dotenv's own parser is not used (see :mod:`supervisor.config_values`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from supervisor.durations import _NUL, MAX_FILE_SIZE, TableReader
+from supervisor.config_values import _NUL, MAX_FILE_SIZE, TableReader
 from supervisor.errors import ConfigError, ConfigIssue
 
 __all__ = ["parse_env_file", "read_env_file", "read_env_files", "read_file", "read_toml"]

@@ -10,6 +10,13 @@ Linux follows the XDG Base Directory specification; macOS uses
 
 The socket file itself (its folder's mode and ACLs, the stale-socket test, the
 bind) is :mod:`supervisor.control.socketfile`.
+
+Why not ``platformdirs`` (issue 14): it gives the same XDG and macOS folders, but
+only for ``os.environ``, while every function here takes an ``environ`` mapping
+(``install`` and the tests resolve paths for another environment than the
+process's); it has no answer for the socket's ``/tmp/hostvisor-$UID`` fallback;
+and its import costs 5.4 ms (``python -X importtime``, cumulative) on a
+``status`` whose whole budget is 30 ms, where these six functions cost nothing.
 """
 
 from __future__ import annotations

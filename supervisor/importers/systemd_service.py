@@ -24,7 +24,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from supervisor.durations import parse_signal
+from supervisor.config_values import parse_signal
 from supervisor.importers import Converted, ImportContext, ImportFailed, read_source
 from supervisor.importers.systemd_calendar import parse_span, span_text
 from supervisor.importers.systemd_syntax import (

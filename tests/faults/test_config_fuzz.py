@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from supervisor.config import INTERNAL_ERROR, load
-from supervisor.durations import MAX_DURATION, MAX_SIZE
+from supervisor.config_values import MAX_DURATION, MAX_SIZE
 from supervisor.errors import ConfigError
 from supervisor.spec import Loaded
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.config import INTERNAL_ERROR, check, load
-from supervisor.durations import MAX_COUNT, MAX_DURATION, MAX_SIZE
+from supervisor.config_values import MAX_COUNT, MAX_DURATION, MAX_SIZE
 from supervisor.errors import ConfigError, ConfigIssue
 from tests.daemon_harness import daemon, py_cmd
 

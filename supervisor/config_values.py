@@ -1,4 +1,6 @@
-"""Values of the config files: durations, sizes, signals, argv, the other typed keys, tables.
+"""Every value parser of the config files: durations, sizes, signals, argv, typed keys, tables.
+
+(Named ``durations.py`` until issue 14: it always held every value parser.)
 
 Each converter takes a value as :mod:`tomllib` produced it and returns what
 the specs hold (float seconds, int bytes, int signal number, argv tuple), or
@@ -22,6 +24,18 @@ Bounds (issue 9: what ``check`` accepts must run): durations <= 365 days (far
 inside what float seconds on anyio's clock can add), sizes <= 1 TiB, counts <=
 1,000,000; never inf or NaN; no NUL in a string (no path, argument or env value
 can hold one); files read are regular files of at most 1 MiB.
+
+Env files (:func:`supervisor.configfiles.parse_env_file`) keep their own
+parser rather than python-dotenv's ``parse_stream`` (issue 14), because
+dotenv's semantics differ from the contract's in ways a user would see:
+dotenv logs a warning for a malformed line and skips it, where hostvisor
+refuses the file with ``file: line N: message`` and keeps the running
+services on the old values; a bare ``KEY`` line is a variable with no value
+(None) for dotenv and an error here; a quoted value may run over several lines
+in dotenv, so one missing quote swallows the rest of the file silently; and
+``dotenv_values`` expands ``${VAR}`` unless told not to, where the contract
+expands nothing. Keeping the 40-line parser also keeps a dependency and its
+import out of the daemon.
 """
 
 from __future__ import annotations
