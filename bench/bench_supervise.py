@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_supervise.py restart    # SIGKILL -> replacement exec'd, 50 kills
     .venv/bin/python bench/bench_supervise.py idle       # CPU and RSS over 60 s idle, 200 services
     .venv/bin/python bench/bench_supervise.py startup    # `hostvisor run` -> 200 services running
+    .venv/bin/python bench/bench_supervise.py startup --services 200 1000 --runs 3  # + posix_spawn floor
     .venv/bin/python bench/bench_supervise.py logs       # 200 MiB of 64-byte lines into the log
     .venv/bin/python bench/bench_supervise.py all
 
@@ -207,7 +208,7 @@ def bench_startup(n: int = 200, runs: int = 5) -> None:
     for _ in range(runs):
         root = Path(tempfile.mkdtemp(prefix="hv-bench-startup-"))
         unit = f'command = ["{SLEEP}", "3600"]\nstart_seconds = "0s"\n'
-        cfg = write_config(root, {f"s{i:03d}": unit for i in range(n)})
+        cfg = write_config(root, {f"s{i:04d}": unit for i in range(n)})
         begin = time.monotonic()
         proc, client = _start_daemon(cfg)
         try:
@@ -221,11 +222,29 @@ def bench_startup(n: int = 200, runs: int = 5) -> None:
         begin = time.monotonic()
         subprocess.run([sys.executable, "-c", "pass"], check=True)
         baseline.append(time.monotonic() - begin)
+    floor = [_posix_spawn_floor(n) for _ in range(runs)]
     print(f"`hostvisor run` until {n} services are running (start_seconds=0s), {runs} runs:")
     print(
         f"  median {statistics.median(times):.3f} s   min {min(times):.3f} s   "
         f"(baseline: bare `python -c pass` {statistics.median(baseline) * 1000:.0f} ms)"
     )
+    spawn = statistics.median(floor)
+    print(
+        f"  floor: a bare os.posix_spawn loop of the same {n} `sleep 3600` children "
+        f"{spawn * 1000:.0f} ms; ratio hostvisor / floor {statistics.median(times) / spawn:.1f}x"
+    )
+
+
+def _posix_spawn_floor(n: int) -> float:
+    """Seconds for ``os.posix_spawn`` of n ``sleep 3600`` children (then killed and reaped)."""
+    begin = time.monotonic()
+    pids = [os.posix_spawn(SLEEP, [SLEEP, "3600"], os.environ) for _ in range(n)]
+    elapsed = time.monotonic() - begin
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    return elapsed
 
 
 # ---------------------------------------------------------------- log capture
@@ -309,6 +328,14 @@ def main() -> None:
     parser.add_argument("which", choices=["restart", "idle", "startup", "logs", "all"])
     parser.add_argument("--seconds", type=float, default=60, help="idle window (default 60)")
     parser.add_argument(
+        "--services",
+        type=int,
+        nargs="+",
+        default=[200],
+        help="startup: numbers of services (default 200; e.g. 200 1000)",
+    )
+    parser.add_argument("--runs", type=int, default=5, help="startup: runs per size (default 5)")
+    parser.add_argument(
         "--probes",
         choices=["both", "probes", "none"],
         default="both",
@@ -321,7 +348,8 @@ def main() -> None:
     if args.which in ("restart", "all"):
         bench_restart()
     if args.which in ("startup", "all"):
-        bench_startup()
+        for n in args.services:
+            bench_startup(n, args.runs)
     if args.which in ("logs", "all"):
         bench_logs()
     if args.which in ("idle", "all"):
