@@ -63,9 +63,14 @@ _HAVE_CHILDREN_FILE = _has_children_file()
 
 
 def _read_small(path: str) -> bytes:
+    """The whole of a ``/proc`` file: read until EOF, as a ``seq_file`` (``children``)
+    hands out at most a page per read (about 680 pids of 1,000 children otherwise)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return os.read(fd, 1 << 20)
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
     finally:
         os.close(fd)
 

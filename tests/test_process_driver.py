@@ -24,7 +24,7 @@ from supervisor.drivers.base import Driver, Handle
 from supervisor.drivers.process import ProcessDriver, ProcessHandle
 from supervisor.errors import SpawnError
 from supervisor.logfiles import LogHub
-from supervisor.reaper import Reaper, signal_verified
+from supervisor.reaper import Reaper, child_pids, signal_verified
 from supervisor.spec import ProcessSpec, ServiceSpec, StopSpec
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
@@ -527,3 +527,18 @@ class TestRestartCost:
         spawn_ms, detect_ms = statistics.median(spawn) * 1e3, statistics.median(detect) * 1e3
         print(f"\nspawn median {spawn_ms:.2f} ms, SIGKILL->wait median {detect_ms:.2f} ms")
         assert spawn_ms < 50 and detect_ms < 50
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc children file")
+def test_child_pids_lists_every_child_past_one_page() -> None:
+    # /proc/<pid>/task/<tid>/children hands out at most a page per read: ~680 pids.
+    import subprocess
+
+    children = [subprocess.Popen(["sleep", "60"]) for _ in range(1000)]
+    try:
+        assert {c.pid for c in children} <= set(child_pids())
+    finally:
+        for c in children:
+            c.kill()
+        for c in children:
+            c.wait()
