@@ -27,7 +27,6 @@ import math
 import os
 import select
 import socket
-import ssl
 import struct
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -38,7 +37,9 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import anyio
 
-if TYPE_CHECKING:  # httpx is imported when a unit has an HTTP probe or hook
+if TYPE_CHECKING:  # httpx and ssl are imported when a unit has an HTTP probe or hook
+    import ssl
+
     import httpx
 
 from supervisor.spec import HealthCheckSpec
@@ -251,7 +252,10 @@ async def probe_tcp(
 def tls_context() -> ssl.SSLContext:
     """The TLS context of every HTTP probe and hook, built once (the first build costs
     ~20 ms of CPU on the event loop; afterwards an httpx client costs ~0.4 ms).
-    Read-only once built, so sharing it is safe: certifi's CA bundle, as httpx uses."""
+    Read-only once built, so sharing it is safe: certifi's CA bundle, as httpx uses.
+    ``ssl`` is imported here, not at the top: a daemon with no HTTP check never loads it."""
+    import ssl
+
     import certifi
 
     return ssl.create_default_context(cafile=certifi.where())
