@@ -1,0 +1,618 @@
+"""The ``hostvisor`` console script, with a fast path for ``hostvisor status`` (issue 14).
+
+``hostvisor status`` is what scripts and prompts run, so its whole process counts: on
+this machine the interpreter alone takes about 19 ms, and building the full argparse
+CLI, the control client and its method table cost another 45 ms. :func:`main` first
+tries :func:`fast_status`, which understands a strict subset of the command lines
+that argparse accepts for ``status`` and needs only ``os``, ``sys``, ``json`` and
+``_socket``; for anything else (another verb, ``--help``, an abbreviated option, a
+name that cannot be a service's, ``--format markdown``, a terminal where the table is
+drawn with rich, a socket folder that is not safe, a path over the OS limit) it defers,
+before it has sent anything, to :func:`supervisor.cli.main`, so that errors, help and
+every other verb behave exactly as they do there. Its output and exit codes are the
+full CLI's, byte for byte (``tests/test_cli_status.py`` compares them).
+
+The plain status table is laid out here too (:func:`plain_table`); ``supervisor.cli``
+imports it, and draws the coloured table on a terminal itself.
+
+Import cost is the point of this module: no ``typing``, ``pathlib``, ``argparse``,
+``socket`` (``_socket`` is enough), ``tomllib`` (a strict reader of the simple TOML
+that config files hold finds ``[daemon] socket``, and hands anything else to tomllib),
+``dataclasses`` or :mod:`supervisor.errors` at import; those are loaded only on the
+paths that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from json.encoder import encode_basestring_ascii as _text
+
+from supervisor.cli_jobs import JOB_COLUMNS, duration_text, fine, is_job, job_cells
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # no runtime import of typing: it costs ~2 ms
+    from collections.abc import Sequence
+    from typing import Any, NoReturn
+
+__all__ = ["COLUMNS", "fast_status", "last_exit_text", "main", "plain_table", "row_cells"]
+
+#: The status table's columns (contract section 7).
+COLUMNS = ("NAME", "KIND", "STATE", "HEALTH", "PID", "UPTIME", "RESTARTS", "LAST-EXIT")
+#: Columns aligned to the right on a terminal.
+RIGHT = frozenset({"PID", "RESTARTS"})
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def last_exit_text(last: Any) -> str:
+    """The LAST-EXIT cell: ``code 1``, ``SIGKILL``, ``unknown`` or ``-``."""
+    if not isinstance(last, dict):
+        return "-"
+    if last.get("unknown"):
+        return "unknown"
+    if last.get("signal") is not None:
+        import signal
+
+        try:
+            return signal.Signals(last["signal"]).name
+        except ValueError:
+            return f"signal {last['signal']}"
+    return "-" if last.get("code") is None else f"code {last['code']}"
+
+
+def row_cells(entry: dict[str, Any]) -> list[str]:
+    """The cells of one status entry under :data:`COLUMNS`."""
+    pid = entry.get("pid")
+    container = entry.get("container_id")
+    health = entry.get("health") or "none"
+    return [
+        str(entry.get("name", "?")),
+        str(entry.get("kind", "?")),
+        str(entry.get("state", "?")),
+        "-" if health == "none" else str(health),
+        str(pid) if pid is not None else (str(container)[:12] if container else "-"),
+        duration_text(entry.get("uptime_seconds")),
+        str(entry.get("restarts", 0)),
+        last_exit_text(entry.get("last_exit")),
+    ]
+
+
+def aligned(
+    row: Sequence[str], widths: Sequence[int], right: bool, columns: Sequence[str] = COLUMNS
+) -> list[str]:
+    """``row`` padded to ``widths``; :data:`RIGHT` columns to the right if ``right``."""
+    cells = []
+    for i, text in enumerate(row):
+        pad = " " * (widths[i] - len(text))
+        cells.append(pad + text if right and columns[i] in RIGHT else text + pad)
+    return cells
+
+
+def widths_of(rows: Sequence[Sequence[str]], columns: Sequence[str]) -> list[int]:
+    return [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
+
+
+def plain_table(rows: Sequence[Sequence[str]], columns: Sequence[str] = COLUMNS) -> str:
+    """The table as plain aligned text (piped, ``NO_COLOR``, ``TERM=dumb``): no escapes."""
+    widths = widths_of(rows, columns)
+    return "".join(
+        "  ".join(aligned(row, widths, False, columns)).rstrip() + "\n" for row in [columns, *rows]
+    )
+
+
+def colour(out: Any) -> bool:
+    """Colour only on a terminal, never with NO_COLOR set (no-color.org) or TERM=dumb."""
+    if os.environ.get("NO_COLOR", "") != "" or os.environ.get("TERM") == "dumb":
+        return False
+    return bool(out.isatty())
+
+
+def table_text(services: list[dict[str, Any]]) -> str:
+    """The plain table of ``hostvisor status``: with NEXT-RUN and LAST-RUN if a job is listed."""
+    if any(is_job(e) for e in services):
+        rows = [row_cells(e) + job_cells(e) for e in services]
+        return plain_table(rows, (*COLUMNS, *JOB_COLUMNS))
+    return plain_table([row_cells(e) for e in services])
+
+
+# --------------------------------------------------------------------------- JSON output
+
+
+def _float_text(value: float) -> str:
+    if value != value:  # noqa: PLR0124 (NaN)
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "Infinity" if value > 0 else "-Infinity"
+    return float.__repr__(value)
+
+
+def indented_json(value: Any, pad: str = "") -> str:
+    """``json.dumps(value, indent=2)`` of a value that ``json.loads`` returned, byte for
+    byte, in about 60 % of its time (3.11's C encoder cannot indent; the pure-Python
+    one is a generator per level). ``--json`` of 1,000 services: 5.6 ms, not 9.3."""
+    text = _text
+    kind = type(value)
+    if kind is str:
+        return text(value)
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float:
+        return _float_text(value)
+    inner = pad + "  "
+    if kind is dict:
+        if not value:
+            return "{}"
+        parts = []
+        for key, item in value.items():
+            of = type(item)
+            if of is str:
+                cell = text(item)
+            elif item is None:
+                cell = "null"
+            elif of is int:
+                cell = int.__repr__(item)
+            elif item is True:
+                cell = "true"
+            elif item is False:
+                cell = "false"
+            else:
+                cell = indented_json(item, inner)
+            parts.append(f"{text(key)}: {cell}")
+        return "{\n" + inner + (",\n" + inner).join(parts) + "\n" + pad + "}"
+    if kind is list:
+        if not value:
+            return "[]"
+        items = [indented_json(item, inner) for item in value]
+        return "[\n" + inner + (",\n" + inner).join(items) + "\n" + pad + "]"
+    return json.dumps(value, indent=2)  # not from json.loads: let json say what it is
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+class _Defer(Exception):
+    """The fast path does not handle this: run the full CLI (nothing was sent yet)."""
+
+
+#: Service names (contract section 5; the protocol's ``SERVICE_NAME``).
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
+_FIRST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+
+
+def is_service_name(text: str) -> bool:
+    """``[a-z0-9][a-z0-9_.-]{0,62}``, as ``SERVICE_NAME.fullmatch`` (without ``re``)."""
+    return 0 < len(text) <= 63 and text[0] in _FIRST_CHARS and _NAME_CHARS.issuperset(text)
+
+
+class StatusArgs:
+    """What ``hostvisor [-c C] [--socket S] status [NAME...] [--json] [--format F]`` said."""
+
+    __slots__ = ("config", "json", "names", "socket")
+
+    def __init__(self) -> None:
+        self.config: str | None = None
+        self.socket: str | None = None
+        self.names: list[str] = []
+        self.json = False
+
+    def fields(self) -> tuple[str | None, str | None, list[str], bool]:
+        """``(config, socket, names, json)``."""
+        return self.config, self.socket, self.names, self.json
+
+
+#: Most names in one request (the protocol's ``MAX_NAMES``).
+_MAX_NAMES = 4096
+_VALUED = {"-c": "config", "--config": "config", "--socket": "socket"}
+
+
+def _option(args: StatusArgs, argv: Sequence[str], i: int) -> int | None:
+    """Take ``-c PATH``, ``--config[=]PATH`` or ``--socket[=]PATH`` at ``argv[i]``; the index
+    after it, or None if ``argv[i]`` is not one of them."""
+    token = argv[i]
+    field = _VALUED.get(token)
+    if field is not None:
+        if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+            raise _Defer  # argparse's "expected one argument", or a value it would judge
+        setattr(args, field, argv[i + 1])
+        return i + 2
+    for prefix in ("--config=", "--socket="):
+        if token.startswith(prefix):
+            setattr(args, prefix[2:-1], token[len(prefix) :])
+            return i + 1
+    return None
+
+
+def parse_status(argv: Sequence[str]) -> StatusArgs | None:
+    """The status command line, if it is one the fast path understands fully; else None.
+
+    Accepted, each exactly as spelled here (argparse's abbreviations, ``-cPATH``,
+    ``--`` and values that start with ``-`` are left to argparse):
+    ``[-c PATH | --config[=]PATH | --socket[=]PATH]... status`` then, in any order,
+    the same options, ``--json``, ``--format json|table`` (or ``--format=...``) and
+    one run of service names (argparse takes ``nargs="*"`` names only as one run).
+    """
+    args = StatusArgs()
+    i = 0
+    try:
+        while i < len(argv) and (after := _option(args, argv, i)) is not None:
+            i = after
+        if i >= len(argv) or argv[i] != "status":
+            return None
+        i += 1
+        fmt: str | None = None
+        names_done = False
+        while i < len(argv):
+            token = argv[i]
+            after = _option(args, argv, i)
+            if after is not None:
+                i = after
+                names_done = names_done or bool(args.names)
+                continue
+            if token == "--json":
+                args.json = True
+                names_done = names_done or bool(args.names)
+                i += 1
+                continue
+            if token == "--format" or token.startswith("--format="):
+                if token == "--format":
+                    if i + 1 >= len(argv):
+                        return None
+                    value, i = argv[i + 1], i + 2
+                else:
+                    value, i = token[len("--format=") :], i + 1
+                if value not in ("json", "table"):
+                    return None  # markdown (the status page), or argparse's "invalid choice"
+                fmt = value
+                names_done = names_done or bool(args.names)
+                continue
+            if token.startswith("-") or names_done or not is_service_name(token):
+                return None
+            args.names.append(token)
+            i += 1
+    except _Defer:
+        return None
+    if (args.json and fmt == "table") or len(args.names) > _MAX_NAMES:
+        return None  # argparse's usage error; the client's ValueError
+    args.json = args.json or fmt == "json"
+    return args
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _normal(path: str) -> str:
+    """``str(pathlib.PurePosixPath(path))``: no empty or ``.`` parts, no trailing slash."""
+    parts = [p for p in path.split("/") if p and p != "."]
+    two = path.startswith("//") and not path.startswith("///")  # POSIX keeps exactly two
+    root = "//" if two else "/" * path.startswith("/")
+    return root + "/".join(parts) or "."
+
+
+def config_path(option: str | None) -> str:
+    """:func:`supervisor.paths.resolve_config_path` as a string (no pathlib)."""
+    env = os.environ
+    raw = option or env.get("HOSTVISOR_CONFIG")
+    if not raw:
+        if sys.platform == "darwin":
+            raise _Defer
+        base = env.get("XDG_CONFIG_HOME") or _normal(_home() + "/.config")
+        raw = _normal(base + "/hostvisor/config.toml")
+    return os.path.abspath(os.path.expanduser(raw))
+
+
+def _home() -> str:
+    home = os.environ.get("HOME") or os.path.expanduser("~")
+    if home.startswith("~"):
+        raise _Defer  # pathlib raises "Could not determine home directory"
+    return _normal(home)
+
+
+def socket_path(args: StatusArgs) -> str:
+    """The control socket per contract section 2, as ``supervisor.cli`` resolves it."""
+    raw = args.socket or os.environ.get("HOSTVISOR_SOCKET")
+    if raw:
+        path = os.path.abspath(os.path.expanduser(raw))
+    else:
+        configured = configured_socket(config_path(args.config))
+        if configured is not None:
+            path = configured
+        else:
+            runtime = os.environ.get("XDG_RUNTIME_DIR")
+            if runtime:
+                path = _normal(runtime + "/hostvisor/hostvisor.sock")
+            else:
+                path = f"/tmp/hostvisor-{os.getuid()}/hostvisor.sock"
+    limit = 104 if sys.platform == "darwin" else 108
+    if len(os.fsencode(path)) >= limit:
+        raise _Defer  # the full CLI says why (SocketPathError)
+    return path
+
+
+def configured_socket(config: str) -> str | None:
+    """``[daemon] socket`` of ``config``, expanded; None if unset or unreadable.
+
+    As ``supervisor.cli._configured_socket``, whose answer this must be: the file is
+    read with :func:`simple_toml` and, when that is not sure, with tomllib.
+    """
+    try:
+        with open(config, "rb") as file:
+            data = file.read()
+        doc = simple_toml(data)
+        if doc is None:
+            import tomllib
+
+            doc = tomllib.loads(data.decode())
+        raw = doc.get("daemon", {}).get("socket", "")
+    except Exception:  # unreadable, invalid, nested too deeply...: not the client's job
+        return None
+    if not isinstance(raw, str) or not raw or "\0" in raw:
+        return None
+    text = os.path.expandvars(os.path.expanduser(raw))
+    return os.path.abspath(os.path.join(os.path.dirname(config), text))
+
+
+_TOML: Any = None
+
+
+def _toml_patterns() -> Any:
+    global _TOML
+    if _TOML is None:
+        import re
+
+        number = r"-?(?:0|[1-9][0-9]*)"
+        basic = r"\"[^\"\\\x00-\x08\x0a-\x1f\x7f]*\""
+        literal = r"'[^'\x00-\x08\x0a-\x1f\x7f]*'"
+        scalar = rf"{basic}|{literal}|true|false|{number}"
+        array = rf"\[[ \t]*(?:{number}(?:[ \t]*,[ \t]*{number})*[ \t]*,?[ \t]*)?\]"
+        comment = r"(?:#[^\x00-\x08\x0a-\x1f\x7f]*)?"
+        _TOML = (
+            re.compile(
+                rf"[ \t]*(?:\[[ \t]*(?P<table>[A-Za-z0-9_-]+)[ \t]*\]"
+                rf"|(?P<key>[A-Za-z0-9_-]+)[ \t]*=[ \t]*(?P<value>{scalar}|{array}))?"
+                rf"[ \t]*{comment}"
+            ),
+            re.compile(number),
+        )
+    return _TOML
+
+
+def simple_toml(data: bytes) -> dict[str, Any] | None:
+    """``tomllib.loads(data.decode())`` for the simple TOML config files hold, or None
+    when ``data`` uses anything else (tomllib then decides, errors included).
+
+    Understood: ASCII, ``\\n`` line ends, comments, ``[table]`` headers with bare keys
+    (each once), ``key = value`` with a bare key (each once per table; none named like a
+    table) and a value that is a string without escapes, ``true``, ``false``, a decimal
+    integer, or an array of decimal integers on one line. Never a different answer than
+    tomllib (a hypothesis test holds it to that).
+    """
+    if not data.isascii() or b"\r" in data:
+        return None
+    line_re, number_re = _toml_patterns()
+    root: dict[str, Any] = {}
+    table = root
+    for line in data.decode("ascii").split("\n"):
+        match = line_re.fullmatch(line)
+        if match is None:
+            return None
+        name, key, value = match.group("table", "key", "value")
+        if name is not None:
+            if name in root:
+                return None  # a second [name], or a key of the same name: tomllib's error
+            table = root[name] = {}
+        elif key is not None:
+            if key in table:
+                return None
+            if value[0] in "\"'":
+                table[key] = value[1:-1]
+            elif value[0] == "[":
+                table[key] = [int(n) for n in number_re.findall(value)]
+            elif value in ("true", "false"):
+                table[key] = value == "true"
+            else:
+                table[key] = int(value)
+    return root
+
+
+# --------------------------------------------------------------------------- the query
+
+
+class _Failed(Exception):
+    """The query failed after it was sent: the full CLI's exception for it is built
+    (importing :mod:`supervisor.errors`) only now, and reported as the full CLI does."""
+
+    def __init__(self, kind: str, message: str = "", error: Any = None) -> None:
+        super().__init__(message)
+        self.kind = kind  # "unreachable", "control" or "answer" (the daemon's error object)
+        self.error = error
+
+
+def _why(path: str, exc: OSError) -> str:
+    import errno
+
+    if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK):
+        return f"no daemon at {path}"
+    if isinstance(exc, TimeoutError):
+        return f"no daemon answers at {path} (timed out)"
+    return f"cannot connect to {path}: {exc.strerror or exc}"
+
+
+def _safe_folder(path: str) -> bool:
+    """True when ``supervisor.control.socketfile.unsafe_socket_folder`` finds nothing
+    wrong; when it would refuse, the full client says why."""
+    try:
+        mode = os.stat(os.path.dirname(path) or ".").st_mode
+    except OSError:
+        return True
+    if not mode & 0o022:
+        return True
+    if not mode & 0o1000:  # not sticky
+        return False
+    try:
+        owner = os.lstat(path).st_uid
+    except OSError:
+        return True
+    return owner in (os.geteuid(), 0)
+
+
+#: Longest line accepted from the daemon (the client's ``_CLIENT_MAX_LINE``).
+_MAX_LINE = 16 * 1024 * 1024
+
+
+def query(path: str, names: list[str], timeout: float = 10.0) -> Any:
+    """The ``status`` method's result, over the socket at ``path`` (as ``ControlClient``)."""
+    import _socket
+
+    params = {"services": names} if names else {}
+    message = {"jsonrpc": "2.0", "id": 1, "method": "status", "params": params}
+    line = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        _connect(sock, path, min(timeout, 5.0))
+        sock.settimeout(timeout)
+        try:
+            sock.sendall(line)
+        except ConnectionError:
+            pass  # closed by the daemon: its last word (if any) is read below
+        except OSError as exc:
+            raise _Failed("unreachable", f"lost the daemon at {path}: {exc.strerror}") from None
+        buffer = bytearray()
+        scanned = 0
+        while True:
+            end = buffer.find(b"\n", scanned)
+            if end >= 0:
+                answer = _message(bytes(buffer[:end]), path)
+                del buffer[: end + 1]
+                scanned = 0
+                if "id" not in answer:
+                    continue  # a notification
+                if "error" in answer:
+                    raise _Failed("answer", error=answer["error"])
+                if answer.get("id") == 1 and "result" in answer:
+                    return answer["result"]
+                continue
+            if len(buffer) > _MAX_LINE:
+                raise _Failed("control", f"the daemon at {path} sent an over-long line")
+            scanned = len(buffer)
+            try:
+                chunk = sock.recv(1 << 20)
+            except TimeoutError:
+                raise _Failed("unreachable", f"no answer from the daemon at {path}") from None
+            except ConnectionError:
+                chunk = b""
+            except OSError as exc:
+                raise _Failed("unreachable", f"lost the daemon at {path}: {exc.strerror}") from None
+            if not chunk:
+                raise _Failed("unreachable", f"the daemon at {path} closed the connection")
+            buffer += chunk
+    finally:
+        sock.close()
+
+
+def _connect(sock: Any, path: str, timeout: float) -> None:
+    """As ``supervisor.control.client._connect``: a blocking connect bounded by SO_SNDTIMEO."""
+    import _socket
+    import struct
+
+    seconds = max(timeout, 0.001)
+    try:
+        sock.setblocking(True)
+        try:
+            packed = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, packed)
+        except OSError:
+            pass
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            import errno
+
+            raise TimeoutError(errno.ETIMEDOUT, "the daemon's backlog stayed full") from None
+        try:  # noqa: SIM105 (contextlib is one more import)
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, struct.pack("ll", 0, 0))
+        except OSError:
+            pass
+    except OSError as exc:
+        raise _Failed("unreachable", _why(path, exc)) from None
+
+
+def _message(line: bytes, path: str) -> dict[str, Any]:
+    try:
+        value = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise _Failed("control", f"the daemon at {path} sent invalid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise _Failed("control", f"the daemon at {path} sent a non-object")
+    return value
+
+
+def _report(failure: _Failed, args: StatusArgs) -> int:
+    """Say why the query failed, exactly as ``supervisor.cli`` does; its exit code."""
+    from supervisor import cli
+    from supervisor.control.protocol import error_from_object
+    from supervisor.errors import ControlError, DaemonUnreachable
+
+    if failure.kind == "answer":
+        exc: ControlError = error_from_object(failure.error)
+    elif failure.kind == "unreachable":
+        exc = DaemonUnreachable(str(failure))
+    else:
+        exc = ControlError(str(failure))
+    return cli.client_failure(exc, args.config)
+
+
+# --------------------------------------------------------------------------- the verb
+
+
+def fast_status(argv: Sequence[str]) -> int | None:
+    """Run ``hostvisor status`` if :func:`parse_status` understands ``argv`` and nothing
+    needs the full CLI; its exit code, or None to run the full CLI instead."""
+    args = parse_status(argv)
+    if args is None or (not args.json and colour(sys.stdout)):
+        return None
+    try:
+        path = socket_path(args)
+    except _Defer:
+        return None
+    if not _safe_folder(path):
+        return None
+    try:
+        doc = query(path, args.names)
+    except _Failed as failure:
+        return _report(failure, args)
+    services = doc.get("services", [])
+    if args.json:
+        sys.stdout.write(indented_json(doc) + "\n")
+    else:
+        sys.stdout.write(table_text(services))
+    return 0 if all(fine(e) for e in services) else 3
+
+
+def run(argv: Sequence[str]) -> int:
+    """One command line (without the program name): the fast path, else the full CLI."""
+    try:
+        code = fast_status(argv)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `hostvisor status | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    if code is not None:
+        return code
+    from supervisor.cli import execute
+
+    return execute(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """The ``hostvisor`` console script (and ``python -m supervisor``)."""
+    sys.exit(run(sys.argv[1:] if argv is None else argv))
