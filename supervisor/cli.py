@@ -34,12 +34,11 @@ from supervisor.cli_signal import add_arguments as add_signal
 from supervisor.cli_signal import signal_verb
 from supervisor.cli_status import (
     COLUMNS,
-    aligned,
     colour,
     last_exit_text,
     plain_table,
+    rich_table,
     row_cells,
-    widths_of,
 )
 from supervisor.errors import (
     ConfigError,
@@ -119,32 +118,11 @@ _COLUMNS = COLUMNS
 
 
 def _print_table(rows: list[list[str]], out: TextIO, columns: Sequence[str] = _COLUMNS) -> None:
-    """A coloured table through rich on a terminal; plain aligned text otherwise.
-
-    Columns are aligned here, not by ``rich.table.Table``: laying out 200 rows with
-    it took ~115 ms, printing the same rows as styled ``Text`` ~2 ms.
-    """
+    """A coloured table through rich on a terminal; plain aligned text otherwise."""
     if not _colour(out):  # piped, NO_COLOR or TERM=dumb: no escape codes at all
         out.write(plain_table(rows, columns))
         return
-    from rich.console import Console
-    from rich.text import Text
-
-    from supervisor.cli_jobs import STYLES
-
-    widths = widths_of(rows, columns)
-    text = Text()
-    text.append("  ".join(aligned(columns, widths, True, columns)).rstrip(), style="bold")
-    for row in rows:
-        cells = aligned(row, widths, True, columns)
-        cells[-1] = cells[-1].rstrip()
-        text.append("\n")
-        for i, cell in enumerate(cells):
-            text.append(cell, style=STYLES.get(row[i], "") if i in (2, 3) else "")
-            if i < len(cells) - 1:
-                text.append("  ")
-    console = Console(file=out, highlight=False, emoji=False, markup=False)
-    console.print(text, soft_wrap=True)
+    rich_table(rows, out, columns)
 
 
 def _event_line(event: dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import pty
 import socket
 import subprocess
 import threading
@@ -36,6 +37,7 @@ from hypothesis import strategies as st
 from supervisor import cli, cli_status
 from supervisor.errors import SocketPathError
 from tests.daemon_harness import PY, DaemonProcess, py_cmd
+from tests.test_cli import read_all
 
 # ---------------------------------------------------------------- the argv parser
 
@@ -398,6 +400,18 @@ def both(argv: list[str], env: dict[str, str]) -> tuple[Any, Any]:
     return (fast.returncode, fast.stdout, fast.stderr), (full.returncode, full.stdout, full.stderr)
 
 
+def on_a_pty(argv: list[str], env: dict[str, str]) -> tuple[int, bytes]:
+    """(code, output) of the fast path and of the full CLI, each on a pseudo-terminal."""
+    results = []
+    for command in ([PY, "-m", "supervisor", *argv], [PY, "-c", FULL, *argv]):
+        master, slave = pty.openpty()
+        proc = subprocess.Popen(command, stdout=slave, stderr=slave, env=env)
+        os.close(slave)
+        output = read_all(master)
+        results.append((proc.wait(timeout=60), output))
+    return results[0], results[1]
+
+
 def same(argv: list[str], env: dict[str, str]) -> tuple[int, bytes, bytes]:
     """Assert both answer alike; a job's NEXT-RUN and LAST-RUN are relative to the clock,
     so one second ticking between the two runs is tried again (once)."""
@@ -452,6 +466,9 @@ class TestAgainstTheFullCli:
                 assert cli_status.parse_status(argv) is not None, argv  # the fast path's
                 result = same(argv, env)
                 assert code is None or result[0] == code, (argv, result)
+            tty = {**env, "TERM": "xterm-256color", "COLUMNS": "120"}
+            fast, full = on_a_pty(["status", *sock], tty)
+            assert fast == full and b"\x1b[" in fast[1]  # rich's colours, in both
             assert len(p.requests) >= 2 * len(cases)
             assert all(a == b for a, b in zip(p.requests[::2], p.requests[1::2], strict=True))
         out = same(["status", "--socket", str(p.path)], env)  # the proxy is gone: no daemon
