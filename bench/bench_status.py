@@ -279,7 +279,10 @@ def phase(n: int, runs: int, args: argparse.Namespace, *, json_output: bool) -> 
         bin_dir = compat_venv(args.compat_venv)
         commands += floors(str(bin_dir / "python"), " (compat venv)")
         commands.append(
-            Command("hostvisor status (compat venv)", [str(bin_dir / "hostvisor"), *status])
+            Command(
+                f"hostvisor {' '.join(status[:-2])} (compat venv)",
+                [str(bin_dir / "hostvisor"), *status],
+            )
         )
     procs = [
         subprocess.Popen(

@@ -508,10 +508,22 @@ class TestAgainstTheFullCli:
             assert err.startswith(b"hostvisor: no daemon at ") and b"hostvisor run -c" in err
 
     def test_deferred_forms(self, tmp_path: Path, env: dict[str, str]) -> None:
-        """Help, usage errors and other verbs go to the full CLI: the same output."""
+        """Help, usage errors, other verbs, a socket path over the OS limit and a socket
+        folder others may write go to the full CLI: the same output and exit code."""
         sock = str(tmp_path / "none.sock")
-        for argv in (["status", "--js", "--socket", sock], ["status", "Bad"], ["--version"]):
-            same(argv, env)
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        shared.chmod(0o777)
+        for argv, code in (
+            (["status", "--js", "--socket", sock], 4),  # argparse reads --json: no daemon
+            (["status", "Bad"], 4),
+            (["--version"], 0),
+            (["status", "--socket", "/tmp/" + "x" * 120], 4),
+            (["status", "--socket", str(shared / "s.sock")], 4),
+        ):
+            result = same(argv, env)
+            assert result[0] == code, (argv, result)
+        assert b"chmod 700" in same(["status", "--socket", str(shared / "s.sock")], env)[2]
 
 
 def test_a_fast_status_imports_only_what_it_uses(d: DaemonProcess, env: dict[str, str]) -> None:
@@ -532,6 +544,7 @@ def test_a_fast_status_imports_only_what_it_uses(d: DaemonProcess, env: dict[str
     new = set(eval(last.split(" ", 1)[1]))
     allowed = {
         "supervisor",
+        "__future__",
         "supervisor.cli_status",
         "supervisor.cli_jobs",
         "json",
