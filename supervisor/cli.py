@@ -5,13 +5,13 @@ target state, a rejected reload); 2 a usage mistake; 3 ``status``: some
 service not running (LSB ``status`` convention); 4 no daemon answers, or an
 unknown service name.
 
-Start-up time matters (``hostvisor status`` is run by scripts and prompts), so
-this module imports only the standard library, :mod:`supervisor.paths` and the
-light control client at module level. The daemon, the config loader and the
-installer are imported by the verbs that need them. On a terminal the status
-table is printed through ``rich`` (imported only then, ~35 ms); piped to a
-script it is plain aligned text with no escape codes, which keeps ``hostvisor
-status`` within its 100 ms budget (bench/bench_status.py).
+Start-up time matters (``hostvisor status`` is run by scripts and prompts): the
+console script is :func:`supervisor.cli_status.main`, which answers ``status`` itself
+without this module (issue 14) and hands every other command line here. This module
+imports the standard library, :mod:`supervisor.paths`, :mod:`supervisor.errors` and the
+argument helpers at module level; the control client is imported when a verb talks to
+the daemon, and the daemon, the config loader, the installer and rich (the coloured
+table, ~40 ms) by the verbs that need them.
 """
 
 from __future__ import annotations

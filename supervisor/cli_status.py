@@ -1,26 +1,27 @@
 """The ``hostvisor`` console script, with a fast path for ``hostvisor status`` (issue 14).
 
 ``hostvisor status`` is what scripts and prompts run, so its whole process counts: on
-this machine the interpreter alone takes about 19 ms, and building the full argparse
-CLI, the control client and its method table cost another 45 ms. :func:`main` first
-tries :func:`fast_status`, which understands a strict subset of the command lines
-that argparse accepts for ``status`` and needs only ``os``, ``sys``, ``json`` and
-``_socket``; for anything else (another verb, ``--help``, an abbreviated option, a
-name that cannot be a service's, ``--format markdown``, a socket folder that is not
-safe, a path over the OS limit) it defers,
-before it has sent anything, to :func:`supervisor.cli.main`, so that errors, help and
-every other verb behave exactly as they do there. Its output and exit codes are the
-full CLI's, byte for byte (``tests/test_cli_status.py`` compares them).
+this machine the interpreter alone takes about 19 ms (9 ms without setuptools'
+editable-install finder), and the full CLI's imports (argparse, the control client and
+its method table, dataclasses through :mod:`supervisor.errors`) cost another 25 ms.
+:func:`main` first tries :func:`fast_status`, which understands a strict subset of the
+command lines that argparse accepts for ``status`` and needs only ``os``, ``sys``,
+``json`` and ``_socket``. For anything else (another verb, ``--help``, an abbreviated
+option, a name that cannot be a service's, ``--format markdown``, a socket folder that
+is not safe, a path over the OS limit) it defers, before it has sent anything, to
+:func:`supervisor.cli.execute`, so that errors, help and every other verb behave
+exactly as they do there. Its output and exit codes are the full CLI's, byte for byte
+(``tests/test_cli_status.py`` compares them, piped and on a terminal).
 
-The status table is laid out here too, plain (:func:`plain_table`) and, on a terminal,
-coloured through rich (:func:`rich_table`, which imports rich, ~40 ms); ``supervisor.cli``
-imports both.
+The status table is laid out here, plain (:func:`plain_table`) and, on a terminal,
+coloured through rich (:func:`rich_table`, which imports rich, ~40 ms);
+``supervisor.cli`` uses both.
 
 Import cost is the point of this module: no ``typing``, ``pathlib``, ``argparse``,
-``socket`` (``_socket`` is enough), ``tomllib`` (a strict reader of the simple TOML
-that config files hold finds ``[daemon] socket``, and hands anything else to tomllib),
-``dataclasses`` or :mod:`supervisor.errors` at import; those are loaded only on the
-paths that need them.
+``socket`` (``_socket`` is enough), ``tomllib`` (:mod:`supervisor.toml_subset` reads
+``[daemon] socket`` from a simple config and hands anything else to tomllib),
+``dataclasses`` or :mod:`supervisor.errors`; those are loaded only on the paths that
+need them (an error answered by the daemon, a config outside the subset).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from json.encoder import encode_basestring_ascii as _text
 
 from supervisor.cli_jobs import JOB_COLUMNS, duration_text, fine, is_job, job_cells
 
@@ -37,7 +37,23 @@ if TYPE_CHECKING:  # no runtime import of typing: it costs ~2 ms
     from collections.abc import Sequence
     from typing import Any, NoReturn
 
-__all__ = ["COLUMNS", "fast_status", "last_exit_text", "main", "plain_table", "row_cells"]
+__all__ = [
+    "COLUMNS",
+    "StatusArgs",
+    "colour",
+    "config_path",
+    "fast_status",
+    "last_exit_text",
+    "main",
+    "parse_status",
+    "plain_table",
+    "query",
+    "rich_table",
+    "row_cells",
+    "run",
+    "socket_path",
+    "status_rows",
+]
 
 #: The status table's columns (contract section 7).
 COLUMNS = ("NAME", "KIND", "STATE", "HEALTH", "PID", "UPTIME", "RESTARTS", "LAST-EXIT")
@@ -147,64 +163,6 @@ def status_rows(services: list[dict[str, Any]]) -> tuple[list[list[str]], tuple[
 def table_text(services: list[dict[str, Any]]) -> str:
     """The plain table of ``hostvisor status``."""
     return plain_table(*status_rows(services))
-
-
-# --------------------------------------------------------------------------- JSON output
-
-
-def _float_text(value: float) -> str:
-    if value != value:  # noqa: PLR0124 (NaN)
-        return "NaN"
-    if value in (float("inf"), float("-inf")):
-        return "Infinity" if value > 0 else "-Infinity"
-    return float.__repr__(value)
-
-
-def indented_json(value: Any, pad: str = "") -> str:
-    """``json.dumps(value, indent=2)`` of a value that ``json.loads`` returned, byte for
-    byte, in about 60 % of its time (3.11's C encoder cannot indent; the pure-Python
-    one is a generator per level). ``--json`` of 1,000 services: 5.6 ms, not 9.3."""
-    text = _text
-    kind = type(value)
-    if kind is str:
-        return text(value)
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if kind is int:
-        return int.__repr__(value)
-    if kind is float:
-        return _float_text(value)
-    inner = pad + "  "
-    if kind is dict:
-        if not value:
-            return "{}"
-        parts = []
-        for key, item in value.items():
-            of = type(item)
-            if of is str:
-                cell = text(item)
-            elif item is None:
-                cell = "null"
-            elif of is int:
-                cell = int.__repr__(item)
-            elif item is True:
-                cell = "true"
-            elif item is False:
-                cell = "false"
-            else:
-                cell = indented_json(item, inner)
-            parts.append(f"{text(key)}: {cell}")
-        return "{\n" + inner + (",\n" + inner).join(parts) + "\n" + pad + "}"
-    if kind is list:
-        if not value:
-            return "[]"
-        items = [indented_json(item, inner) for item in value]
-        return "[\n" + inner + (",\n" + inner).join(items) + "\n" + pad + "]"
-    return json.dumps(value, indent=2)  # not from json.loads: let json say what it is
 
 
 # --------------------------------------------------------------------------- the command line
@@ -382,11 +340,14 @@ def configured_socket(config: str) -> str | None:
     """``[daemon] socket`` of ``config``, expanded; None if unset or unreadable.
 
     As ``supervisor.cli._configured_socket``, whose answer this must be: the file is
-    read with :func:`simple_toml` and, when that is not sure, with tomllib.
+    read with :func:`supervisor.toml_subset.simple_toml` and, when that is not sure,
+    with tomllib.
     """
     try:
         with open(config, "rb") as file:
             data = file.read()
+        from supervisor.toml_subset import simple_toml
+
         doc = simple_toml(data)
         if doc is None:
             import tomllib
@@ -399,128 +360,6 @@ def configured_socket(config: str) -> str | None:
         return None
     text = os.path.expandvars(os.path.expanduser(raw))
     return os.path.abspath(os.path.join(os.path.dirname(config), text))
-
-
-class _Unsure(Exception):
-    """Outside the TOML subset :func:`simple_toml` reads: tomllib decides."""
-
-
-_TOML: Any = None
-
-
-def _toml_patterns() -> Any:
-    """The subset's tokens, compiled on first use (``re`` is loaded by ``json`` anyway)."""
-    global _TOML
-    if _TOML is None:
-        import re
-
-        _TOML = {
-            "ws": re.compile(r"[ \t]*"),
-            "key": re.compile(r"[A-Za-z0-9_-]+"),
-            "basic": re.compile(r'"[^"\\\x00-\x08\x0a-\x1f\x7f]*"'),
-            "literal": re.compile(r"'[^'\x00-\x08\x0a-\x1f\x7f]*'"),
-            # Decimal only: no sign "+", no "_", no exponent, no leading zero (tomllib's
-            # own errors and the rarer forms are left to it).
-            "number": re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?(?![0-9A-Za-z_.:+-])"),
-            "word": re.compile(r"(?:true|false)(?![0-9A-Za-z_-])"),
-            "end": re.compile(r"[ \t]*(?:#[^\x00-\x08\x0a-\x1f\x7f]*)?"),
-        }
-    return _TOML
-
-
-def _toml_value(line: str, pos: int, depth: int = 0) -> tuple[Any, int]:
-    """The value at ``line[pos:]`` and the index after it; _Unsure outside the subset."""
-    t = _toml_patterns()
-    if depth > 16:
-        raise _Unsure
-    first = line[pos : pos + 1]
-    if first in ('"', "'"):
-        match = t["basic" if first == '"' else "literal"].match(line, pos)
-        if match is None or line.startswith(first * 3, pos):
-            raise _Unsure  # escapes, multi-line strings, a quote left open
-        return match.group()[1:-1], match.end()
-    if first in ("[", "{"):
-        close, pos = ("]" if first == "[" else "}"), pos + 1
-        items: list[Any] = []
-        table: dict[str, Any] = {}
-        while True:
-            pos = t["ws"].match(line, pos).end()
-            if line.startswith(close, pos) and (first == "[" or not table):
-                return (items if first == "[" else table), pos + 1
-            if first == "[":
-                value, pos = _toml_value(line, pos, depth + 1)
-                items.append(value)
-            else:
-                key = t["key"].match(line, pos)
-                if key is None or key.group() in table:
-                    raise _Unsure
-                pos = t["ws"].match(line, key.end()).end()
-                if not line.startswith("=", pos):
-                    raise _Unsure
-                pos = t["ws"].match(line, pos + 1).end()
-                table[key.group()], pos = _toml_value(line, pos, depth + 1)
-            pos = t["ws"].match(line, pos).end()
-            if line.startswith(",", pos):
-                pos += 1
-                if first == "{":  # a trailing comma is an error in an inline table
-                    pos = t["ws"].match(line, pos).end()
-                    if line.startswith("}", pos):
-                        raise _Unsure
-            elif line.startswith(close, pos):
-                return (items if first == "[" else table), pos + 1
-            else:
-                raise _Unsure
-    match = t["word"].match(line, pos)
-    if match is not None:
-        return match.group() == "true", match.end()
-    match = t["number"].match(line, pos)
-    if match is None:
-        raise _Unsure
-    text = match.group()
-    return (float(text) if match.group(1) else int(text)), match.end()
-
-
-def simple_toml(data: bytes) -> dict[str, Any] | None:
-    """``tomllib.loads(data.decode())`` for the simple TOML config files hold, or None
-    when ``data`` uses anything else (tomllib then decides, errors included).
-
-    Understood: ASCII, ``\\n`` line ends, comments, ``[table]`` headers with bare keys
-    (each table once), and ``key = value`` lines with a bare key (once per table; none
-    named like a table) whose value is a string without escapes, ``true``, ``false``,
-    a decimal integer or float, or an array or inline table of those on one line.
-    Never a different answer than tomllib (a hypothesis test holds it to that): the
-    example ``config.toml`` and the bench's are read in ~0.1 ms, where importing
-    tomllib costs ~6 ms.
-    """
-    if not data.isascii() or b"\r" in data:
-        return None
-    t = _toml_patterns()
-    root: dict[str, Any] = {}
-    table = root
-    try:
-        for line in data.decode("ascii").split("\n"):
-            pos = t["ws"].match(line).end()
-            if line.startswith("[", pos):
-                pos = t["ws"].match(line, pos + 1).end()
-                name = t["key"].match(line, pos)
-                if name is None or name.group() in root:
-                    return None  # [[array]], [a.b], a second [name] or a key named so
-                pos = t["ws"].match(line, name.end()).end()
-                if not line.startswith("]", pos):
-                    return None
-                table = root[name.group()] = {}
-                pos += 1
-            elif (key := t["key"].match(line, pos)) is not None:
-                pos = t["ws"].match(line, key.end()).end()
-                if not line.startswith("=", pos) or key.group() in table:
-                    return None
-                pos = t["ws"].match(line, pos + 1).end()
-                table[key.group()], pos = _toml_value(line, pos)
-            if t["end"].fullmatch(line, pos) is None:
-                return None
-    except _Unsure:
-        return None
-    return root
 
 
 # --------------------------------------------------------------------------- the query
@@ -691,6 +530,8 @@ def fast_status(argv: Sequence[str]) -> int | None:
         return _report(failure, args)
     services = doc.get("services", [])
     if args.json:
+        from supervisor.json_indent import indented_json
+
         sys.stdout.write(indented_json(doc) + "\n")
     elif colour(sys.stdout):
         rows, columns = status_rows(services)

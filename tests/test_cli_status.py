@@ -36,6 +36,8 @@ from hypothesis import strategies as st
 
 from supervisor import cli, cli_status
 from supervisor.errors import SocketPathError
+from supervisor.json_indent import indented_json
+from supervisor.toml_subset import simple_toml
 from tests.daemon_harness import PY, DaemonProcess, py_cmd
 from tests.test_cli import read_all
 
@@ -296,7 +298,7 @@ def test_simple_toml_is_tomllib_or_unsure(lines: list[str], newline: bool) -> No
     """The strict reader gives tomllib's document, or says it is not sure (None); it never
     accepts what tomllib rejects."""
     data = ("\n".join(lines) + ("\n" if newline else "")).encode()
-    mine = cli_status.simple_toml(data)
+    mine = simple_toml(data)
     if mine is None:
         return
     assert mine == tomllib.loads(data.decode()), data
@@ -306,9 +308,9 @@ def test_simple_toml_reads_the_configs_of_the_examples() -> None:
     """The repository's config.toml and the bench's are within the subset."""
     root = Path(__file__).resolve().parent.parent
     data = (root / "config.toml").read_bytes()
-    assert cli_status.simple_toml(data) == tomllib.loads(data.decode())
+    assert simple_toml(data) == tomllib.loads(data.decode())
     bench = b'[daemon]\nstate_dir = "/tmp/x/state"\nsocket = "/tmp/x.sock"\nlog_level = "warning"\n'
-    assert cli_status.simple_toml(bench) == tomllib.loads(bench.decode())
+    assert simple_toml(bench) == tomllib.loads(bench.decode())
 
 
 # ---------------------------------------------------------------- the JSON indenter
@@ -333,13 +335,13 @@ VALUES = st.recursive(
 @given(VALUES)
 def test_indented_json_is_json_dumps(value: Any) -> None:
     """Byte for byte ``json.dumps(value, indent=2)`` (NaN, infinities, non-ASCII, nesting)."""
-    assert cli_status.indented_json(value) == json.dumps(value, indent=2)
+    assert indented_json(value) == json.dumps(value, indent=2)
 
 
 def test_indented_json_of_a_status_document() -> None:
     doc = {"daemon": {"pid": 1, "uptime_seconds": 1.5}, "services": [{"a": [], "b": {}}]}
-    assert cli_status.indented_json(doc) == json.dumps(doc, indent=2)
-    assert cli_status.indented_json(math.nan) == "NaN"
+    assert indented_json(doc) == json.dumps(doc, indent=2)
+    assert indented_json(math.nan) == "NaN"
 
 
 # ---------------------------------------------------------------- whole processes
@@ -549,6 +551,7 @@ def test_a_fast_status_imports_only_what_it_uses(d: DaemonProcess, env: dict[str
         "__future__",
         "supervisor.cli_status",
         "supervisor.cli_jobs",
+        "supervisor.toml_subset",
         "json",
         "json.decoder",
         "json.scanner",
