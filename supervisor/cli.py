@@ -5,13 +5,13 @@ target state, a rejected reload); 2 a usage mistake; 3 ``status``: some
 service not running (LSB ``status`` convention); 4 no daemon answers, or an
 unknown service name.
 
-Start-up time matters (``hostvisor status`` is run by scripts and prompts), so
-this module imports only the standard library, :mod:`supervisor.paths` and the
-light control client at module level. The daemon, the config loader and the
-installer are imported by the verbs that need them. On a terminal the status
-table is printed through ``rich`` (imported only then, ~35 ms); piped to a
-script it is plain aligned text with no escape codes, which keeps ``hostvisor
-status`` within its 100 ms budget (bench/bench_status.py).
+Start-up time matters (``hostvisor status`` is run by scripts and prompts): the
+console script is :func:`supervisor.cli_status.main`, which answers ``status`` itself
+without this module (issue 14) and hands every other command line here. This module
+imports the standard library, :mod:`supervisor.paths`, :mod:`supervisor.errors` and the
+argument helpers at module level; the control client is imported when a verb talks to
+the daemon, and the daemon, the config loader, the installer and rich (the coloured
+table, ~40 ms) by the verbs that need them.
 """
 
 from __future__ import annotations
@@ -23,24 +23,23 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from supervisor import __version__
-from supervisor.cli_jobs import (
-    JOB_COLUMNS,
-    STYLES,
-    action_verdict,
-    duration_text,
-    fine,
-    is_job,
-    job_cells,
-)
+from supervisor.cli_jobs import JOB_COLUMNS, action_verdict, fine, is_job, job_cells
 from supervisor.cli_porting import add_export_arguments, add_import_arguments
 from supervisor.cli_porting import export_verb as _export
 from supervisor.cli_porting import import_verb as _import
 from supervisor.cli_signal import add_arguments as add_signal
 from supervisor.cli_signal import signal_verb
-from supervisor.control.client import ControlClient
+from supervisor.cli_status import (
+    COLUMNS,
+    colour,
+    last_exit_text,
+    plain_table,
+    rich_table,
+    row_cells,
+)
 from supervisor.errors import (
     ConfigError,
     ConfigRejected,
@@ -54,7 +53,10 @@ from supervisor.errors import (
 )
 from supervisor.paths import resolve_config_path, resolve_socket_path
 
-__all__ = ["execute", "main"]
+if TYPE_CHECKING:
+    from supervisor.control.client import ControlClient
+
+__all__ = ["client_failure", "execute", "main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -109,85 +111,18 @@ def _socket_path(args: argparse.Namespace) -> Path:
 # --------------------------------------------------------------------------- output
 
 
-def _last_exit(last: Any) -> str:
-    if not isinstance(last, dict):
-        return "-"
-    if last.get("unknown"):
-        return "unknown"
-    if last.get("signal") is not None:
-        import signal
-
-        try:
-            return signal.Signals(last["signal"]).name
-        except ValueError:
-            return f"signal {last['signal']}"
-    return "-" if last.get("code") is None else f"code {last['code']}"
-
-
-_COLUMNS = ("NAME", "KIND", "STATE", "HEALTH", "PID", "UPTIME", "RESTARTS", "LAST-EXIT")
-#: Columns aligned to the right.
-_RIGHT = frozenset({"PID", "RESTARTS"})
-
-
-def _row(entry: dict[str, Any]) -> list[str]:
-    pid = entry.get("pid")
-    container = entry.get("container_id")
-    health = entry.get("health") or "none"
-    return [
-        str(entry.get("name", "?")),
-        str(entry.get("kind", "?")),
-        str(entry.get("state", "?")),
-        "-" if health == "none" else str(health),
-        str(pid) if pid is not None else (str(container)[:12] if container else "-"),
-        duration_text(entry.get("uptime_seconds")),
-        str(entry.get("restarts", 0)),
-        _last_exit(entry.get("last_exit")),
-    ]
-
-
-def _colour(out: TextIO) -> bool:
-    """Colour only on a terminal, never with NO_COLOR set (no-color.org) or TERM=dumb."""
-    if os.environ.get("NO_COLOR", "") != "" or os.environ.get("TERM") == "dumb":
-        return False
-    return out.isatty()
-
-
-def _aligned(
-    row: Sequence[str], widths: Sequence[int], right: bool, columns: Sequence[str] = _COLUMNS
-) -> list[str]:
-    cells = []
-    for i, text in enumerate(row):
-        pad = " " * (widths[i] - len(text))
-        cells.append(pad + text if right and columns[i] in _RIGHT else text + pad)
-    return cells
+_last_exit = last_exit_text  # top_model imports it from here
+_row = row_cells
+_colour = colour
+_COLUMNS = COLUMNS
 
 
 def _print_table(rows: list[list[str]], out: TextIO, columns: Sequence[str] = _COLUMNS) -> None:
-    """A coloured table through rich on a terminal; plain aligned text otherwise.
-
-    Columns are aligned here, not by ``rich.table.Table``: laying out 200 rows with
-    it took ~115 ms, printing the same rows as styled ``Text`` ~2 ms.
-    """
-    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
+    """A coloured table through rich on a terminal; plain aligned text otherwise."""
     if not _colour(out):  # piped, NO_COLOR or TERM=dumb: no escape codes at all
-        for row in [list(columns), *rows]:
-            out.write("  ".join(_aligned(row, widths, False, columns)).rstrip() + "\n")
+        out.write(plain_table(rows, columns))
         return
-    from rich.console import Console
-    from rich.text import Text
-
-    text = Text()
-    text.append("  ".join(_aligned(columns, widths, True, columns)).rstrip(), style="bold")
-    for row in rows:
-        cells = _aligned(row, widths, True, columns)
-        cells[-1] = cells[-1].rstrip()
-        text.append("\n")
-        for i, cell in enumerate(cells):
-            text.append(cell, style=STYLES.get(row[i], "") if i in (2, 3) else "")
-            if i < len(cells) - 1:
-                text.append("  ")
-    console = Console(file=out, highlight=False, emoji=False, markup=False)
-    console.print(text, soft_wrap=True)
+    rich_table(rows, out, columns)
 
 
 def _event_line(event: dict[str, Any]) -> str:
@@ -336,21 +271,30 @@ def _with_client(verb: Callable[[argparse.Namespace, ControlClient], int]) -> Ca
         except SocketPathError as exc:
             _fail(str(exc))
             return EXIT_UNREACHABLE
+        from supervisor.control.client import ControlClient
+
         try:
             return verb(args, ControlClient(socket))
-        except DaemonUnreachable as exc:
-            hint = ""
-            if str(exc).startswith("no daemon at"):
-                hint = f" (start one with: hostvisor run -c {resolve_config_path(args.config)})"
-            _fail(f"{exc}{hint}")
-        except (UnknownService, PeerNotAllowed) as exc:
-            _fail(str(exc))
         except ControlError as exc:
-            _fail(f"the daemon answered: {exc} (error {exc.code})")
-            return EXIT_FAILED
-        return EXIT_UNREACHABLE
+            return client_failure(exc, args.config)
 
     return run
+
+
+def client_failure(exc: ControlError, config: str | None) -> int:
+    """Say why a call to the daemon failed (one line on stderr); the exit code: 4 for no
+    daemon, an unknown service or a refused peer, 1 for any other error it answered."""
+    if isinstance(exc, DaemonUnreachable):
+        hint = ""
+        if str(exc).startswith("no daemon at"):
+            hint = f" (start one with: hostvisor run -c {resolve_config_path(config)})"
+        _fail(f"{exc}{hint}")
+    elif isinstance(exc, UnknownService | PeerNotAllowed):
+        _fail(str(exc))
+    else:
+        _fail(f"the daemon answered: {exc} (error {exc.code})")
+        return EXIT_FAILED
+    return EXIT_UNREACHABLE
 
 
 # --------------------------------------------------------------------------- local verbs

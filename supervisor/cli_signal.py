@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from supervisor.control.client import ControlClient
 from supervisor.signals import SignalError, parse_signal, signal_name
+
+if TYPE_CHECKING:
+    from supervisor.control.client import ControlClient
 
 __all__ = ["add_arguments", "signal_verb"]
 

@@ -15,15 +15,18 @@ Where the socket is (``--socket``, ``$HOSTVISOR_SOCKET``, XDG) is
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import stat
 from collections.abc import Collection, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from supervisor.errors import SocketPathError
 from supervisor.paths import check_socket_path
+
+if TYPE_CHECKING:
+    import logging
 
 __all__ = [
     "bind_socket",
@@ -32,7 +35,13 @@ __all__ = [
     "unsafe_socket_folder",
 ]
 
-log = logging.getLogger(__name__)
+
+def _log() -> logging.Logger:
+    """This module's logger, imported on first use: only the daemon's ACL grants warn,
+    and ``logging`` costs the client ~3 ms at start-up (issue 14)."""
+    import logging
+
+    return logging.getLogger(__name__)
 
 
 def unsafe_socket_folder(path: Path) -> str | None:
@@ -213,7 +222,7 @@ def grant_socket_access(path: Path, uids: Collection[int]) -> bool:
         entries = ",".join([f"u::{own}", "g::-", "o::-", *(f"u:{uid}:{perm}" for uid in uids)])
         problem = _setfacl(target, entries)
         if problem is not None:
-            log.warning(
+            _log().warning(
                 "allow_uids %s cannot connect to the control socket %s: %s; "
                 "the folder stays 0700 and the socket 0600",
                 who,
@@ -223,7 +232,7 @@ def grant_socket_access(path: Path, uids: Collection[int]) -> bool:
             return False
     for parent in _blocking_parents(path.parent, uids):
         mode = stat.S_IMODE(parent.stat().st_mode)
-        log.warning(
+        _log().warning(
             "allow_uids %s cannot reach the control socket %s: its parent folder %s "
             "(mode %04o) does not let them through; set [daemon] socket to a path in a "
             "folder they can search (for example /tmp/hostvisor-shared/hostvisor.sock)",
