@@ -5,8 +5,7 @@ bytes on stdout and stderr and the same exit code, or it must defer to it. Check
 here three ways:
 
 - its parts against what they replace, on generated inputs: the argv parser against
-  argparse, the socket path against ``supervisor.paths``, the TOML reader against
-  tomllib, the JSON indenter against ``json.dumps(indent=2)``;
+  argparse, the socket path against ``supervisor.paths``;
 - whole processes, ``python -m supervisor status ...`` (the fast path) against
   ``supervisor.cli.main`` (the full one), against a real daemon seen through a
   recording proxy, so that both get the very same answer bytes for the same request;
@@ -17,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import math
 import os
 import pty
 import socket
 import subprocess
 import threading
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,8 +32,6 @@ from hypothesis import strategies as st
 
 from supervisor import cli, cli_status
 from supervisor.errors import SocketPathError
-from supervisor.json_indent import indented_json
-from supervisor.toml_subset import simple_toml
 from tests.daemon_harness import PY, DaemonProcess, py_cmd
 from tests.test_cli import read_all
 
@@ -215,133 +209,6 @@ def test_socket_from_a_config_file(tmp_path: Path) -> None:
         with mock.patch.dict(os.environ, {"XDG_RUNTIME_DIR": str(tmp_path / "rt")}):
             os.environ.pop("HOSTVISOR_SOCKET", None)
             assert cli_status.socket_path(args) == full_socket(args), text
-
-
-# ---------------------------------------------------------------- the TOML reader
-
-LINES = st.sampled_from(
-    [
-        "[daemon]",
-        "[ telemetry ]",
-        "[daemon.x]",
-        "[[daemon]]",
-        'socket = "/tmp/s.sock"',
-        "socket = '/tmp/s.sock'",
-        'socket = "a\\"b"',
-        'socket = """x"""',
-        "socket = ''",
-        "socket=1",
-        "socket = -0",
-        "socket = 01",
-        "socket = 1_000",
-        "socket = +1",
-        "socket = 1.5",
-        "socket = true",
-        "socket = True",
-        "allow_uids = []",
-        "allow_uids = [1000, 1001,]",
-        "allow_uids = [,]",
-        'allow_uids = ["a"]',
-        "allow_uids = [1, [2]]",
-        "daemon = 1",
-        "a.b = 1",
-        '"q" = 1',
-        "x = { a = 1 }",
-        "# a comment",
-        "   ",
-        "\t",
-        "key = 'v' # trailing",
-        "key = 'v' junk",
-        "=",
-        "k =",
-        "é = 1",
-        "k = 'é'",
-        "k = '\x01'",
-        "k = 1\r",
-        'x = { a = 1, b = "c" }',
-        "x = {}",
-        "x = { }",
-        "x = { a = 1, }",
-        "x = { a = 1, a = 2 }",
-        "x = {a=1}{",
-        "x = { a.b = 1 }",
-        "x = 2.0",
-        "x = 0.1",
-        "x = -0.0",
-        "x = 1.",
-        "x = .5",
-        "x = 1.5e3",
-        "x = 1e3",
-        "x = inf",
-        "x = nan",
-        'x = [1, "a", [2.5], {b = true}]',
-        "x = [ ]",
-        "x = [1 2]",
-        "x = [1,,2]",
-        "x = 1#c",
-        "x = truex",
-        "x = 1a",
-        "x = 00",
-        "x = 1979-05-27",
-        "x = 07:32:00",
-        "x = 1:00",
-        "x = -",
-        'backoff = { initial = "1s", max = "30s", multiplier = 2.0, jitter = 0.1 }',
-    ]
-)
-TEXT = st.text(alphabet="[]{}=#\"' \tabk01-_.,:e\\\n", max_size=16)
-
-
-@settings(max_examples=1500, deadline=None)
-@given(st.lists(LINES | TEXT, max_size=8), st.booleans())
-def test_simple_toml_is_tomllib_or_unsure(lines: list[str], newline: bool) -> None:
-    """The strict reader gives tomllib's document, or says it is not sure (None); it never
-    accepts what tomllib rejects."""
-    data = ("\n".join(lines) + ("\n" if newline else "")).encode()
-    mine = simple_toml(data)
-    if mine is None:
-        return
-    assert mine == tomllib.loads(data.decode()), data
-
-
-def test_simple_toml_reads_the_configs_of_the_examples() -> None:
-    """The repository's config.toml and the bench's are within the subset."""
-    root = Path(__file__).resolve().parent.parent
-    data = (root / "config.toml").read_bytes()
-    assert simple_toml(data) == tomllib.loads(data.decode())
-    bench = b'[daemon]\nstate_dir = "/tmp/x/state"\nsocket = "/tmp/x.sock"\nlog_level = "warning"\n'
-    assert simple_toml(bench) == tomllib.loads(bench.decode())
-
-
-# ---------------------------------------------------------------- the JSON indenter
-
-SCALARS = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text()
-)
-VALUES = st.recursive(
-    SCALARS,
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
-    ),
-    max_leaves=30,
-)
-
-
-@settings(max_examples=500, deadline=None)
-@given(VALUES)
-def test_indented_json_is_json_dumps(value: Any) -> None:
-    """Byte for byte ``json.dumps(value, indent=2)`` (NaN, infinities, non-ASCII, nesting)."""
-    assert indented_json(value) == json.dumps(value, indent=2)
-
-
-def test_indented_json_of_a_status_document() -> None:
-    doc = {"daemon": {"pid": 1, "uptime_seconds": 1.5}, "services": [{"a": [], "b": {}}]}
-    assert indented_json(doc) == json.dumps(doc, indent=2)
-    assert indented_json(math.nan) == "NaN"
 
 
 # ---------------------------------------------------------------- whole processes
@@ -531,7 +398,7 @@ class TestAgainstTheFullCli:
 
 
 def test_a_fast_status_imports_only_what_it_uses(d: DaemonProcess, env: dict[str, str]) -> None:
-    """No argparse, pathlib, typing, tomllib, dataclasses, socket, the full CLI, the errors
+    """No argparse, pathlib, dataclasses, socket, the full CLI, the errors
     or the control package: json, _socket and the fast path's own modules only."""
     start_daemon(d, {"web": UNITS["web"], "api": UNITS["api"]})
     code = (
@@ -551,7 +418,21 @@ def test_a_fast_status_imports_only_what_it_uses(d: DaemonProcess, env: dict[str
         "__future__",
         "supervisor.cli_status",
         "supervisor.cli_jobs",
-        "supervisor.toml_subset",
+        "tomllib",
+        "tomllib._parser",
+        "tomllib._re",
+        "tomllib._types",
+        "typing",
+        "_typing",
+        "typing.io",
+        "typing.re",
+        "collections.abc",
+        "string",
+        "_string",
+        "datetime",
+        "_datetime",
+        "math",
+        "types",
         "json",
         "json.decoder",
         "json.scanner",
@@ -569,7 +450,6 @@ def test_a_fast_status_imports_only_what_it_uses(d: DaemonProcess, env: dict[str
         "_sre",
         "copyreg",
         "functools",
-        "types",
         "operator",
         "_operator",
         "keyword",
