@@ -316,6 +316,28 @@ class Daemon(ReloadMixin, TakeoverMixin, JobsMixin, ResourcesMixin):
         finally:
             done.set()
 
+    def _launch_all(self, tg: TaskGroup, supervisors: Sequence[Supervisor]) -> None:
+        """Start the supervision task of each of ``supervisors`` in ``tg``, all in one go.
+
+        ``start_soon``, not one ``await tg.start`` each: the tasks then run in the same
+        pass of the event loop, so 1,000 spawns do not wait for 1,000 loop round trips,
+        and their fd keeper registrations leave in one message per 250 descriptors.
+        Each one's cancel scope and done event exist before this returns.
+        """
+        for sup in supervisors:
+            scope = self._scopes[sup.name] = anyio.CancelScope()
+            done = self._done[sup.name] = anyio.Event()
+            tg.start_soon(self._supervise_in, sup, scope, done)
+
+    async def _supervise_in(
+        self, sup: Supervisor, scope: anyio.CancelScope, done: anyio.Event
+    ) -> None:
+        try:
+            with scope:
+                await sup.run()
+        finally:
+            done.set()
+
     def _supervisor_crashed(self, service: str, message: str, exc: BaseException) -> None:
         """A bug in one supervisor was caught (it restarts itself): the traceback goes to
         the daemon log (redacted), once per crash."""
@@ -522,8 +544,7 @@ class Daemon(ReloadMixin, TakeoverMixin, JobsMixin, ResourcesMixin):
             message=f"hostvisor {__version__} started, {len(supervisors)} services",
             attributes={"process.pid": os.getpid(), "hostvisor.config": str(spec.config_path)},
         )
-        for sup in supervisors:
-            await tg.start(self._run_supervisor, sup)
+        self._launch_all(tg, supervisors)
         answer_reexec(self)
         self.resumed = None
         tg.start_soon(keep_state_file, self)
