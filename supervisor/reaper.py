@@ -31,7 +31,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import anyio
 import anyio.from_thread
@@ -376,7 +376,7 @@ def scan_marked(scope: str) -> dict[str, list[psutil.Process]]:
     by its ``HOSTVISOR_SERVICE`` value (one pass over ``/proc``; blocking)."""
     found: dict[str, list[psutil.Process]] = {}
     uid, me = os.getuid(), os.getpid()
-    for proc in psutil.process_iter():
+    for proc in _maybe_marked(scope):
         if proc.pid == me:
             continue
         with contextlib.suppress(psutil.Error, OSError):
@@ -387,6 +387,45 @@ def scan_marked(scope: str) -> dict[str, list[psutil.Process]]:
             if name and env.get("HOSTVISOR_STATE_DIR") == scope and proc.status() != "zombie":
                 found.setdefault(name, []).append(proc)
     return found
+
+
+def _maybe_marked(scope: str) -> Iterator[psutil.Process]:
+    """The processes whose raw ``/proc/PID/environ`` holds ``HOSTVISOR_STATE_DIR=scope``
+    (a superset of the marked ones: the caller still checks the parsed environment);
+    every process where there is no ``/proc``. The raw read costs ~6 µs a process, a
+    ``psutil`` environment ~30 µs: with 2,000 processes on the host, 14 ms against 70 ms
+    before the first spawn of a start-up."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        names = []
+    if not names:
+        yield from psutil.process_iter()
+        return
+    needle = b"HOSTVISOR_STATE_DIR=" + os.fsencode(scope)
+    for name in names:
+        if not name.isdigit():
+            continue
+        if needle in _read_environ(name):
+            with contextlib.suppress(psutil.Error):
+                yield psutil.Process(int(name))
+
+
+def _read_environ(pid: str) -> bytes:
+    """``/proc/<pid>/environ`` whole; b"" when it cannot be read (gone, not ours)."""
+    try:
+        fd = os.open(f"/proc/{pid}/environ", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    chunks = []
+    try:
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 
 
 def waitpid_blocking(pid: int) -> int | None:

@@ -542,3 +542,32 @@ def test_child_pids_lists_every_child_past_one_page() -> None:
             c.kill()
         for c in children:
             c.wait()
+
+
+def test_scan_marked_finds_exactly_the_processes_of_its_scope(tmp_path: Path) -> None:
+    """The raw /proc pre-filter keeps the parsed check: a scope that merely starts with
+    ours, another service marker, and a process without markers are left out."""
+    import subprocess
+
+    from supervisor.reaper import scan_marked
+
+    scope = str(tmp_path / "state")
+    envs = {
+        "mine": {"HOSTVISOR_SERVICE": "web", "HOSTVISOR_STATE_DIR": scope},
+        "longer": {"HOSTVISOR_SERVICE": "web", "HOSTVISOR_STATE_DIR": scope + "-other"},
+        "nameless": {"HOSTVISOR_STATE_DIR": scope},
+        "plain": {},
+    }
+    procs = {
+        what: subprocess.Popen(["sleep", "60"], env={"PATH": os.environ["PATH"], **env})
+        for what, env in envs.items()
+    }
+    try:
+        found = scan_marked(scope)
+        assert {name: [p.pid for p in ps] for name, ps in found.items()} == {
+            "web": [procs["mine"].pid]
+        }
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
