@@ -117,6 +117,8 @@ class Daemon(ReloadMixin, TakeoverMixin, JobsMixin, ResourcesMixin):
         self.resumed = resumed
         self.listen_sock = listener
         self.fdstore: Any = None
+        #: Set once the fd keeper is connected (or found unavailable): ``fdstore`` is final.
+        self.keeper_ready = anyio.Event()
         self.notifier: Any = None
         self.started_wall = time.time()
         self._done: dict[str, anyio.Event] = {}
@@ -316,28 +318,6 @@ class Daemon(ReloadMixin, TakeoverMixin, JobsMixin, ResourcesMixin):
         finally:
             done.set()
 
-    def _launch_all(self, tg: TaskGroup, supervisors: Sequence[Supervisor]) -> None:
-        """Start the supervision task of each of ``supervisors`` in ``tg``, all in one go.
-
-        ``start_soon``, not one ``await tg.start`` each: the tasks then run in the same
-        pass of the event loop, so 1,000 spawns do not wait for 1,000 loop round trips,
-        and their fd keeper registrations leave in one message per 250 descriptors.
-        Each one's cancel scope and done event exist before this returns.
-        """
-        for sup in supervisors:
-            scope = self._scopes[sup.name] = anyio.CancelScope()
-            done = self._done[sup.name] = anyio.Event()
-            tg.start_soon(self._supervise_in, sup, scope, done)
-
-    async def _supervise_in(
-        self, sup: Supervisor, scope: anyio.CancelScope, done: anyio.Event
-    ) -> None:
-        try:
-            with scope:
-                await sup.run()
-        finally:
-            done.set()
-
     def _supervisor_crashed(self, service: str, message: str, exc: BaseException) -> None:
         """A bug in one supervisor was caught (it restarts itself): the traceback goes to
         the daemon log (redacted), once per crash."""
@@ -464,7 +444,7 @@ class Daemon(ReloadMixin, TakeoverMixin, JobsMixin, ResourcesMixin):
                 # Subreaper on Linux; elsewhere the reaper still reaps our own untracked children.
                 self.reaper.enable_subreaper()
                 await tg.start(self.reaper.run)
-                await anyio.to_thread.run_sync(self._open_fdstore)
+                tg.start_soon(self._open_keeper)  # take_over waits for it
                 async with open_telemetry(
                     spec.telemetry, bus=self.bus, snapshot=self.snapshot, version=__version__
                 ) as telemetry:
@@ -603,13 +583,6 @@ class Daemon(ReloadMixin, TakeoverMixin, JobsMixin, ResourcesMixin):
             notifier.status(summary(sup.state for sup in self.supervisors.values()))
             await self.changed.wait()
             await anyio.sleep(0.05)  # coalesce bursts of changes into one STATUS datagram
-
-
-def _command_of(sup: Supervisor, verb: str, resume: bool) -> Any:
-    """``sup.command_<verb>``; for ``start --all``, a job's ``command_resume``."""
-    if resume and hasattr(sup, "command_resume"):
-        return sup.command_resume
-    return getattr(sup, f"command_{verb}")
 
 
 def user_mistake(exc: BaseException) -> HostvisorError | None:

@@ -64,6 +64,7 @@ async def take_over(daemon: Daemon, supervisors: Iterable[Supervisor], tg: TaskG
     """Restore and resume (re-exec) or adopt (crash) before the supervisors run."""
     sups = {sup.name: sup for sup in supervisors}
     if daemon.resumed is not None:
+        await daemon.keeper_ready.wait()
         _resume_all(daemon, daemon.resumed, sups, tg)
         return
     try:
@@ -71,11 +72,18 @@ async def take_over(daemon: Daemon, supervisors: Iterable[Supervisor], tg: TaskG
     except StateFileError as exc:
         daemon.log_line("error", f"{exc}; processes with our marker follow [daemon] orphans")
         state = None
-    kept = _take_kept(daemon)
+    found: list[Candidate] = []
+
+    async def scan_proc() -> None:
+        found.extend(await anyio.to_thread.run_sync(scan, daemon.process_driver.scope))
+
+    # The /proc scan (~15 ms, more on a busy host) runs while the fd keeper starts.
+    async with anyio.create_task_group() as both:
+        both.start_soon(scan_proc)
+        await daemon.keeper_ready.wait()
+        kept = _take_kept(daemon)
     skip = {daemon.fdstore.pid} if daemon.fdstore is not None and daemon.fdstore.pid else set()
-    candidates = await anyio.to_thread.run_sync(
-        lambda: scan(daemon.process_driver.scope, skip=skip)
-    )
+    candidates = [cand for cand in found if cand.pid not in skip]
     # A job's run left by a crashed daemon is stopped, not adopted: its outcome cannot be
     # known, and catch_up decides whether the job runs again.
     units = {n: "job" if s.is_job else s.kind for n, s in daemon.loaded.services.items()}
