@@ -92,6 +92,8 @@ class Daemon(ReloadMixin, TakeoverMixin, JobsMixin, ResourcesMixin):
         self.bus = EventBus(redactor=self.redactor)
         self.loghub = LogHub()
         self.changed = Broadcast()
+        #: Supervisors that fired ``changed`` since the state file's last snapshot.
+        self.changed_names: set[str] = set()
         self.reaper = Reaper()
         #: service name -> lines its drains dropped (full disk...), kept across instances.
         self.log_drops: dict[str, LogDrops] = {}
@@ -292,6 +294,7 @@ class Daemon(ReloadMixin, TakeoverMixin, JobsMixin, ResourcesMixin):
                 sup.message = _DOCKER_DOWN
             elif sup.message == _DOCKER_DOWN:
                 sup.message = ""
+            self.changed_names.add(sup.name)  # its state-file record changed too
         self.changed.fire()
 
     async def _launch(self, spec: ServiceSpec) -> None:
