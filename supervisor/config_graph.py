@@ -5,7 +5,6 @@ reported once, on the unit that declares it (:mod:`supervisor.config` collects t
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Iterator, Mapping
 
 from supervisor.config_values import IssueSink
@@ -33,6 +32,8 @@ def check_dependencies(graph: Mapping[str, tuple[IssueSink, Mapping[str, object]
     for sink, deps in graph.values():
         for dep in deps:
             if dep not in graph:
+                import difflib  # only for a mistake's message
+
                 close = difflib.get_close_matches(dep, list(graph), n=1)
                 hint = f' (did you mean "{close[0]}"?)' if close else ""
                 sink.add(("depends_on",), f'unknown service "{dep}"{hint}')

@@ -40,7 +40,6 @@ import out of the daemon.
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import re
@@ -489,6 +488,8 @@ class TableReader:
 
 
 def _unknown_key(key: str, known: Collection[str]) -> str:
+    import difflib  # only for a mistake's message
+
     close = difflib.get_close_matches(key, list(known), n=1)
     if close:
         return f'unknown key (did you mean "{close[0]}"?)'

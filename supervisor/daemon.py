@@ -92,6 +92,8 @@ class Daemon(ReloadMixin, TakeoverMixin, JobsMixin, ResourcesMixin):
         self.bus = EventBus(redactor=self.redactor)
         self.loghub = LogHub()
         self.changed = Broadcast()
+        #: Supervisors that fired ``changed`` since the state file's last snapshot.
+        self.changed_names: set[str] = set()
         self.reaper = Reaper()
         #: service name -> lines its drains dropped (full disk...), kept across instances.
         self.log_drops: dict[str, LogDrops] = {}
@@ -117,6 +119,8 @@ class Daemon(ReloadMixin, TakeoverMixin, JobsMixin, ResourcesMixin):
         self.resumed = resumed
         self.listen_sock = listener
         self.fdstore: Any = None
+        #: Set once the fd keeper is connected (or found unavailable): ``fdstore`` is final.
+        self.keeper_ready = anyio.Event()
         self.notifier: Any = None
         self.started_wall = time.time()
         self._done: dict[str, anyio.Event] = {}
@@ -290,6 +294,7 @@ class Daemon(ReloadMixin, TakeoverMixin, JobsMixin, ResourcesMixin):
                 sup.message = _DOCKER_DOWN
             elif sup.message == _DOCKER_DOWN:
                 sup.message = ""
+            self.changed_names.add(sup.name)  # its state-file record changed too
         self.changed.fire()
 
     async def _launch(self, spec: ServiceSpec) -> None:
@@ -442,7 +447,7 @@ class Daemon(ReloadMixin, TakeoverMixin, JobsMixin, ResourcesMixin):
                 # Subreaper on Linux; elsewhere the reaper still reaps our own untracked children.
                 self.reaper.enable_subreaper()
                 await tg.start(self.reaper.run)
-                await anyio.to_thread.run_sync(self._open_fdstore)
+                tg.start_soon(self._open_keeper)  # take_over waits for it
                 async with open_telemetry(
                     spec.telemetry, bus=self.bus, snapshot=self.snapshot, version=__version__
                 ) as telemetry:
@@ -522,8 +527,7 @@ class Daemon(ReloadMixin, TakeoverMixin, JobsMixin, ResourcesMixin):
             message=f"hostvisor {__version__} started, {len(supervisors)} services",
             attributes={"process.pid": os.getpid(), "hostvisor.config": str(spec.config_path)},
         )
-        for sup in supervisors:
-            await tg.start(self._run_supervisor, sup)
+        self._launch_all(tg, supervisors)
         answer_reexec(self)
         self.resumed = None
         tg.start_soon(keep_state_file, self)
@@ -582,13 +586,6 @@ class Daemon(ReloadMixin, TakeoverMixin, JobsMixin, ResourcesMixin):
             notifier.status(summary(sup.state for sup in self.supervisors.values()))
             await self.changed.wait()
             await anyio.sleep(0.05)  # coalesce bursts of changes into one STATUS datagram
-
-
-def _command_of(sup: Supervisor, verb: str, resume: bool) -> Any:
-    """``sup.command_<verb>``; for ``start --all``, a job's ``command_resume``."""
-    if resume and hasattr(sup, "command_resume"):
-        return sup.command_resume
-    return getattr(sup, f"command_{verb}")
 
 
 def user_mistake(exc: BaseException) -> HostvisorError | None:

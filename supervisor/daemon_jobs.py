@@ -21,7 +21,26 @@ if TYPE_CHECKING:
     from supervisor.onfailure import FailureHooks
     from supervisor.supervising import Supervisor
 
-__all__ = ["JobsMixin"]
+__all__ = ["ChangeMark", "JobsMixin"]
+
+
+class ChangeMark(Broadcast):
+    """The daemon's shared ``changed`` broadcast as one supervisor holds it: a fire also
+    adds the supervisor's name to ``marks`` (``Daemon.changed_names``), so that the
+    state-file writer snapshots only the supervisors that changed."""
+
+    def __init__(self, shared: Broadcast, marks: set[str], name: str) -> None:
+        # No event of its own: waiting and firing are the shared broadcast's.
+        self._shared, self._marks, self._name = shared, marks, name
+
+    def fire(self) -> None:
+        """Mark this supervisor changed and wake every waiter of the shared broadcast."""
+        self._marks.add(self._name)
+        self._shared.fire()
+
+    async def wait(self) -> None:
+        """Return at the next fire of the shared broadcast (any supervisor's)."""
+        await self._shared.wait()
 
 
 class JobsMixin:
@@ -31,6 +50,7 @@ class JobsMixin:
     state_dir: Path
     bus: EventBus
     changed: Broadcast
+    changed_names: set[str]
     process_driver: ProcessDriver
     supervisors: dict[str, Supervisor]
     _tg: TaskGroup | None
@@ -92,7 +112,7 @@ class JobsMixin:
             "driver": self._driver_for(spec),
             "bus": self.bus,
             "peers": self.supervisors.get,
-            "changed": self.changed,
+            "changed": ChangeMark(self.changed, self.changed_names, spec.name),
             "run_command": self.process_driver.run_command,
             "rng": self._rng,
             "on_probe": self._on_probe,

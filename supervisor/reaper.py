@@ -31,7 +31,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import anyio
 import anyio.from_thread
@@ -116,6 +116,8 @@ class Reaper:
 
     def __init__(self) -> None:
         self._tracked: set[int] = set()
+        #: The tracked zombie that hid the others from the last peek (see :meth:`reap`).
+        self._blocked_by: int | None = None
         self._reaped = anyio.Event()
         self.reaped_count = 0
         self.subreaper = False
@@ -154,8 +156,13 @@ class Reaper:
         self._tracked.add(pid)
 
     def untrack(self, pid: int) -> None:
-        """Forget ``pid`` (call after reaping it)."""
+        """Forget ``pid`` (call after reaping it). If a tracked zombie hid other zombies
+        from the last reap, reap again now (and wake the waiters if that reaped any)."""
         self._tracked.discard(pid)
+        if self._blocked_by is not None:
+            self._blocked_by = None
+            if self.reap():
+                self._notify()
 
     def is_tracked(self, pid: int) -> bool:
         """True while ``pid`` is tracked."""
@@ -174,7 +181,9 @@ class Reaper:
         await self._reaped.wait()
 
     def reap(self) -> list[tuple[int, int]]:
-        """Reap every untracked zombie child now; never blocks.
+        """Reap every untracked zombie child now; never blocks. Those hidden behind a
+        tracked zombie (``waitid`` shows one at a time) are reaped once it is untracked,
+        or by the next call that finds the same tracked zombie still there.
 
         Returns:
             ``(pid, wait status)`` of each child reaped.
@@ -187,10 +196,16 @@ class Reaper:
             except ChildProcessError:
                 peek = None
             if peek is None or peek.si_pid == 0:  # macOS fills in a zero pid
+                self._blocked_by = None
                 break
             if peek.si_pid in self._tracked:
-                # A tracked zombie hides the others from waitid: scan them all.
-                done.extend(self._reap_scan())
+                # A tracked zombie hides the others from waitid. Its spawner reaps it
+                # soon, and untrack() then reaps again: no list of our 1,000 children
+                # (~0.3 ms) at every restart. The same one still there at the next
+                # SIGCHLD: scan them all.
+                if self._blocked_by == peek.si_pid:
+                    done.extend(self._reap_scan())
+                self._blocked_by = peek.si_pid
                 break
             got = self._reap_one(peek.si_pid)
             if got is None:
@@ -376,7 +391,7 @@ def scan_marked(scope: str) -> dict[str, list[psutil.Process]]:
     by its ``HOSTVISOR_SERVICE`` value (one pass over ``/proc``; blocking)."""
     found: dict[str, list[psutil.Process]] = {}
     uid, me = os.getuid(), os.getpid()
-    for proc in psutil.process_iter():
+    for proc in _maybe_marked(scope):
         if proc.pid == me:
             continue
         with contextlib.suppress(psutil.Error, OSError):
@@ -387,6 +402,45 @@ def scan_marked(scope: str) -> dict[str, list[psutil.Process]]:
             if name and env.get("HOSTVISOR_STATE_DIR") == scope and proc.status() != "zombie":
                 found.setdefault(name, []).append(proc)
     return found
+
+
+def _maybe_marked(scope: str) -> Iterator[psutil.Process]:
+    """The processes whose raw ``/proc/PID/environ`` holds ``HOSTVISOR_STATE_DIR=scope``
+    (a superset of the marked ones: the caller still checks the parsed environment);
+    every process where there is no ``/proc``. The raw read costs ~6 µs a process, a
+    ``psutil`` environment ~30 µs: with 2,000 processes on the host, 14 ms against 70 ms
+    before the first spawn of a start-up."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        names = []
+    if not names:
+        yield from psutil.process_iter()
+        return
+    needle = b"HOSTVISOR_STATE_DIR=" + os.fsencode(scope)
+    for name in names:
+        if not name.isdigit():
+            continue
+        if needle in _read_environ(name):
+            with contextlib.suppress(psutil.Error):
+                yield psutil.Process(int(name))
+
+
+def _read_environ(pid: str) -> bytes:
+    """``/proc/<pid>/environ`` whole; b"" when it cannot be read (gone, not ours)."""
+    try:
+        fd = os.open(f"/proc/{pid}/environ", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    chunks = []
+    try:
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 
 
 def waitpid_blocking(pid: int) -> int | None:

@@ -316,6 +316,30 @@ class TestRoundTrip:
         assert answer == {"op": "hello", "version": 1, "pid": store.pid, "count": 2}
         FdStore(sock_path).quit()
 
+    def test_queued_puts_share_messages_of_at_most_250_descriptors(
+        self, sock_path: Path, pipes: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """put(send=False) only queues; the next flush sends 300 one-descriptor groups in
+        two messages (250 + 50), and the keeper holds all 300."""
+        store = FdStore(sock_path)
+        assert store.connect_or_spawn()
+        sent: list[int] = []
+        real = socket.send_fds
+
+        def counting(sock: socket.socket, buffers: Any, fds: Any, *args: Any) -> int:
+            sent.append(len(fds))
+            return real(sock, buffers, fds, *args)
+
+        monkeypatch.setattr(socket, "send_fds", counting)
+        for i in range(300):
+            store.put(f"g{i}", [pipes()[0]], send=False)
+        assert sent == []
+        assert store.flush()
+        assert sent == [250, 50]
+        store.close()
+        assert hello(sock_path)["count"] == 300
+        FdStore(sock_path).quit()
+
     def test_sigterm_ends_the_keeper_and_sigint_does_not(self, sock_path: Path) -> None:
         """SIGINT and SIGHUP are ignored; SIGTERM ends the keeper, which removes its socket."""
         store = FdStore(sock_path)

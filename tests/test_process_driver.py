@@ -542,3 +542,71 @@ def test_child_pids_lists_every_child_past_one_page() -> None:
             c.kill()
         for c in children:
             c.wait()
+
+
+def test_scan_marked_finds_exactly_the_processes_of_its_scope(tmp_path: Path) -> None:
+    """The raw /proc pre-filter keeps the parsed check: a scope that merely starts with
+    ours, another service marker, and a process without markers are left out."""
+    import subprocess
+
+    from supervisor.reaper import scan_marked
+
+    scope = str(tmp_path / "state")
+    envs = {
+        "mine": {"HOSTVISOR_SERVICE": "web", "HOSTVISOR_STATE_DIR": scope},
+        "longer": {"HOSTVISOR_SERVICE": "web", "HOSTVISOR_STATE_DIR": scope + "-other"},
+        "nameless": {"HOSTVISOR_STATE_DIR": scope},
+        "plain": {},
+    }
+    procs = {
+        what: subprocess.Popen(["sleep", "60"], env={"PATH": os.environ["PATH"], **env})
+        for what, env in envs.items()
+    }
+    try:
+        found = scan_marked(scope)
+        assert {name: [p.pid for p in ps] for name, ps in found.items()} == {
+            "web": [procs["mine"].pid]
+        }
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+
+
+async def test_zombies_behind_a_tracked_one_are_reaped_once_it_is_untracked() -> None:
+    """waitid shows one zombie at a time: behind a tracked one (its spawner's to reap),
+    an untracked zombie is reaped when the tracked one is untracked, with no list of
+    the children; a second reap that finds the same tracked zombie lists them."""
+    import contextlib
+    import select
+    import shutil
+
+    def zombie(argv: list[str]) -> int:
+        # posix_spawn, not Popen: a dropped Popen is reaped by the next Popen (_cleanup).
+        pid = os.posix_spawn(shutil.which(argv[0]) or argv[0], argv, os.environ)
+        pidfd = os.pidfd_open(pid)
+        try:
+            select.select([pidfd], [], [], 10)  # readable once it has exited
+        finally:
+            os.close(pidfd)
+        return pid
+
+    for second_reap in (False, True):
+        reaper = Reaper()
+        tracked = zombie(["true"])
+        reaper.track(tracked)
+        other = zombie(["true"])
+        peek = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        assert peek is not None and peek.si_pid == tracked  # waitid shows the oldest
+        assert reaper.reap() == []
+        assert psutil.Process(other).status() == psutil.STATUS_ZOMBIE
+        if second_reap:
+            assert [pid for pid, _ in reaper.reap()] == [other]
+        else:
+            event = reaper.reaped_event()
+            os.waitpid(tracked, 0)
+            reaper.untrack(tracked)
+            assert event.is_set()
+        assert not psutil.pid_exists(other)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(tracked, 0)

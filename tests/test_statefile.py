@@ -59,6 +59,33 @@ class TestStateFile:
         assert back.services["api"] == rec
         assert back.reexec == state.reexec
 
+    def test_the_encoding_cache_writes_the_same_bytes(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With a cache, each write is byte for byte the uncached one: records equal to
+        the cached ones reuse their text, a changed or new one is encoded afresh, and a
+        service gone leaves the cache."""
+        monkeypatch.setattr("supervisor.statefile.time.time", lambda: 1700000000.5)
+        services = {"api": record(pid=42), 'odd "name" é': record(), "web": record(pid=9)}
+        cache: dict[str, tuple[ServiceRecord, str]] = {}
+
+        def both(state: StateFile) -> tuple[bytes, bytes]:
+            write_state(tmp_path / "plain.json", state)
+            write_state(tmp_path / "cached.json", state, cache)
+            return (tmp_path / "plain.json").read_bytes(), (tmp_path / "cached.json").read_bytes()
+
+        plain, cached = both(StateFile(pid=7, services=services))
+        assert plain == cached
+        changed = {**services, "api": record(pid=43), "new": record()}
+        del changed["web"]
+        plain, cached = both(
+            StateFile(pid=7, services=changed, reexec=ReexecRecord(lock_fd=3, listener_fd=4))
+        )
+        assert plain == cached and b'"pid":43' in cached
+        assert sorted(cache) == sorted(changed)
+        plain, cached = both(StateFile(pid=7, services={}))
+        assert plain == cached and json.loads(cached)["services"] == {} and cache == {}
+
     def test_missing_is_none(self, tmp_path: Path) -> None:
         """No file: nothing to take over (the first start, or after a clean stop)."""
         assert read_state(tmp_path / "state.json") is None

@@ -303,3 +303,47 @@ class TestAdoption:
             psutil.Process(pids["removed"]).status() == "zombie"
         )
         assert instances(d, "changed") == [d.status("changed")["pid"]]
+
+
+def record_of(d: DaemonProcess, name: str) -> dict[str, Any]:
+    try:
+        doc: dict[str, Any] = json.loads((d.state / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    found: dict[str, Any] = doc["services"].get(name, {})
+    return found
+
+
+class TestStateFileWriter:
+    def test_a_change_reaches_the_state_file_before_the_full_snapshot(
+        self, d: DaemonProcess
+    ) -> None:
+        """The writer snapshots only the services that changed: a restart of one and a
+        stop of another reach state.json within 3 s (the full snapshot of all is every
+        5 s), and the service nobody touched keeps its record as it was."""
+        for name in ("a", "b", "calm"):
+            d.write_unit(name, SLEEP)
+        d.start()
+        for name in ("a", "b", "calm"):
+            d.wait_state(name, "running")
+        d.wait_for(
+            lambda: all(record_of(d, n).get("state") == "running" for n in ("a", "b", "calm")),
+            what="all recorded running",
+        )
+        calm = record_of(d, "calm")
+        old = recorded(d, "a")
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        d.wait_for(
+            lambda: recorded(d, "a") not in (None, old), timeout=3, what="a's new pid recorded"
+        )
+        d.call("stop", services=["b"], wait=False)
+        d.wait_for(
+            lambda: (
+                record_of(d, "b").get("state") == "stopped"
+                and record_of(d, "b").get("instance") is None
+            ),
+            timeout=3,
+            what="b recorded stopped",
+        )
+        assert record_of(d, "calm") == calm
