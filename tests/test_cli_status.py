@@ -427,6 +427,8 @@ def test_a_fast_status_imports_only_what_it_uses(d: DaemonProcess, env: dict[str
         "typing.io",
         "typing.re",
         "collections.abc",
+        "contextlib",
+        "warnings",
         "string",
         "_string",
         "datetime",
