@@ -27,7 +27,8 @@ from supervisor.drivers.base import Driver, Handle
 from supervisor.errors import DockerUnavailable, DriverError, SpawnError
 from supervisor.events import EventBus
 from supervisor.health import CommandRunner
-from supervisor.instance import readiness
+from supervisor.instance import watch
+from supervisor.lazyevent import LazyEvent
 from supervisor.prestart import daemon_trouble, prepare
 from supervisor.spec import ServiceSpec
 from supervisor.statefile import spec_digest
@@ -55,15 +56,18 @@ class Broadcast:
     """A level-triggered "something changed" signal many tasks can wait on."""
 
     def __init__(self) -> None:
-        self._event = anyio.Event()
+        self._event: anyio.Event | None = None  # made by the first waiter after a fire
 
     def fire(self) -> None:
         """Wake every current waiter."""
-        self._event.set()
-        self._event = anyio.Event()
+        if self._event is not None:
+            self._event.set()
+            self._event = None
 
     async def wait(self) -> None:
         """Return at the next :meth:`fire`."""
+        if self._event is None:
+            self._event = anyio.Event()
         await self._event.wait()
 
 
@@ -134,7 +138,7 @@ class ServiceSupervisor:
         self._task_group: TaskGroup | None = None
         self._stop_error = ""
         self._not_counted = False
-        self._wake = anyio.Event()
+        self._wake = LazyEvent()
         self._known: list[tuple[int, float]] = []
         #: True while the instance is one taken over after a daemon crash (status field
         #: ``adopted``), until its next start.
@@ -314,7 +318,7 @@ class ServiceSupervisor:
         async with anyio.create_task_group() as tg:
             self._task_group = tg
             while True:
-                self._wake = anyio.Event()
+                self._wake = LazyEvent()
                 self._interrupted = False
                 if self._resume is not None:
                     handle, self._resume = self._resume, None
@@ -455,15 +459,8 @@ class ServiceSupervisor:
                 self.message = "the unit changed while no daemon ran: restarting"
             self._interrupted = True
 
-        async def watch_exit(tg: TaskGroup) -> None:
-            nonlocal status
-            status = await handle.wait()
-            tg.cancel_scope.cancel()
-
         with self._open_scope():
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(watch_exit, tg)
-                tg.start_soon(readiness, self, handle, tg)
+            status = await watch(self, handle)
         self._scope = None
         if status is None:
             # Interrupted by a command or a forced restart: stop it ourselves, shielded, bounded.
