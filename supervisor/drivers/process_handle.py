@@ -18,6 +18,7 @@ How a reused pid is never signalled:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import subprocess
@@ -27,6 +28,7 @@ import anyio
 import psutil
 
 from supervisor.fdlimits import relocate
+from supervisor.lazyevent import LazyEvent
 from supervisor.logfile import RotatingLog
 from supervisor.logfiles import Handover, LogDrops, drain_all
 from supervisor.loghub import LogHub
@@ -119,9 +121,12 @@ class ProcessHandle:
         self._leader: ExitStatus | None = None
         self._waiter: WaitThread | None = None
         self._group_gone = False
-        self._lock = anyio.Lock()
-        self._drained = anyio.Event()
-        self._swept = anyio.Event()
+        self._lock: anyio.Lock | None = None  # made by a second concurrent wait() only
+        self._drained = LazyEvent()
+        #: When the log drains are cut off (DRAIN_GRACE s after the sweep, see _drain), and
+        #: the drains' scope that this deadline is set on.
+        self._cut_off_at = math.inf
+        self._drain_scope: anyio.CancelScope | None = None
         self._create_time: float | None = create_time
 
     def __repr__(self) -> str:
@@ -166,6 +171,8 @@ class ProcessHandle:
         """
         if self._leader is not None:
             return self._leader
+        if self._lock is None:
+            self._lock = anyio.Lock()
         async with self._lock:
             if self._leader is None:
                 self._leader = await self._wait_leader()
@@ -345,7 +352,7 @@ class ProcessHandle:
                 signal_verified(proc, signal.SIGKILL)
             if remaining:
                 await wait_gone(remaining, ESCAPEE_KILL_WAIT)
-        self._swept.set()  # the drains may now be cut off after DRAIN_GRACE (see _drain)
+        self._cut_off(anyio.current_time() + DRAIN_GRACE)  # see _drain
         return status
 
     async def _find_escapees(self) -> list[psutil.Process]:
@@ -392,16 +399,9 @@ class ProcessHandle:
         pending: Sequence[bytes] = (),
     ) -> None:
         try:
-            async with anyio.create_task_group() as tg:
-
-                async def cut_off_later() -> None:
-                    # Output still held open DRAIN_GRACE s after the instance was swept
-                    # belongs to a process we could not recognise: stop reading it.
-                    await self._swept.wait()
-                    await anyio.sleep(DRAIN_GRACE)
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(cut_off_later)
+            # Output still held open DRAIN_GRACE s after the instance was swept belongs to
+            # a process we could not recognise: stop reading it (a deadline on this scope).
+            with anyio.CancelScope(deadline=self._cut_off_at) as self._drain_scope:
                 await drain_all(
                     fds,
                     log,
@@ -411,12 +411,18 @@ class ProcessHandle:
                     pending=pending,
                     handover=self.handover,
                 )
-                tg.cancel_scope.cancel()
         finally:
+            self._drain_scope = None
             if not self.handover.requested:
                 self.fds = ()
                 release()
             self._drained.set()
+
+    def _cut_off(self, at: float) -> None:
+        """End the log drains at ``at`` (monotonic seconds) if they have not hit EOF by then."""
+        self._cut_off_at = min(self._cut_off_at, at)
+        if self._drain_scope is not None:
+            self._drain_scope.deadline = self._cut_off_at
 
 
 def _pgid(pid: int) -> int:
