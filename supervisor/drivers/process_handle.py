@@ -22,9 +22,12 @@ import math
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import psutil
 
 from supervisor.fdlimits import relocate
@@ -120,6 +123,7 @@ class ProcessHandle:
         self._pidfd = relocate(pidfd) if pidfd is not None else None
         self._leader: ExitStatus | None = None
         self._waiter: WaitThread | None = None
+        self._stranger_gone: anyio.Event | None = None
         self._group_gone = False
         self._lock: anyio.Lock | None = None  # made by a second concurrent wait() only
         self._drained = LazyEvent()
@@ -214,7 +218,20 @@ class ProcessHandle:
         if self._pidfd is not None:
             await anyio.wait_readable(self._pidfd)
         else:  # no pidfds: nothing better than psutil's wait in a thread
-            await anyio.to_thread.run_sync(self._psutil_wait, abandon_on_cancel=True)
+            if self._stranger_gone is None:
+                # One thread for its whole life: a cancelled wait() (the instance's timers
+                # cancel it, see supervisor.instance.Life) leaves it running for the next.
+                self._stranger_gone = gone = anyio.Event()
+                token = anyio.lowlevel.current_token()
+
+                def run() -> None:
+                    self._psutil_wait()
+                    with contextlib.suppress(Exception):  # the event loop may be gone by now
+                        anyio.from_thread.run_sync(gone.set, token=token)
+
+                name = f"hostvisor-wait-{self.pid}"
+                threading.Thread(target=run, name=name, daemon=True).start()
+            await self._stranger_gone.wait()
         return self._reaped(None, known=False)
 
     def _psutil_wait(self) -> None:
