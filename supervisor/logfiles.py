@@ -266,6 +266,8 @@ async def _read(
             try:
                 chunk = os.read(fd, READ_SIZE)
             except BlockingIOError:
+                chunk = None  # wait outside the handler: the exception is not kept meanwhile
+            if chunk is None:
                 await anyio.wait_readable(fd)
                 continue
             if not chunk:
@@ -352,6 +354,7 @@ async def drain_all(
     handover: Handover | None = None,
     pending_cap: int = PENDING_CAP,
     close_log: bool = True,
+    on_scope: Callable[[anyio.CancelScope], object] | None = None,
 ) -> None:
     """Drain every pipe in ``fds`` into ``log`` concurrently (see :func:`drain`); close ``log``
     when all hit EOF and their lines are written (or when cancelled).
@@ -365,6 +368,8 @@ async def drain_all(
         pending: per fd, a partial line an earlier drain of it held (see :class:`Handover`).
         handover: lets the drains stop and leave their pipes open (see :class:`Handover`).
         close_log: False to leave ``log`` open (:func:`drain`).
+        on_scope: called with the scope of the drains once they run: cancel it, or set its
+            deadline, to cut them off (what they read so far is still written).
     """
     writer = LogWriter(log, drops if drops is not None else LogDrops())
     left = len(fds)
@@ -390,6 +395,8 @@ async def drain_all(
     try:
         async with anyio.create_task_group() as tg:
             writer.task_group = tg
+            if on_scope is not None:
+                on_scope(tg.cancel_scope)
             for index in range(1, len(fds)):
                 tg.start_soon(read, index)
             if fds:
@@ -498,6 +505,8 @@ async def capture(fd: int, into: bytearray, done: anyio.Event) -> None:
             try:
                 chunk = os.read(fd, 65536)
             except BlockingIOError:
+                chunk = None  # wait outside the handler: the exception is not kept meanwhile
+            if chunk is None:
                 await anyio.wait_readable(fd)
                 continue
             if not chunk:

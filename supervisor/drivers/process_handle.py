@@ -125,7 +125,7 @@ class ProcessHandle:
         self._waiter: WaitThread | None = None
         self._stranger_gone: anyio.Event | None = None
         self._group_gone = False
-        self._lock: anyio.Lock | None = None  # made by a second concurrent wait() only
+        self._waiting: LazyEvent | None = None  # set when the task waiting for the leader is done
         self._drained = LazyEvent()
         #: When the log drains are cut off (DRAIN_GRACE s after the sweep, see _drain), and
         #: the drains' scope that this deadline is set on.
@@ -173,13 +173,18 @@ class ProcessHandle:
         escaped descendants still run; :meth:`stop` then sweeps those. Idempotent and
         safe to call from several tasks; cancelling one waiter leaves the others waiting.
         """
-        if self._leader is not None:
-            return self._leader
-        if self._lock is None:
-            self._lock = anyio.Lock()
-        async with self._lock:
-            if self._leader is None:
+        while self._leader is None:
+            waiting = self._waiting
+            if waiting is not None:
+                # Another task waits for the leader: its result, or its turn if cancelled.
+                await waiting.wait()
+                continue
+            self._waiting = waiting = LazyEvent()
+            try:
                 self._leader = await self._wait_leader()
+            finally:
+                self._waiting = None
+                waiting.set()
         return self._leader
 
     @property
@@ -417,23 +422,28 @@ class ProcessHandle:
     ) -> None:
         try:
             # Output still held open DRAIN_GRACE s after the instance was swept belongs to
-            # a process we could not recognise: stop reading it (a deadline on this scope).
-            with anyio.CancelScope(deadline=self._cut_off_at) as self._drain_scope:
-                await drain_all(
-                    fds,
-                    log,
-                    hub=hub,
-                    key=self.service,
-                    drops=drops,
-                    pending=pending,
-                    handover=self.handover,
-                )
+            # a process we could not recognise: stop reading it (a deadline on the drains'
+            # scope, see _cut_off).
+            await drain_all(
+                fds,
+                log,
+                hub=hub,
+                key=self.service,
+                drops=drops,
+                pending=pending,
+                handover=self.handover,
+                on_scope=self._drains_run,
+            )
         finally:
             self._drain_scope = None
             if not self.handover.requested:
                 self.fds = ()
                 release()
             self._drained.set()
+
+    def _drains_run(self, scope: anyio.CancelScope) -> None:
+        self._drain_scope = scope
+        scope.deadline = self._cut_off_at
 
     def _cut_off(self, at: float) -> None:
         """End the log drains at ``at`` (monotonic seconds) if they have not hit EOF by then."""
