@@ -71,32 +71,35 @@ class Life:
         if self.scope is not None:
             self.scope.deadline = min(self.promote_at, self.reset_at)
 
-    async def wait_exit(self) -> ExitStatus:
-        """The main process's exit status; the timers fire meanwhile."""
+    async def wait_exit(self) -> ExitStatus | None:
+        """The main process's exit status, or ``None`` once a command or a forced restart
+        cancelled the supervisor's scope (whose deadline is the next timer's meanwhile)."""
+        sup = self.sup
         while True:
             status: ExitStatus | None = None
-            with anyio.CancelScope(deadline=min(self.promote_at, self.reset_at)) as scope:
+            with sup._open_scope() as scope:
                 self.scope = scope
+                scope.deadline = min(self.promote_at, self.reset_at)
                 status = await self.handle.wait()
-            self.scope = None
-            if status is not None:
+            self.scope = sup._scope = None
+            if status is not None or sup._interrupted or sup._health_restart:
                 return status
-            now = anyio.current_time()
+            now = anyio.current_time()  # a timer is due
             if self.promote_at <= now:
                 self.promote_at = math.inf
-                promote(self.sup, self.handle, self)
+                promote(sup, self.handle, self)
             if self.reset_at <= now:
                 self.reset_at = math.inf
-                if self.sup.state is S.RUNNING and self.sup.health is not Health.UNHEALTHY:
-                    self.sup.backoff.reset()
+                if sup.state is S.RUNNING and sup.health is not Health.UNHEALTHY:
+                    sup.backoff.reset()
 
 
 async def watch(sup: ServiceSupervisor, handle: Handle) -> ExitStatus | None:
     """Supervise one instance until its main process exits (its status) or its health
     checks fail (``None``, with ``sup._health_restart`` set): promote it to RUNNING
     (after start_seconds, or the first healthy probe), keep checking its health, run
-    post_start once and reset the backoff after reset_after. A command cancels it
-    through the supervisor's scope."""
+    post_start once and reset the backoff after reset_after. A command (or a forced
+    restart) cancels the wait through the supervisor's scope: ``None`` too."""
     life = Life(sup, handle)
     if sup.spec.health is None and sup.spec.post_start is None:
         return await life.wait_exit()

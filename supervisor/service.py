@@ -451,7 +451,6 @@ class ServiceSupervisor:
             self.instance_started_at = anyio.current_time()
             self._reached_running = False
         self._health_restart, self._forced = False, ""
-        status: ExitStatus | None = None
         if resumed and (self.state is S.STOPPING or self._restart_resumed):
             if self._restart_resumed:
                 self._restart_resumed = False
@@ -459,9 +458,7 @@ class ServiceSupervisor:
                 self.message = "the unit changed while no daemon ran: restarting"
             self._interrupted = True
 
-        with self._open_scope():
-            status = await watch(self, handle)
-        self._scope = None
+        status = await watch(self, handle)  # in self._scope (commands cancel it)
         if status is None:
             # Interrupted by a command or a forced restart: stop it ourselves, shielded, bounded.
             self._set_state(S.STOPPING)
