@@ -284,6 +284,20 @@ def tracemalloc_breakdown(small: str, large: str, extra: int, top: int) -> None:
         grouped[where] = grouped.get(where, 0) + stat.size_diff
     for where, size in sorted(grouped.items(), key=lambda kv: -kv[1])[:top]:
         print(f"    {size / extra:8.0f} B  {where}")
+    print(f"  by last hostvisor frame (the code that allocated; bytes per service, top {top}):")
+    grouped = {}
+    for stat in b.compare_to(a, "traceback"):
+        where = next(
+            (
+                f"{_short(f.filename)}:{f.lineno}"
+                for f in reversed(stat.traceback)
+                if "supervisor/" in f.filename
+            ),
+            "(no hostvisor frame)",
+        )
+        grouped[where] = grouped.get(where, 0) + stat.size_diff
+    for where, size in sorted(grouped.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"    {size / extra:8.0f} B  {where}")
 
 
 def _short(path: str) -> str:
