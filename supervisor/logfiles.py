@@ -403,7 +403,7 @@ async def drain_all(
                 await read(0)
     finally:
         try:
-            await writer.finish()  # lines queued for a writer whose task never began
+            await writer.finish()  # a safeguard: a writer whose task never began, if any
         finally:
             if close_log:
                 log.close()

@@ -3,6 +3,7 @@ preflight, health checks, post_start, depends_on and commands — over real proc
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import anyio
@@ -391,3 +392,17 @@ class TestHealthRestartPolicy:
             await h.wait_event(ev.HEALTH_CHECK_RESTART, "once")
             await h.wait_state("once", S.EXITED)
             assert h["once"].restarts == 0
+
+
+class TestFootprint:
+    async def test_a_running_process_service_keeps_three_tasks(self, tmp_path: Path) -> None:
+        """A running process service (no probe, no post_start, quiet) keeps three tasks:
+        its supervisor and one per log pipe. Its timers (start_seconds, reset_after) are
+        deadlines of the supervisor's own wait, its log writer runs only while there are
+        lines (issue 14: the memory per service is mostly its tasks)."""
+        names = [f"q{i}" for i in range(5)]
+        specs = [make_spec(tmp_path, name, ["sleep", "60"], start_seconds=0) for name in names]
+        before = len(asyncio.all_tasks())
+        async with supervising(tmp_path, *specs) as h:
+            await h.wait_until(lambda: all(h[name].state is S.RUNNING for name in names))
+            assert len(asyncio.all_tasks()) - before <= 3 * len(names)
