@@ -11,11 +11,14 @@ For each size it starts the real ``hostvisor run`` (``python -m supervisor run``
 descriptor keeper, ``fdkeeper.py``, a separate process): the children it supervises are
 not counted. The cost per service is (figure at 1000 - figure at 200) / 800.
 
-A second, instrumented daemon (the same ``run`` through a wrapper thread) lists the modules
-it has imported (the heavy ones: telemetry, docker, httpx, ssl, rich); with ``--tracemalloc``
-it also takes a ``tracemalloc`` snapshot at 200 and at 1000 and prints the lines whose
-allocations grow with the number of services, in bytes per service. Its RSS is not quoted
-(tracemalloc itself costs memory).
+A second, instrumented daemon (the same ``run`` through a wrapper thread), at 200 and at 1000,
+lists the modules it has imported (the heavy ones: telemetry, docker, httpx, ssl, rich) and
+counts its live asyncio tasks (by the function anyio names them after), ``asyncio.Event`` objects,
+anyio task groups and cancel scopes: the bench prints what each service adds. With
+``--tracemalloc`` it also takes a ``tracemalloc`` snapshot at both sizes and prints the files,
+lines and hostvisor frames (first and last of the traceback) whose allocations grow with the
+number of services, in bytes per service. Its RSS is not quoted (tracemalloc itself costs
+memory).
 """
 
 from __future__ import annotations
