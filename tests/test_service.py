@@ -76,6 +76,35 @@ class TestBackoffAndGiveUp:
                 delays.append(event.attributes["hostvisor.backoff.delay_s"])
             assert delays == [0.05, 0.1, 0.2, 0.2]
 
+    async def test_backoff_resets_after_reset_after_seconds_running(self, tmp_path: Path) -> None:
+        """Two quick crashes back off 0.05 then 0.1 s; an instance that ran longer than
+        reset_after before crashing starts the sequence again at initial (the reset is a
+        timer of the instance's life); one that runs shorter does not."""
+        runs = tmp_path / "runs"
+        code = (
+            "import pathlib, sys, time; p = pathlib.Path(sys.argv[1]); n = len(p.read_text()) "
+            "if p.exists() else 0; p.write_text('x' * (n + 1)); "
+            "time.sleep(0.8 if n == 2 else 0.02); raise SystemExit(1)"
+        )
+        spec = make_spec(
+            tmp_path,
+            "phoenix",
+            [PY, "-c", code, str(runs)],
+            start_seconds=0,
+            backoff=BackoffSpec(initial=0.05, max=5, multiplier=2, jitter=0, reset_after=0.4),
+        )
+        async with supervising(tmp_path, spec) as h:
+            seen = []
+            for _ in range(4):
+                event = await h.wait_event(ev.SERVICE_BACKOFF, "phoenix")
+                seen.append(
+                    (
+                        event.attributes["hostvisor.backoff.attempt"],
+                        event.attributes["hostvisor.backoff.delay_s"],
+                    )
+                )
+            assert seen == [(1, 0.05), (2, 0.1), (1, 0.05), (2, 0.1)]
+
     async def test_gives_up_after_n_failed_starts(self, tmp_path: Path) -> None:
         """give_up_after = 3: the third failed start in a row is FATAL, with an event."""
         # start_seconds far above the program's life: a slow interpreter start on a loaded
