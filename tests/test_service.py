@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 
 import anyio
+import pytest
 
 from supervisor import events as ev
 from supervisor.spec import (
@@ -76,21 +77,27 @@ class TestBackoffAndGiveUp:
                 delays.append(event.attributes["hostvisor.backoff.delay_s"])
             assert delays == [0.05, 0.1, 0.2, 0.2]
 
-    async def test_backoff_resets_after_reset_after_seconds_running(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("probe", [False, True], ids=["start_seconds", "probe"])
+    async def test_backoff_resets_after_reset_after_seconds_running(
+        self, tmp_path: Path, probe: bool
+    ) -> None:
         """Two quick crashes back off 0.05 then 0.1 s; an instance that ran longer than
         reset_after before crashing starts the sequence again at initial (the reset is a
-        timer of the instance's life); one that runs shorter does not."""
+        timer of the instance's life, RUNNING by start_seconds or by its first passing
+        probe); one that runs shorter does not."""
         runs = tmp_path / "runs"
         code = (
             "import pathlib, sys, time; p = pathlib.Path(sys.argv[1]); n = len(p.read_text()) "
             "if p.exists() else 0; p.write_text('x' * (n + 1)); "
-            "time.sleep(0.8 if n == 2 else 0.02); raise SystemExit(1)"
+            "time.sleep(1.2 if n == 2 else 0.02); raise SystemExit(1)"
         )
+        health = HealthCheckSpec(exec=(PY, "-c", "pass"), interval=0.05, timeout=2)
         spec = make_spec(
             tmp_path,
             "phoenix",
             [PY, "-c", code, str(runs)],
             start_seconds=0,
+            health=health if probe else None,
             backoff=BackoffSpec(initial=0.05, max=5, multiplier=2, jitter=0, reset_after=0.4),
         )
         async with supervising(tmp_path, spec) as h:
