@@ -77,11 +77,13 @@ class Life:
         sup = self.sup
         while True:
             status: ExitStatus | None = None
-            with sup._open_scope() as scope:
-                self.scope = scope
-                scope.deadline = min(self.promote_at, self.reset_at)
-                status = await self.handle.wait()
-            self.scope = sup._scope = None
+            try:
+                with sup._open_scope() as scope:
+                    self.scope = scope
+                    scope.deadline = min(self.promote_at, self.reset_at)
+                    status = await self.handle.wait()
+            finally:  # also when the probe loop cancels the task group (a health restart)
+                self.scope = sup._scope = None
             if status is not None or sup._interrupted or sup._health_restart:
                 return status
             now = anyio.current_time()  # a timer is due
