@@ -11,11 +11,14 @@ For each size it starts the real ``hostvisor run`` (``python -m supervisor run``
 descriptor keeper, ``fdkeeper.py``, a separate process): the children it supervises are
 not counted. The cost per service is (figure at 1000 - figure at 200) / 800.
 
-A second, instrumented daemon (the same ``run`` through a wrapper thread) lists the modules
-it has imported (the heavy ones: telemetry, docker, httpx, ssl, rich); with ``--tracemalloc``
-it also takes a ``tracemalloc`` snapshot at 200 and at 1000 and prints the lines whose
-allocations grow with the number of services, in bytes per service. Its RSS is not quoted
-(tracemalloc itself costs memory).
+A second, instrumented daemon (the same ``run`` through a wrapper thread), at 200 and at 1000,
+lists the modules it has imported (the heavy ones: telemetry, docker, httpx, ssl, rich) and
+counts its live asyncio tasks (by the function anyio names them after), ``asyncio.Event`` objects,
+anyio task groups and cancel scopes: the bench prints what each service adds. With
+``--tracemalloc`` it also takes a ``tracemalloc`` snapshot at both sizes and prints the files,
+lines and hostvisor frames (first and last of the traceback) whose allocations grow with the
+number of services, in bytes per service. Its RSS is not quoted (tracemalloc itself costs
+memory).
 """
 
 from __future__ import annotations
@@ -52,6 +55,27 @@ request, out, frames = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if frames:
     import tracemalloc
     tracemalloc.start(frames)
+def census():
+    # Live asyncio tasks (by coroutine), asyncio.Events, anyio task groups and cancel scopes.
+    import asyncio, gc
+    counts = {}
+    def add(key):
+        counts[key] = counts.get(key, 0) + 1
+    for obj in gc.get_objects():
+        kind = type(obj)
+        if isinstance(obj, asyncio.Task):
+            if obj.done():
+                continue
+            name = obj.get_name()  # anyio names a task after its function
+            if name.startswith("functools"):  # a partial: the coroutine its wrapper awaits
+                inner = getattr(obj.get_coro(), "cr_await", None)
+                name = getattr(inner, "__qualname__", name)
+            add("task " + name)
+        elif kind is asyncio.Event:
+            add("asyncio.Event")
+        elif kind.__name__ in ("TaskGroup", "CancelScope") and kind.__module__.startswith("anyio"):
+            add("anyio " + kind.__name__)
+    return counts
 def dump():
     done = 0
     while True:
@@ -64,7 +88,7 @@ def dump():
             gc.collect()
             tracemalloc.take_snapshot().dump(f"{out}.{done}.snap")
         with open(f"{out}.{done}.tmp", "w") as f:
-            json.dump(sorted(sys.modules), f)
+            json.dump({"modules": sorted(sys.modules), "objects": census()}, f)
         os.rename(f"{out}.{done}.tmp", f"{out}.{done}")
         done += 1
 threading.Thread(target=dump, daemon=True).start()
@@ -138,9 +162,13 @@ def measure(code: Path, n: int) -> tuple[float, float, float, float]:
         _stop(proc, root)
 
 
-def instrumented(code: Path, sizes: list[int], frames: int) -> list[tuple[list[str], str | None]]:
-    """Per size: the daemon's sys.modules and the path of its tracemalloc snapshot."""
-    results: list[tuple[list[str], str | None]] = []
+Instrumented = tuple[list[str], dict[str, int], str | None]
+
+
+def instrumented(code: Path, sizes: list[int], frames: int) -> list[Instrumented]:
+    """Per size: the daemon's sys.modules, its live tasks (by coroutine), Events, task groups
+    and cancel scopes, and the path of its tracemalloc snapshot."""
+    results: list[Instrumented] = []
     for n in sizes:
         root = Path(tempfile.mkdtemp(prefix="hv-bench-memi-"))
         cfg = _units(root, n)
@@ -170,12 +198,12 @@ def instrumented(code: Path, sizes: list[int], frames: int) -> list[tuple[list[s
             deadline = time.monotonic() + 120
             while not (root / "out.0").exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
-            modules = json.loads((root / "out.0").read_text())
+            dumped = json.loads((root / "out.0").read_text())
             snap = None
             if frames:
                 snap = tempfile.mktemp(prefix=f"hv-bench-snap-{n}-", suffix=".snap")
                 shutil.copy(root / "out.0.snap", snap)
-            results.append((modules, snap))
+            results.append((dumped["modules"], dumped["objects"], snap))
         finally:
             _stop(proc, root)
     return results
@@ -209,6 +237,21 @@ def import_time(code: Path) -> list[tuple[int, str]]:
     return rows
 
 
+def census_per_service(small: dict[str, int], large: dict[str, int], extra: int, top: int) -> None:
+    """Live tasks, Events, task groups and cancel scopes per service (growth small -> large)."""
+    grow = {k: (large.get(k, 0) - small.get(k, 0)) / extra for k in set(small) | set(large)}
+    tasks = sum(v for k, v in grow.items() if k.startswith("task "))
+    print(
+        f"  per service: {tasks:.2f} live tasks, {grow.get('asyncio.Event', 0):.2f} asyncio.Events, "
+        f"{grow.get('anyio TaskGroup', 0):.2f} task groups, "
+        f"{grow.get('anyio CancelScope', 0):.2f} cancel scopes"
+    )
+    print("  live tasks per service, by coroutine:")
+    rows = sorted(((v, k) for k, v in grow.items() if k.startswith("task ") and v), reverse=True)
+    for v, k in rows[:top]:
+        print(f"    {v:5.2f}  {k[5:]}")
+
+
 def tracemalloc_breakdown(small: str, large: str, extra: int, top: int) -> None:
     import tracemalloc
 
@@ -237,6 +280,20 @@ def tracemalloc_breakdown(small: str, large: str, extra: int, top: int) -> None:
             (
                 f"{_short(f.filename)}:{f.lineno}"
                 for f in stat.traceback
+                if "supervisor/" in f.filename
+            ),
+            "(no hostvisor frame)",
+        )
+        grouped[where] = grouped.get(where, 0) + stat.size_diff
+    for where, size in sorted(grouped.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"    {size / extra:8.0f} B  {where}")
+    print(f"  by last hostvisor frame (the code that allocated; bytes per service, top {top}):")
+    grouped = {}
+    for stat in b.compare_to(a, "traceback"):
+        where = next(
+            (
+                f"{_short(f.filename)}:{f.lineno}"
+                for f in reversed(stat.traceback)
                 if "supervisor/" in f.filename
             ),
             "(no hostvisor frame)",
@@ -292,11 +349,10 @@ def main() -> None:
             per = (medians[hi] - medians[lo]) * 1024 / (hi - lo)
             print(f"  cost per service (RSS, {lo} -> {hi}): {per:.1f} KiB")
         sizes = sorted(args.services)
-        got = instrumented(
-            code,
-            [sizes[0], sizes[-1]] if args.tracemalloc else [sizes[0]],
-            args.frames if args.tracemalloc else 0,
-        )
+        ends = [sizes[0], sizes[-1]] if len(sizes) > 1 else sizes
+        got = instrumented(code, ends, args.frames if args.tracemalloc else 0)
+        if len(got) == 2:
+            census_per_service(got[0][1], got[1][1], ends[1] - ends[0], args.top)
         heavy = [m for m in got[0][0] if m.split(".")[0] in HEAVY]
         print(f"  modules imported by the daemon ({sizes[0]} process units): {len(got[0][0])}")
         print(
@@ -307,9 +363,9 @@ def main() -> None:
         print(f"  -X importtime of `hostvisor run`, top cumulative (of {total / 1000:.0f} ms):")
         for us, name in sorted(rows, reverse=True)[:8]:
             print(f"    {us / 1000:7.1f} ms  {name.strip()}")
-        if args.tracemalloc and len(got) == 2 and got[0][1] and got[1][1]:
+        if args.tracemalloc and len(got) == 2 and got[0][2] and got[1][2]:
             print(f"  tracemalloc, {sizes[0]} -> {sizes[-1]} services:")
-            tracemalloc_breakdown(got[0][1], got[1][1], sizes[-1] - sizes[0], args.top)
+            tracemalloc_breakdown(got[0][2], got[1][2], sizes[-1] - sizes[0], args.top)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ watches and moves its state only through its ``_set_state``/``_set_message``/``_
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import anyio
@@ -26,35 +27,95 @@ from supervisor.health import (
     tls_context,
 )
 from supervisor.prestart import run_in_unit
-from supervisor.states import Health, ServiceState
+from supervisor.states import ExitStatus, Health, ServiceState
 
 if TYPE_CHECKING:
     from supervisor.service import ServiceSupervisor
 
-__all__ = ["readiness"]
+__all__ = ["Life", "watch"]
 
 S = ServiceState
 
 
-async def readiness(sup: ServiceSupervisor, handle: Handle, tg: TaskGroup) -> None:
-    """Promote to RUNNING (after start_seconds, or the first healthy probe), then keep
-    checking health, run post_start once and reset the backoff after reset_after.
+class Life:
+    """The life of one instance, run by the supervisor's own task (no task of its own
+    unless a health check or a post_start hook runs beside it): it waits for the main
+    process's exit, with the readiness and backoff-reset timers as deadlines of that wait.
 
-    An instance resumed already RUNNING (re-exec, adoption) is not promoted again: its
-    post_start ran under the previous daemon; only the backoff reset is rescheduled."""
-    if sup.state is S.RUNNING:
-        tg.start_soon(reset_backoff_later, sup)
-        if sup.spec.health is None:
-            await anyio.sleep_forever()
-    if sup.spec.health is None:
-        await anyio.sleep(sup.spec.start_seconds)
-        promote(sup, handle, tg)
-        await anyio.sleep_forever()
-    else:
-        await health_loop(sup, handle, tg)
+    Attributes:
+        tg: the task group of the probe loop and the post_start hook (``None`` without
+            either).
+        promote_at: when ``start_seconds`` have passed (no health check; ``inf`` once done).
+        reset_at: when the backoff resets after ``reset_after`` seconds running (``inf``
+            until RUNNING, and once done).
+    """
+
+    __slots__ = ("handle", "promote_at", "reset_at", "scope", "sup", "tg")
+
+    def __init__(self, sup: ServiceSupervisor, handle: Handle) -> None:
+        self.sup, self.handle = sup, handle
+        self.tg: TaskGroup | None = None
+        self.scope: anyio.CancelScope | None = None
+        now = anyio.current_time()
+        self.promote_at = self.reset_at = math.inf
+        if sup.state is S.RUNNING:
+            # Resumed already RUNNING (re-exec, adoption): not promoted again, its post_start
+            # ran under the previous daemon; only the backoff reset is rescheduled.
+            self.reset_at = now + sup.spec.backoff.reset_after
+        elif sup.spec.health is None:
+            self.promote_at = now + sup.spec.start_seconds
+
+    def reset_later(self) -> None:
+        """Reset the backoff ``reset_after`` seconds from now, if still RUNNING and healthy."""
+        self.reset_at = anyio.current_time() + self.sup.spec.backoff.reset_after
+        if self.scope is not None:
+            self.scope.deadline = min(self.promote_at, self.reset_at)
+
+    async def wait_exit(self) -> ExitStatus | None:
+        """The main process's exit status, or ``None`` once a command or a forced restart
+        cancelled the supervisor's scope (whose deadline is the next timer's meanwhile)."""
+        sup = self.sup
+        while True:
+            status: ExitStatus | None = None
+            try:
+                with sup._open_scope() as scope:
+                    self.scope = scope
+                    scope.deadline = min(self.promote_at, self.reset_at)
+                    status = await self.handle.wait()
+            finally:  # also when the probe loop cancels the task group (a health restart)
+                self.scope = sup._scope = None
+            if status is not None or sup._interrupted or sup._health_restart:
+                return status
+            now = anyio.current_time()  # a timer is due
+            if self.promote_at <= now:
+                self.promote_at = math.inf
+                promote(sup, self.handle, self)
+            if self.reset_at <= now:
+                self.reset_at = math.inf
+                if sup.state is S.RUNNING and sup.health is not Health.UNHEALTHY:
+                    sup.backoff.reset()
 
 
-def promote(sup: ServiceSupervisor, handle: Handle, tg: TaskGroup) -> None:
+async def watch(sup: ServiceSupervisor, handle: Handle) -> ExitStatus | None:
+    """Supervise one instance until its main process exits (its status) or its health
+    checks fail (``None``, with ``sup._health_restart`` set): promote it to RUNNING
+    (after start_seconds, or the first healthy probe), keep checking its health, run
+    post_start once and reset the backoff after reset_after. A command (or a forced
+    restart) cancels the wait through the supervisor's scope: ``None`` too."""
+    life = Life(sup, handle)
+    if sup.spec.health is None and sup.spec.post_start is None:
+        return await life.wait_exit()
+    status: ExitStatus | None = None
+    async with anyio.create_task_group() as tg:
+        life.tg = tg
+        if sup.spec.health is not None:
+            tg.start_soon(health_loop, sup, handle, life)
+        status = await life.wait_exit()
+        tg.cancel_scope.cancel()
+    return status
+
+
+def promote(sup: ServiceSupervisor, handle: Handle, life: Life) -> None:
     if sup.state is not S.STARTING:
         return
     if not sup.count_all_failures:  # a job's run: every failed attempt counts
@@ -64,17 +125,12 @@ def promote(sup: ServiceSupervisor, handle: Handle, tg: TaskGroup) -> None:
     sup._set_state(S.RUNNING, "")
     sup._publish(ev.SERVICE_RUNNING, f"running (pid {handle.pid})", **{"process.pid": handle.pid})
     if sup.spec.post_start is not None:
-        tg.start_soon(post_start, sup)
-    tg.start_soon(reset_backoff_later, sup)
+        assert life.tg is not None
+        life.tg.start_soon(post_start, sup)
+    life.reset_later()
 
 
-async def reset_backoff_later(sup: ServiceSupervisor) -> None:
-    await anyio.sleep(sup.spec.backoff.reset_after)
-    if sup.state is S.RUNNING and sup.health is not Health.UNHEALTHY:
-        sup.backoff.reset()
-
-
-async def health_loop(sup: ServiceSupervisor, handle: Handle, tg: TaskGroup) -> None:
+async def health_loop(sup: ServiceSupervisor, handle: Handle, life: Life) -> None:
     spec = sup.spec.health
     assert spec is not None
     docker_status = getattr(handle, "health_status", None)
@@ -86,12 +142,10 @@ async def health_loop(sup: ServiceSupervisor, handle: Handle, tg: TaskGroup) -> 
         run_command=sup._run_command,
         docker_status=docker_status,
     ) as probe:
-        await probe_forever(sup, probe, handle, tg)
+        await probe_forever(sup, probe, handle, life)
 
 
-async def probe_forever(
-    sup: ServiceSupervisor, probe: Probe, handle: Handle, tg: TaskGroup
-) -> None:
+async def probe_forever(sup: ServiceSupervisor, probe: Probe, handle: Handle, life: Life) -> None:
     spec = sup.spec.health
     assert spec is not None
     started = anyio.current_time()
@@ -127,7 +181,7 @@ async def probe_forever(
             if health is not previous or health is not sup.health:
                 health_changed(sup, health, result.detail)
         if counter.health is Health.HEALTHY:
-            promote(sup, handle, tg)
+            promote(sup, handle, life)
         elif counter.health is Health.UNHEALTHY:
             sup._publish(
                 ev.HEALTH_CHECK_RESTART,
@@ -135,7 +189,8 @@ async def probe_forever(
                 **{"hostvisor.health.failures": counter.failures},
             )
             sup._health_restart = True
-            tg.cancel_scope.cancel()
+            assert life.tg is not None
+            life.tg.cancel_scope.cancel()
             return
         elif result.ok is False or result.daemon_side:
             sup._set_message(f"health: {result.detail}")

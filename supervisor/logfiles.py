@@ -34,7 +34,6 @@ import stat
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import anyio
@@ -267,6 +266,8 @@ async def _read(
             try:
                 chunk = os.read(fd, READ_SIZE)
             except BlockingIOError:
+                chunk = None  # wait outside the handler: the exception is not kept meanwhile
+            if chunk is None:
                 await anyio.wait_readable(fd)
                 continue
             if not chunk:
@@ -328,11 +329,16 @@ async def drain(
         never raised: the pipe is always read.
     """
     stats = stats if stats is not None else DrainStats()
-    writer = LogWriter(log, drops if drops is not None else LogDrops())
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(writer.run)
-        await _read(fd, writer, stats, hub=hub, key=key, pending_cap=pending_cap)
-        writer.close()
+    await drain_all(
+        [fd],
+        log,
+        hub=hub,
+        key=key,
+        stats=[stats],
+        drops=drops,
+        pending_cap=pending_cap,
+        close_log=False,
+    )
     return stats
 
 
@@ -346,29 +352,61 @@ async def drain_all(
     drops: LogDrops | None = None,
     pending: Sequence[bytes] = (),
     handover: Handover | None = None,
+    pending_cap: int = PENDING_CAP,
+    close_log: bool = True,
+    on_scope: Callable[[anyio.CancelScope], object] | None = None,
 ) -> None:
     """Drain every pipe in ``fds`` into ``log`` concurrently (see :func:`drain`); close ``log``
     when all hit EOF and their lines are written (or when cancelled).
+
+    The calling task reads the first pipe, one task each the others; the writer's task runs
+    only while there are lines to write (see :class:`~supervisor.logwriter.LogWriter`).
 
     Args:
         drops: the service's :class:`LogDrops` (keep one per service, across instances,
             for ``logs_dropped_bytes``); a new one when not given.
         pending: per fd, a partial line an earlier drain of it held (see :class:`Handover`).
         handover: lets the drains stop and leave their pipes open (see :class:`Handover`).
+        close_log: False to leave ``log`` open (:func:`drain`).
+        on_scope: called with the scope of the drains once they run: cancel it, or set its
+            deadline, to cut them off (what they read so far is still written).
     """
     writer = LogWriter(log, drops if drops is not None else LogDrops())
+    left = len(fds)
+
+    async def read(index: int) -> None:
+        nonlocal left
+        each = stats[index] if index < len(stats) else DrainStats()
+        held = pending[index] if index < len(pending) else b""
+        await _read(
+            fds[index],
+            writer,
+            each,
+            hub=hub,
+            key=key,
+            pending_cap=pending_cap,
+            pending=held,
+            handover=handover,
+        )
+        left -= 1
+        if not left:
+            writer.close()  # every pipe hit EOF: write what is queued, then the writer ends
+
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(writer.run)
-            async with anyio.create_task_group() as readers:
-                for index, fd in enumerate(fds):
-                    each = stats[index] if index < len(stats) else DrainStats()
-                    held = pending[index] if index < len(pending) else b""
-                    read = partial(_read, fd, writer, each, hub=hub, key=key, pending=held)
-                    readers.start_soon(partial(read, handover=handover))
-            writer.close()
+            writer.task_group = tg
+            if on_scope is not None:
+                on_scope(tg.cancel_scope)
+            for index in range(1, len(fds)):
+                tg.start_soon(read, index)
+            if fds:
+                await read(0)
     finally:
-        log.close()
+        try:
+            await writer.finish()  # a safeguard: a writer whose task never began, if any
+        finally:
+            if close_log:
+                log.close()
 
 
 def _tail_file(path: Path, count: int) -> list[str]:
@@ -467,6 +505,8 @@ async def capture(fd: int, into: bytearray, done: anyio.Event) -> None:
             try:
                 chunk = os.read(fd, 65536)
             except BlockingIOError:
+                chunk = None  # wait outside the handler: the exception is not kept meanwhile
+            if chunk is None:
                 await anyio.wait_readable(fd)
                 continue
             if not chunk:

@@ -7,14 +7,16 @@ import threading
 from typing import TYPE_CHECKING
 
 import anyio
+from anyio.abc import TaskGroup
 
+from supervisor.lazyevent import LazyEvent
 from supervisor.logfile import RotatingLog, WriteOutcome, count_lines
 from supervisor.threads import ThreadPool
 
 if TYPE_CHECKING:
     from supervisor.logfiles import LogDrops
 
-__all__ = ["WRITE_BACKLOG", "WRITE_STALL", "WRITE_THREADS", "LogWriter"]
+__all__ = ["WRITER_LINGER", "WRITE_BACKLOG", "WRITE_STALL", "WRITE_THREADS", "LogWriter"]
 
 #: Bytes of lines a drain queues for the writer thread; beyond, whole lines are dropped.
 WRITE_BACKLOG = 4 << 20
@@ -23,6 +25,9 @@ WRITE_BACKLOG = 4 << 20
 WRITE_STALL = 5.0
 #: Worker threads writing log files, for all logs of a daemon together.
 WRITE_THREADS = 4
+#: Seconds a writer's task stays once its queue is empty, waiting for more lines: a quiet
+#: log has no task, a chatty one keeps the same task.
+WRITER_LINGER = 2.0
 
 #: The threads that write logs: their own, so a hung disk never takes the default
 #: pool (docker calls, /proc scans) with it.
@@ -63,14 +68,28 @@ class LogWriter:
     write); once no write has completed for :data:`WRITE_STALL` seconds (a hung
     disk) they read on and whole lines are dropped, a gap (``None``) marking
     where. Used on the event loop.
+
+    Its task (:meth:`run`) is started in ``task_group`` by the first :meth:`put`, and
+    ends once nothing came for :data:`WRITER_LINGER` seconds (the next put starts it
+    again); a writer whose task never ran writes what is queued in :meth:`finish`.
     """
 
-    def __init__(self, log: RotatingLog, drops: LogDrops, backlog: int = WRITE_BACKLOG) -> None:
+    def __init__(
+        self,
+        log: RotatingLog,
+        drops: LogDrops,
+        backlog: int = WRITE_BACKLOG,
+        *,
+        task_group: TaskGroup | None = None,
+    ) -> None:
         self.log, self.drops, self.backlog = log, drops, backlog
+        self.task_group = task_group
+        self._running = False  # a task runs (or is about to run) run()
+        self._finished = False
         self._items: list[bytes | None] = []
         self._queued = 0
-        self._wake = anyio.Event()
-        self._taken = anyio.Event()
+        self._wake = LazyEvent()
+        self._taken = LazyEvent()
         self._closing = False
         self._stalled = False
         self._marker_due = False
@@ -96,6 +115,9 @@ class LogWriter:
         self._items.append(data)
         self._queued += len(data)
         self._wake.set()
+        if not self._running and self.task_group is not None:
+            self._running = True
+            self.task_group.start_soon(self.run)
 
     def close(self) -> None:
         """Write what is queued, then let :meth:`run` return; a write that takes longer
@@ -107,28 +129,47 @@ class LogWriter:
             self._scope.deadline = min(self._scope.deadline, anyio.current_time() + WRITE_STALL)
 
     async def run(self) -> None:
+        """Write what is queued until closed, or until nothing came for a while."""
+        self._running = True
+        lingered = False
         try:
             while self._items or not self._closing:
                 if not self._items:
-                    await self._wake.wait()
-                    self._wake = anyio.Event()
+                    with anyio.move_on_after(WRITER_LINGER) as idle:
+                        await self._wake.wait()
+                    self._wake = LazyEvent()
+                    quiet = idle.cancelled_caught and not self._items and not self._closing
+                    if quiet and self.task_group is not None:
+                        lingered = True  # the next put starts a task again
+                        return
                     continue
                 await self._write_queued()
         finally:
-            # Cancelled (a stop, or `hostvisor reexec`, whose execve ends every thread): a
-            # write a thread has begun is waited for, then a last try for what is queued;
-            # both bounded.
-            job, self._job = self._job, None
-            with anyio.move_on_after(1.0, shield=True):
-                if job is not None:
-                    await anyio.to_thread.run_sync(job.done.wait, 1.0, abandon_on_cancel=True)
-                if self._items:
-                    await self._write_queued()
+            self._running = False
+            if not lingered:
+                await self.finish()
+
+    async def finish(self) -> None:
+        """After :meth:`run` (or instead of it, if its task was cancelled before it began):
+        cancelled (a stop, or `hostvisor reexec`, whose execve ends every thread), a
+        write a thread has begun is waited for, then a last try for what is queued; both
+        bounded. Done once."""
+        if self._finished:
+            return
+        self._finished = True
+        job, self._job = self._job, None
+        if job is None and not self._items:
+            return
+        with anyio.move_on_after(1.0, shield=True):
+            if job is not None:
+                await anyio.to_thread.run_sync(job.done.wait, 1.0, abandon_on_cancel=True)
+            if self._items:
+                await self._write_queued()
 
     async def _write_queued(self) -> None:
         items, self._items, self._queued = self._items, [], 0
         self._taken.set()
-        self._taken = anyio.Event()
+        self._taken = LazyEvent()
         while items:  # runs of lines between the gaps (None) that mark dropped lines
             gap = next((i for i, item in enumerate(items) if item is None), len(items))
             data, rest = b"".join(items[:gap]), items[gap:]  # type: ignore[arg-type]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from supervisor.logfiles import (
     LogHub,
     RotatingLog,
     drain,
+    drain_all,
     open_pipe,
     tail,
 )
@@ -323,3 +325,55 @@ class TestTail:
         assert tail(tmp_path / "none.log", 10) == []
         (tmp_path / "x.log").write_text("a\n")
         assert tail(tmp_path / "x.log", 0) == []
+
+
+class TestWriterTask:
+    async def test_a_quiet_log_has_no_writer_task_and_the_next_line_still_lands(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The writer's task ends once its log has been quiet for WRITER_LINGER seconds
+        (an idle service keeps no task for it) and the next line starts it again: every
+        line is in the file, in order; the drain itself goes on until EOF."""
+        from supervisor import logwriter
+
+        monkeypatch.setattr(logwriter, "WRITER_LINGER", 0.05)
+        path = tmp_path / "quiet.log"
+        read_fd, write_fd, _ = open_pipe(0)
+        log = RotatingLog(path, max_size=1 << 20, backups=1)
+
+        def writer_tasks() -> int:
+            return sum("LogWriter.run" in task.get_name() for task in asyncio.all_tasks())
+
+        async def until(condition: Callable[[], bool]) -> None:
+            with anyio.fail_after(10):
+                while not condition():
+                    await anyio.sleep(0.01)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain_all, [read_fd], log)
+            for line in (b"one\n", b"two\n"):
+                os.write(write_fd, line)
+                await until(lambda line=line: path.exists() and path.read_bytes().endswith(line))
+                await until(lambda: writer_tasks() == 0)
+            os.close(write_fd)
+        assert path.read_bytes() == b"one\ntwo\n"
+
+    async def test_a_line_handed_to_a_new_writer_task_survives_a_cancellation(
+        self, tmp_path: Path
+    ) -> None:
+        """Drains cancelled right after the first line started the writer's task: the line
+        is still written (bounded, as at any cancellation)."""
+        path = tmp_path / "cut.log"
+        read_fd, write_fd, _ = open_pipe(0)
+        os.write(write_fd, b"last words\n")
+        log = RotatingLog(path, max_size=1 << 20, backups=1)
+        with anyio.CancelScope() as scope:
+
+            async def cancel_soon() -> None:
+                scope.cancel()  # runs after the first read handed the line to the writer
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(drain_all, [read_fd], log)
+                tg.start_soon(cancel_soon)
+        os.close(write_fd)
+        assert path.read_bytes() == b"last words\n"

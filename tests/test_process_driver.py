@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -292,6 +295,41 @@ class TestWithoutPidfd:
             assert handle.status is None
             with anyio.fail_after(10):
                 assert (await handle.wait()).code == 4
+
+    async def test_stranger_wait_keeps_one_thread_across_cancelled_waits(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An adopted process that is not our child, without pidfds: a thread waits for it;
+        cancelled wait()s (an instance's timers cancel the wait) leave that thread for the
+        next wait() instead of abandoning one blocked thread each."""
+        import supervisor.drivers.process_handle as process
+
+        monkeypatch.setattr(process, "open_pidfd", lambda pid: None)
+        code = (
+            "import subprocess; d = subprocess.DEVNULL; "
+            "print(subprocess.Popen(['sleep', '60'], start_new_session=True, stdout=d, stderr=d).pid)"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
+        pid = int(out.stdout)
+        try:
+            handle = ProcessHandle(
+                None, service="stranger", started_at=0.0, reaper=None, live=set(), pid=pid,
+                own_child=False,
+            )  # fmt: skip
+            before = threading.active_count()
+            for _ in range(3):
+                with anyio.move_on_after(0.05):
+                    await handle.wait()
+            assert handle.status is None
+            assert threading.active_count() <= before + 1
+            os.kill(pid, signal.SIGKILL)
+            with anyio.fail_after(10):
+                assert not (await handle.wait()).known  # not our child: its status is unknown
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 class TestStop:

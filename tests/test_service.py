@@ -3,9 +3,11 @@ preflight, health checks, post_start, depends_on and commands — over real proc
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import anyio
+import pytest
 
 from supervisor import events as ev
 from supervisor.spec import (
@@ -74,6 +76,41 @@ class TestBackoffAndGiveUp:
                 event = await h.wait_event(ev.SERVICE_BACKOFF, "flap")
                 delays.append(event.attributes["hostvisor.backoff.delay_s"])
             assert delays == [0.05, 0.1, 0.2, 0.2]
+
+    @pytest.mark.parametrize("probe", [False, True], ids=["start_seconds", "probe"])
+    async def test_backoff_resets_after_reset_after_seconds_running(
+        self, tmp_path: Path, probe: bool
+    ) -> None:
+        """Two quick crashes back off 0.05 then 0.1 s; an instance that ran longer than
+        reset_after before crashing starts the sequence again at initial (the reset is a
+        timer of the instance's life, RUNNING by start_seconds or by its first passing
+        probe); one that runs shorter does not."""
+        runs = tmp_path / "runs"
+        code = (
+            "import pathlib, sys, time; p = pathlib.Path(sys.argv[1]); n = len(p.read_text()) "
+            "if p.exists() else 0; p.write_text('x' * (n + 1)); "
+            "time.sleep(1.2 if n == 2 else 0.02); raise SystemExit(1)"
+        )
+        health = HealthCheckSpec(exec=(PY, "-c", "pass"), interval=0.05, timeout=2)
+        spec = make_spec(
+            tmp_path,
+            "phoenix",
+            [PY, "-c", code, str(runs)],
+            start_seconds=0,
+            health=health if probe else None,
+            backoff=BackoffSpec(initial=0.05, max=5, multiplier=2, jitter=0, reset_after=0.4),
+        )
+        async with supervising(tmp_path, spec) as h:
+            seen = []
+            for _ in range(4):
+                event = await h.wait_event(ev.SERVICE_BACKOFF, "phoenix")
+                seen.append(
+                    (
+                        event.attributes["hostvisor.backoff.attempt"],
+                        event.attributes["hostvisor.backoff.delay_s"],
+                    )
+                )
+            assert seen == [(1, 0.05), (2, 0.1), (1, 0.05), (2, 0.1)]
 
     async def test_gives_up_after_n_failed_starts(self, tmp_path: Path) -> None:
         """give_up_after = 3: the third failed start in a row is FATAL, with an event."""
@@ -391,3 +428,17 @@ class TestHealthRestartPolicy:
             await h.wait_event(ev.HEALTH_CHECK_RESTART, "once")
             await h.wait_state("once", S.EXITED)
             assert h["once"].restarts == 0
+
+
+class TestFootprint:
+    async def test_a_running_process_service_keeps_three_tasks(self, tmp_path: Path) -> None:
+        """A running process service (no probe, no post_start, quiet) keeps three tasks:
+        its supervisor and one per log pipe. Its timers (start_seconds, reset_after) are
+        deadlines of the supervisor's own wait, its log writer runs only while there are
+        lines (issue 14: the memory per service is mostly its tasks)."""
+        names = [f"q{i}" for i in range(5)]
+        specs = [make_spec(tmp_path, name, ["sleep", "60"], start_seconds=0) for name in names]
+        before = len(asyncio.all_tasks())
+        async with supervising(tmp_path, *specs) as h:
+            await h.wait_until(lambda: all(h[name].state is S.RUNNING for name in names))
+            assert len(asyncio.all_tasks()) - before <= 3 * len(names)

@@ -18,15 +18,20 @@ How a reused pid is never signalled:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import psutil
 
 from supervisor.fdlimits import relocate
+from supervisor.lazyevent import LazyEvent
 from supervisor.logfile import RotatingLog
 from supervisor.logfiles import Handover, LogDrops, drain_all
 from supervisor.loghub import LogHub
@@ -118,10 +123,14 @@ class ProcessHandle:
         self._pidfd = relocate(pidfd) if pidfd is not None else None
         self._leader: ExitStatus | None = None
         self._waiter: WaitThread | None = None
+        self._stranger_gone: anyio.Event | None = None
         self._group_gone = False
-        self._lock = anyio.Lock()
-        self._drained = anyio.Event()
-        self._swept = anyio.Event()
+        self._waiting: LazyEvent | None = None  # set when the task waiting for the leader is done
+        self._drained = LazyEvent()
+        #: When the log drains are cut off (DRAIN_GRACE s after the sweep, see _drain), and
+        #: the drains' scope that this deadline is set on.
+        self._cut_off_at = math.inf
+        self._drain_scope: anyio.CancelScope | None = None
         self._create_time: float | None = create_time
 
     def __repr__(self) -> str:
@@ -164,11 +173,18 @@ class ProcessHandle:
         escaped descendants still run; :meth:`stop` then sweeps those. Idempotent and
         safe to call from several tasks; cancelling one waiter leaves the others waiting.
         """
-        if self._leader is not None:
-            return self._leader
-        async with self._lock:
-            if self._leader is None:
+        while self._leader is None:
+            waiting = self._waiting
+            if waiting is not None:
+                # Another task waits for the leader: its result, or its turn if cancelled.
+                await waiting.wait()
+                continue
+            self._waiting = waiting = LazyEvent()
+            try:
                 self._leader = await self._wait_leader()
+            finally:
+                self._waiting = None
+                waiting.set()
         return self._leader
 
     @property
@@ -207,7 +223,20 @@ class ProcessHandle:
         if self._pidfd is not None:
             await anyio.wait_readable(self._pidfd)
         else:  # no pidfds: nothing better than psutil's wait in a thread
-            await anyio.to_thread.run_sync(self._psutil_wait, abandon_on_cancel=True)
+            if self._stranger_gone is None:
+                # One thread for its whole life: a cancelled wait() (the instance's timers
+                # cancel it, see supervisor.instance.Life) leaves it running for the next.
+                self._stranger_gone = gone = anyio.Event()
+                token = anyio.lowlevel.current_token()
+
+                def run() -> None:
+                    self._psutil_wait()
+                    with contextlib.suppress(Exception):  # the event loop may be gone by now
+                        anyio.from_thread.run_sync(gone.set, token=token)
+
+                name = f"hostvisor-wait-{self.pid}"
+                threading.Thread(target=run, name=name, daemon=True).start()
+            await self._stranger_gone.wait()
         return self._reaped(None, known=False)
 
     def _psutil_wait(self) -> None:
@@ -345,7 +374,7 @@ class ProcessHandle:
                 signal_verified(proc, signal.SIGKILL)
             if remaining:
                 await wait_gone(remaining, ESCAPEE_KILL_WAIT)
-        self._swept.set()  # the drains may now be cut off after DRAIN_GRACE (see _drain)
+        self._cut_off(anyio.current_time() + DRAIN_GRACE)  # see _drain
         return status
 
     async def _find_escapees(self) -> list[psutil.Process]:
@@ -392,31 +421,35 @@ class ProcessHandle:
         pending: Sequence[bytes] = (),
     ) -> None:
         try:
-            async with anyio.create_task_group() as tg:
-
-                async def cut_off_later() -> None:
-                    # Output still held open DRAIN_GRACE s after the instance was swept
-                    # belongs to a process we could not recognise: stop reading it.
-                    await self._swept.wait()
-                    await anyio.sleep(DRAIN_GRACE)
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(cut_off_later)
-                await drain_all(
-                    fds,
-                    log,
-                    hub=hub,
-                    key=self.service,
-                    drops=drops,
-                    pending=pending,
-                    handover=self.handover,
-                )
-                tg.cancel_scope.cancel()
+            # Output still held open DRAIN_GRACE s after the instance was swept belongs to
+            # a process we could not recognise: stop reading it (a deadline on the drains'
+            # scope, see _cut_off).
+            await drain_all(
+                fds,
+                log,
+                hub=hub,
+                key=self.service,
+                drops=drops,
+                pending=pending,
+                handover=self.handover,
+                on_scope=self._drains_run,
+            )
         finally:
+            self._drain_scope = None
             if not self.handover.requested:
                 self.fds = ()
                 release()
             self._drained.set()
+
+    def _drains_run(self, scope: anyio.CancelScope) -> None:
+        self._drain_scope = scope
+        scope.deadline = self._cut_off_at
+
+    def _cut_off(self, at: float) -> None:
+        """End the log drains at ``at`` (monotonic seconds) if they have not hit EOF by then."""
+        self._cut_off_at = min(self._cut_off_at, at)
+        if self._drain_scope is not None:
+            self._drain_scope.deadline = self._cut_off_at
 
 
 def _pgid(pid: int) -> int:
