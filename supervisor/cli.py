@@ -85,19 +85,13 @@ def _configured_socket(config: Path) -> Path | None:
     """``[daemon] socket`` of ``config``, expanded like config.py does; None if unset or unreadable.
 
     Cheap on purpose (``tomllib`` only): a client tolerates a missing or invalid
-    config and falls back to the default path.
+    config and falls back to the default path. The status fast path's reader
+    (:func:`supervisor.cli_status.configured_socket`) is the one implementation.
     """
-    import tomllib
+    from supervisor.cli_status import configured_socket
 
-    try:
-        with open(config, "rb") as file:
-            raw = tomllib.load(file).get("daemon", {}).get("socket", "")
-    except Exception:  # unreadable, invalid, nested too deeply...: not the client's job
-        return None
-    if not isinstance(raw, str) or not raw or "\0" in raw:
-        return None
-    text = os.path.expandvars(os.path.expanduser(raw))
-    return Path(os.path.abspath(config.parent / text))
+    found = configured_socket(str(config))
+    return None if found is None else Path(found)
 
 
 def _socket_path(args: argparse.Namespace) -> Path:

@@ -339,7 +339,7 @@ def socket_path(args: StatusArgs) -> str:
 def configured_socket(config: str) -> str | None:
     """``[daemon] socket`` of ``config``, expanded; None if unset or unreadable.
 
-    As ``supervisor.cli._configured_socket``, whose answer this must be (tomllib).
+    The full CLI (``supervisor.cli._configured_socket``) calls this too.
     """
     try:
         with open(config, "rb") as file:
