@@ -138,8 +138,9 @@ class TakeoverMixin:
         """Start the supervision task of each of ``supervisors`` in ``tg``, all in one go.
 
         ``start_soon``, not one ``await tg.start`` each: the tasks then run in the same
-        pass of the event loop, so 1,000 spawns do not wait for 1,000 loop round trips,
-        and their fd keeper registrations leave in one message per 250 descriptors.
+        pass of the event loop, so 1,000 spawns do not wait for 1,000 loop round trips.
+        (Each spawn still sends its pipes to the fd keeper at once: batching those over
+        the pass left every child of a start-up to die of EPIPE with a daemon killed -9.)
         Each one's cancel scope and done event exist before this returns.
         """
         for sup in supervisors:

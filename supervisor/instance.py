@@ -94,6 +94,7 @@ class Life:
                 self.reset_at = math.inf
                 if sup.state is S.RUNNING and sup.health is not Health.UNHEALTHY:
                     sup.backoff.reset()
+                    sup.changed.fire()  # the state file's record of this service moved
 
 
 async def watch(sup: ServiceSupervisor, handle: Handle) -> ExitStatus | None:

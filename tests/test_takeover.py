@@ -213,6 +213,41 @@ class TestAdoption:
         assert entry["last_exit"] == {"code": None, "signal": None, "unknown": True}
         assert "unknown" in d.cli("status", "count").stdout
 
+    def test_a_daemon_killed_mid_start_up_leaves_every_spawned_pipe_with_the_keeper(
+        self, d: DaemonProcess
+    ) -> None:
+        """kill -9 while the daemon is still spawning 300 services: the read ends of every
+        child spawned so far are held by the fd keeper, so none dies of EPIPE on its next
+        write. (A batch of keeper registrations sent after the whole start-up pass left
+        them all with the daemon alone.) At most one spawn can be caught between its
+        ``Popen`` and its ``put``, with no await between them."""
+        for i in range(300):
+            d.write_unit(f"s{i:03d}", 'command = ["sleep", "600"]\nstart_seconds = "0s"\n')
+        d.start(wait=False)
+        assert d.proc is not None
+        daemon = psutil.Process(d.proc.pid)
+
+        def spawned() -> list[psutil.Process]:
+            return [c for c in daemon.children() if c.name() == "sleep"]
+
+        deadline = time.monotonic() + 30  # polled: the daemon prints nothing while spawning
+        while len(children := spawned()) < 40:
+            assert time.monotonic() < deadline, "40 services spawned"
+        keepers = [c for c in daemon.children() if "fdkeeper.py" in " ".join(c.cmdline())]
+        kill9(d)
+        try:
+            assert len(keepers) == 1, keepers
+            fds = f"/proc/{keepers[0].pid}/fd"
+            held = {os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds)}
+            unheld = [c.pid for c in children if os.readlink(f"/proc/{c.pid}/fd/1") not in held]
+            assert len(unheld) <= 1, f"{len(unheld)} of {len(children)} children's pipes unheld"
+        finally:
+            restart_daemon(d)  # adopts or starts them all; the fixture stops it
+            d.wait_for(
+                lambda: all(d.status(c)["state"] == "running" for c in ("s000", "s299")),
+                what="all adopted or started",
+            )
+
     def test_a_reused_pid_is_never_signalled(self, d: DaemonProcess) -> None:
         """The state file names a pid that now belongs to another process (its start time
         differs): that process is left alone and the service starts afresh."""

@@ -13,7 +13,6 @@ The life of one spawned process group (waiting, signalling, the sweep) is
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
@@ -190,7 +189,6 @@ class ProcessDriver:
         self._devnull = -1
         self._pipe_budget = pipe_budget()
         self._pipe_bytes = 0
-        self._flush_queued = False
 
     def __repr__(self) -> str:
         return f"<ProcessDriver {self.state_dir} live={len(self._live)}>"
@@ -290,8 +288,10 @@ class ProcessDriver:
         handle.fds = fds
         store = self.fdstore
         if store is not None:
-            store.put(name, fds, send=False)
-            self._flush_soon(store)
+            # Sent now, before any await: a child whose read ends only the daemon holds
+            # dies of EPIPE with a daemon killed -9 (batching these puts over one pass of
+            # the event loop left every child of a start-up in that window).
+            store.put(name, fds)
             if store.pid:
                 # The keeper is our child but no orphan: leaving it out of the sweeps
                 # keeps the common case free of /proc walks (about 1 ms per restart).
@@ -305,24 +305,6 @@ class ProcessDriver:
         drops = self.log_drops(handle.service) if self.log_drops is not None else None
         drain = partial(handle._drain, pending=pending)
         task_group.start_soon(drain, fds, log, self.loghub, drops, release)
-
-    def _flush_soon(self, store: Any) -> None:
-        """Send the queued keeper registrations once the tasks ready now have run: the
-        spawns of one pass of the event loop (all services at start-up) share messages."""
-        if self._flush_queued:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not in the event loop: send now
-            store.flush()
-            return
-        self._flush_queued = True
-
-        def flush() -> None:
-            self._flush_queued = False
-            store.flush()
-
-        loop.call_soon(flush)
 
     def resume(
         self,
