@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from supervisor.drivers.process import ProcessDriver
@@ -23,6 +24,17 @@ if TYPE_CHECKING:
     from supervisor.supervising import Supervisor
 
 __all__ = ["TakeoverMixin"]
+
+
+#: Supervisors launched per pass of the event loop (:meth:`TakeoverMixin._launch_all`).
+LAUNCH_BATCH = 10
+
+
+async def _open_one_by_one(gates: Sequence[anyio.Event]) -> None:
+    """Open each gate one pass of the event loop after the previous one."""
+    for gate in gates:
+        await anyio.lowlevel.checkpoint()
+        gate.set()
 
 
 class TakeoverMixin:
@@ -135,24 +147,38 @@ class TakeoverMixin:
         self._launch_all(self._tg, sups)
 
     def _launch_all(self, tg: TaskGroup, supervisors: Sequence[Supervisor]) -> None:
-        """Start the supervision task of each of ``supervisors`` in ``tg``, all in one go.
+        """Start the supervision task of each of ``supervisors`` in ``tg``.
 
-        ``start_soon``, not one ``await tg.start`` each: the tasks then run in the same
-        pass of the event loop, so 1,000 spawns do not wait for 1,000 loop round trips.
-        (Each spawn still sends its pipes to the fd keeper at once: batching those over
-        the pass left every child of a start-up to die of EPIPE with a daemon killed -9.)
-        Each one's cancel scope and done event exist before this returns.
+        ``start_soon``, not one ``await tg.start`` each, so 1,000 spawns do not wait for
+        1,000 loop round trips; but :data:`LAUNCH_BATCH` at a time, one batch per pass of
+        the event loop, so that between two batches the loop answers the control socket
+        and signals (a ``status`` or SIGTERM during the start of 1,000 services waits for
+        one batch's spawns, not for all of them). Each spawn still sends its pipes to the
+        fd keeper at once: batching those over the pass left every child of a start-up
+        to die of EPIPE with a daemon killed -9. Each one's cancel scope and done event
+        exist before this returns.
         """
-        for sup in supervisors:
+        gates: list[anyio.Event] = []
+        for i, sup in enumerate(supervisors):
+            if i and i % LAUNCH_BATCH == 0:
+                gates.append(anyio.Event())
             scope = self._scopes[sup.name] = anyio.CancelScope()
             done = self._done[sup.name] = anyio.Event()
-            tg.start_soon(self._supervise_in, sup, scope, done)
+            tg.start_soon(self._supervise_in, sup, scope, done, gates[-1] if gates else None)
+        if gates:
+            tg.start_soon(_open_one_by_one, gates)
 
     async def _supervise_in(
-        self, sup: Supervisor, scope: anyio.CancelScope, done: anyio.Event
+        self,
+        sup: Supervisor,
+        scope: anyio.CancelScope,
+        done: anyio.Event,
+        gate: anyio.Event | None = None,
     ) -> None:
         try:
             with scope:
+                if gate is not None:
+                    await gate.wait()
                 await sup.run()
         finally:
             done.set()
