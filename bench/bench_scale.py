@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -68,57 +69,15 @@ def pct(values: list[float], q: float) -> float:
 def restart_child(n: int, kills: int) -> None:
     """Runs in a fresh interpreter whose sys.path starts with the tree under test."""
     import anyio
+    from restart_harness import restart_latencies
 
-    from supervisor import config
-    from supervisor.daemon import Daemon
-    from supervisor.states import ServiceState
-
-    async def run() -> list[float]:
-        root = Path(tempfile.mkdtemp(prefix="hv-scale-restart-"))
-        unit = f'command = ["{SLEEP}", "3600"]\nstart_seconds = "0s"\n[backoff]\ninitial = "0s"\n'
-        cfg, _ = write_config(root, {f"s{i:04d}": unit for i in range(n)})
-        loaded = config.load(cfg)
-        daemon = Daemon(loaded, state_dir=root / "state", socket_path=loaded.daemon.socket)
-        spawned: dict[str, float] = {}
-        original = daemon.process_driver.start
-
-        async def timed_start(spec: Any, *, task_group: Any) -> Any:
-            handle = await original(spec, task_group=task_group)
-            spawned[spec.name] = time.perf_counter()  # Popen returned: the child has exec'd
-            daemon.changed.fire()
-            return handle
-
-        daemon.process_driver.start = timed_start  # type: ignore[method-assign]
-        latencies: list[float] = []
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(daemon.main)
-            with anyio.fail_after(120):
-                while len(daemon.supervisors) < n or any(
-                    s.state is not ServiceState.RUNNING for s in daemon.supervisors.values()
-                ):
-                    await daemon.changed.wait()
-            await anyio.sleep(2)  # start-up settles
-            names = sorted(daemon.supervisors)
-            step = max(1, len(names) // kills)
-            for k in range(kills):
-                name = names[(k * step) % len(names)]
-                sup = daemon.supervisors[name]
-                assert sup.handle is not None and sup.handle.pid is not None
-                begin = time.perf_counter()
-                os.kill(sup.handle.pid, signal.SIGKILL)
-                with anyio.fail_after(10):
-                    while spawned[name] < begin:
-                        await daemon.changed.wait()
-                latencies.append(spawned[name] - begin)
-                with anyio.fail_after(10):
-                    while sup.state is not ServiceState.RUNNING:
-                        await daemon.changed.wait()
-                await anyio.sleep(0.01)
-            os.kill(os.getpid(), signal.SIGTERM)
-        shutil.rmtree(root, ignore_errors=True)
-        return latencies
-
-    print(json.dumps(anyio.run(run)))
+    root = Path(tempfile.mkdtemp(prefix="hv-scale-restart-"))
+    unit = f'command = ["{SLEEP}", "3600"]\nstart_seconds = "0s"\n[backoff]\ninitial = "0s"\n'
+    cfg, _ = write_config(root, {f"s{i:04d}": unit for i in range(n)})
+    # 2 s for start-up to settle; 10 ms between a replacement running and the next kill
+    latencies = anyio.run(partial(restart_latencies, cfg, n, kills=kills, settle=2, pause=0.01))
+    shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(latencies))
 
 
 def _child_env(tree: Path) -> dict[str, str]:

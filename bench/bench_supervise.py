@@ -26,7 +26,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import anyio
 import psutil
@@ -34,12 +33,12 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from restart_harness import restart_latencies  # noqa: E402
+
 from supervisor import config  # noqa: E402
 from supervisor.control.client import ControlClient  # noqa: E402
-from supervisor.daemon import Daemon  # noqa: E402
 from supervisor.drivers.process import ProcessDriver  # noqa: E402
 from supervisor.spec import LogSpec, ProcessSpec, ServiceSpec  # noqa: E402
-from supervisor.states import ServiceState  # noqa: E402
 
 SLEEP = shutil.which("sleep") or "/bin/sleep"
 RUNNING_EVENT = "hostvisor.service.running"
@@ -73,38 +72,7 @@ async def _restart(n: int) -> list[float]:
     root = Path(tempfile.mkdtemp(prefix="hv-bench-restart-"))
     unit = f'command = ["{SLEEP}", "3600"]\nstart_seconds = "0s"\n[backoff]\ninitial = "0s"\n'
     cfg = write_config(root, {f"s{i:03d}": unit for i in range(n)})
-    loaded = config.load(cfg)
-    daemon = Daemon(loaded, state_dir=root / "state", socket_path=loaded.daemon.socket)  # type: ignore[arg-type]
-    spawned: dict[str, float] = {}
-    original = daemon.process_driver.start
-
-    async def timed_start(spec: ServiceSpec, *, task_group: Any) -> Any:
-        handle = await original(spec, task_group=task_group)
-        spawned[spec.name] = time.perf_counter()  # Popen returned: the child has exec'd
-        daemon.changed.fire()
-        return handle
-
-    daemon.process_driver.start = timed_start  # type: ignore[method-assign]
-    latencies: list[float] = []
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(daemon.main)
-        with anyio.fail_after(60):
-            while len(daemon.supervisors) < n or any(
-                s.state is not ServiceState.RUNNING for s in daemon.supervisors.values()
-            ):
-                await daemon.changed.wait()
-        for name, sup in sorted(daemon.supervisors.items()):
-            assert sup.handle is not None and sup.handle.pid is not None
-            begin = time.perf_counter()
-            os.kill(sup.handle.pid, signal.SIGKILL)
-            with anyio.fail_after(10):
-                while spawned[name] < begin:
-                    await daemon.changed.wait()
-            latencies.append(spawned[name] - begin)
-            with anyio.fail_after(10):
-                while sup.state is not ServiceState.RUNNING:
-                    await daemon.changed.wait()
-        os.kill(os.getpid(), signal.SIGTERM)
+    latencies = await restart_latencies(cfg, n)  # each service killed once
     shutil.rmtree(root, ignore_errors=True)
     return latencies
 
