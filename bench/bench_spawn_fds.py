@@ -13,7 +13,7 @@ number of open descriptors, not with the daemon's memory; this script measures b
 apart.
 
 For each count it opens that many descriptors (non-inheritable pipes, as the daemon's
-are) and, separately, the same number of KiB of heap, then times ``Popen`` of
+are) and, separately, ten times that number of KiB of heap, then times ``Popen`` of
 ``/bin/true`` the way the process driver calls it (``start_new_session``,
 ``close_fds``, stdin from ``/dev/null``, output to ``/dev/null``). Prints medians in
 milliseconds and the ratio to the run with no extra descriptors, measured in the same
