@@ -27,3 +27,12 @@ def d(tmp_path: Path) -> Iterator[DaemonProcess]:
         yield proc
     finally:
         proc.cleanup()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``pytest -n`` (pytest-xdist, ``--dist loadgroup``) every test of the Docker engine
+    runs on one worker: a second private dockerd would fight the first for the bridge network
+    and iptables. Without xdist the mark is inert."""
+    for item in items:
+        if "docker_engine" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("docker"))
