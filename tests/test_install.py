@@ -16,6 +16,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,20 +59,26 @@ def verify(unit_text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
-    home, runtime = tmp_path / "verify-home", tmp_path / "verify-run"
+    home = tmp_path / "verify-home"
     home.mkdir(exist_ok=True)
-    runtime.mkdir(mode=0o700, exist_ok=True)
+    # A short runtime folder: the user units Debian ships put sockets there (gpg-agent's
+    # S.gpg-agent.browser), and under pytest-xdist tmp_path is long enough for
+    # systemd-analyze to refuse those paths (108 bytes), which is not the unit's fault.
+    runtime = Path(tempfile.mkdtemp(prefix="hvv-", dir="/tmp"))
     unit = tmp_path / inst.UNIT_NAME
     unit.write_text(unit_text)
     env = {"HOME": str(home), "XDG_RUNTIME_DIR": str(runtime), "PATH": os.defpath}
-    return subprocess.run(
-        [analyze, "verify", "--user", str(unit)],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    try:
+        return subprocess.run(
+            [analyze, "verify", "--user", str(unit)],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 class TestSystemdUnit:

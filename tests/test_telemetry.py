@@ -337,7 +337,7 @@ class TestNeverInTheWay:
     ) -> None:
         """1000 events are published at once; the loop stays responsive; exit is bounded."""
         bus = EventBus(history=10)
-        timeout = 0.5
+        timeout = 1.5  # long beside a busy host's loop lag, so a stalled loop stands out
         with BlackHole() as hole, (GrpcReceiver if protocol == "grpc" else HttpReceiver)() as busy:
             busy.unavailable = True
             endpoint = {
@@ -367,9 +367,9 @@ class TestNeverInTheWay:
                 tg.cancel_scope.cancel()
         assert published < 0.5
         assert left <= timeout + 1.0
-        # An export on the loop would stall it for export_timeout (0.5 s) at the black hole.
-        assert max(lags) < 0.3, max(lags)
-        assert statistics.median(lags) < 0.02
+        # An export on the loop would stall it for export_timeout (1.5 s) at the black hole.
+        assert max(lags) < timeout / 2, max(lags)
+        assert statistics.median(lags) < 0.05
 
     async def test_full_queue_drops_and_counts(self) -> None:
         """Against a black hole, records beyond the bounded queue are dropped and counted."""
