@@ -86,9 +86,10 @@ def _configured_socket(config: Path) -> Path | None:
 
     Cheap on purpose (``tomllib`` only): a client tolerates a missing or invalid
     config and falls back to the default path. The status fast path's reader
-    (:func:`supervisor.cli_status.configured_socket`) is the one implementation.
+    (:func:`supervisor.socketcache.configured_socket`, which remembers the answer) is the
+    one implementation.
     """
-    from supervisor.cli_status import configured_socket
+    from supervisor.socketcache import configured_socket
 
     found = configured_socket(str(config))
     return None if found is None else Path(found)

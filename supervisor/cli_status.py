@@ -20,8 +20,8 @@ coloured through rich (:func:`rich_table`, which imports rich, ~40 ms);
 Import cost is the point of this module: no ``pathlib``, ``argparse``,
 ``socket`` (``_socket`` is enough), ``dataclasses`` or :mod:`supervisor.errors`; those
 are loaded only on the paths that need them (an error answered by the daemon). ``tomllib``
-(~6 ms, with ``typing``) is imported only when a config file is there to read: a
-hand-written subset reader would save those, and the project keeps library parsers.
+(with ``typing``, about as much as the interpreter's start) is imported only when a config
+file is there to read and :mod:`supervisor.socketcache` does not already know its socket.
 """
 
 from __future__ import annotations
@@ -321,6 +321,8 @@ def socket_path(args: StatusArgs) -> str:
     if raw:
         path = os.path.abspath(os.path.expanduser(raw))
     else:
+        from supervisor.socketcache import configured_socket
+
         configured = configured_socket(config_path(args.config))
         if configured is not None:
             path = configured
@@ -334,24 +336,6 @@ def socket_path(args: StatusArgs) -> str:
     if len(os.fsencode(path)) >= limit:
         raise _Defer  # the full CLI says why (SocketPathError)
     return path
-
-
-def configured_socket(config: str) -> str | None:
-    """``[daemon] socket`` of ``config``, expanded; None if unset or unreadable.
-
-    The full CLI (``supervisor.cli._configured_socket``) calls this too.
-    """
-    try:
-        with open(config, "rb") as file:
-            import tomllib
-
-            raw = tomllib.load(file).get("daemon", {}).get("socket", "")
-    except Exception:  # unreadable, invalid, nested too deeply...: not the client's job
-        return None
-    if not isinstance(raw, str) or not raw or "\0" in raw:
-        return None
-    text = os.path.expandvars(os.path.expanduser(raw))
-    return os.path.abspath(os.path.join(os.path.dirname(config), text))
 
 
 # --------------------------------------------------------------------------- the query

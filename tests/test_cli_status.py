@@ -423,6 +423,7 @@ def test_a_fast_status_imports_only_what_it_uses(d: DaemonProcess, env: dict[str
         "__future__",
         "supervisor.cli_status",
         "supervisor.cli_jobs",
+        "supervisor.socketcache",
         "tomllib",
         "tomllib._parser",
         "tomllib._re",
