@@ -65,6 +65,8 @@ GROUP_RECHECK = 1.0
 STRANGER_RECHECK = 0.1
 #: Seconds to wait for SIGKILLed escaped descendants to go.
 ESCAPEE_KILL_WAIT = 5.0
+#: Walks for escapees after the first ones went (each finds what they forked as they died).
+ESCAPEE_ROUNDS = 3
 #: (a process we could not recognise may hold the pipes open).
 DRAIN_GRACE = 1.0
 
@@ -358,22 +360,34 @@ class ProcessHandle:
             if not self._group_gone:
                 self.signal_group(signal.SIGKILL)
         status = await self.wait_group()
+        known = {_key(p) for p in escaped}
         if signalled or escaped:
             # Escapees made or reparented to us meanwhile get the same treatment. (With
             # nothing signalled and no await since the first walk, it would find the same.)
-            known = {(p.pid, p.create_time()) for p in escaped}
             for proc in await self._find_escapees():
-                if (proc.pid, proc.create_time()) not in known:
+                if _key(proc) not in known:
                     if signal_verified(proc, stop.signal) and wake:
                         signal_verified(proc, signal.SIGCONT)
                     escaped.append(proc)
-        if escaped:
+        rounds = 0
+        while escaped:
             left = max(0.0, deadline - anyio.current_time())
             remaining = await wait_gone(escaped, left)
             for proc in remaining:
                 signal_verified(proc, signal.SIGKILL)
             if remaining:
                 await wait_gone(remaining, ESCAPEE_KILL_WAIT)
+            # An escapee that forked as it was signalled leaves a child the walks above
+            # could not see, reparented to us only when its parent died: walk again until
+            # a walk finds nothing new (bounded: a fork bomb is the stop's, not ours).
+            rounds += 1
+            if rounds > ESCAPEE_ROUNDS:
+                break
+            escaped = [p for p in await self._find_escapees() if _key(p) not in known]
+            for proc in escaped:
+                known.add(_key(proc))
+                if signal_verified(proc, stop.signal) and wake:
+                    signal_verified(proc, signal.SIGCONT)
         self._cut_off(anyio.current_time() + DRAIN_GRACE)  # see _drain
         return status
 
@@ -450,6 +464,11 @@ class ProcessHandle:
         self._cut_off_at = min(self._cut_off_at, at)
         if self._drain_scope is not None:
             self._drain_scope.deadline = self._cut_off_at
+
+
+def _key(proc: psutil.Process) -> tuple[int, float]:
+    """A process's identity: its pid and start time (psutil caches the latter)."""
+    return proc.pid, proc.create_time()
 
 
 def _pgid(pid: int) -> int:
