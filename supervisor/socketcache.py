@@ -56,16 +56,16 @@ def _private(st: os.stat_result, kind: int) -> bool:
     return st.st_mode & _S_IFMT == kind and st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
-def _read(path: str, limit: int, *, private: bool = False) -> bytes | None:
-    """Up to ``limit + 1`` bytes of the regular file at ``path``; None if it is not one
-    (a FIFO or a device never blocks: ``O_NONBLOCK``), or not private when asked."""
+def _read(path: str, limit: int | None = None, *, private: bool = False) -> bytes | None:
+    """The regular file at ``path`` (up to ``limit + 1`` bytes when given); None if it is
+    not one (a FIFO or a device never blocks: ``O_NONBLOCK``), or not private when asked."""
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(path, flags | (os.O_NOFOLLOW if private else 0))
     try:
         st = os.fstat(fd)
         if not (_private(st, _S_IFREG) if private else st.st_mode & _S_IFMT == _S_IFREG):
             return None
-        chunks, left = [], limit + 1
+        chunks, left = [], sys.maxsize if limit is None else limit + 1
         while left > 0:
             chunk = os.read(fd, min(left, 1 << 20))
             if not chunk:
@@ -134,12 +134,10 @@ def configured_socket(config: str) -> str | None:
     ``supervisor.cli`` and the status fast path (:mod:`supervisor.cli_status`) both call it.
     """
     try:
-        data = _read(config, MAX_CONFIG)
-        if data is None:
-            return None
-        if len(data) > MAX_CONFIG:  # too big to remember: read it whole and parse
-            data = _read(config, sys.maxsize - 1) or b""
+        data = _read(config)
     except (OSError, ValueError):
+        return None
+    if data is None:
         return None
     text = data.decode("latin-1")  # any bytes, exactly, as a JSON string
     where = cache_file() if len(data) <= MAX_CONFIG else None
